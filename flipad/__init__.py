@@ -1,0 +1,24 @@
+"""flipad: single-model attribution of generative models by final-layer inversion (FLIPAD).
+
+The package holds the method only (torch, numpy, scikit-learn, Pillow); the MLOps
+layers live in ``registry/``, ``monitoring/`` and ``flows/``.
+"""
+
+from .adapter import GeneratorAdapter
+from .detector import FlipadDetector, NotFittedError
+from .features import FeatureConfig
+from .generators import load_generator
+from .inversion import InversionResult, LassoOptions
+from .tracing import NotInvertibleError
+
+__all__ = [
+    "GeneratorAdapter",
+    "FlipadDetector",
+    "NotFittedError",
+    "FeatureConfig",
+    "InversionResult",
+    "LassoOptions",
+    "NotInvertibleError",
+    "load_generator",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,242 @@
+"""``GeneratorAdapter``: one generic wrapper around any white-box generator.
+
+It traces the module once to find the final linear layer and the invertible
+output activation, samples latents, draws (8-bit quantised) samples, captures
+penultimate activations, holds the mean-activation anchor and inverts samples
+through the final layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activations import OutputActivation
+from .data import check_sample_shape, quantize
+from .device import resolve_device
+from .inversion import InversionResult, LassoOptions, solve_lasso
+from .layers import LinearMap
+from .tracing import trace_generator
+
+__all__ = ["GeneratorAdapter"]
+
+logger = logging.getLogger(__name__)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over the module's state dict (names, shapes, dtypes and bytes), in a stable order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class GeneratorAdapter:
+    """A generator, its final layer ``x = s(A z + b)`` and its anchor ``z_bar``.
+
+    Build it with :meth:`from_module`. The module is kept in eval mode (the mode it
+    generates in), on ``device``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        latent_shape: Sequence[int],
+        final_layer_name: str,
+        final_layer: nn.Module,
+        activation: OutputActivation,
+        penultimate_shape: Sequence[int],
+        output_shape: Sequence[int],
+        penultimate_bounds: tuple[float | None, float | None] = (None, None),
+        device: str | torch.device = "auto",
+        anchor_samples: int = 5000,
+        seed: int = 0,
+        batch_size: int = 500,
+    ):
+        self.device = resolve_device(device)
+        self.module = module.to(self.device).eval()
+        self.latent_shape = tuple(int(s) for s in latent_shape)
+        self.final_layer_name = final_layer_name
+        self.activation = activation
+        self.penultimate_shape = tuple(penultimate_shape)
+        self.output_shape = tuple(output_shape)
+        self.penultimate_bounds = penultimate_bounds
+        self.linear_map = LinearMap(final_layer, self.penultimate_shape, self.output_shape)
+        self.anchor_samples = anchor_samples
+        self.seed = seed
+        self.batch_size = batch_size
+        self._anchor: torch.Tensor | None = None
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_module(
+        cls,
+        module: nn.Module,
+        latent_shape: Sequence[int] | None = None,
+        final_layer: str | nn.Module | None = None,
+        activation: str | None = None,
+        device: str | torch.device = "auto",
+        anchor_samples: int = 5000,
+        seed: int = 0,
+    ) -> GeneratorAdapter:
+        """Trace ``module`` and wrap it.
+
+        ``latent_shape`` defaults to the module's ``latent_shape`` attribute. ``final_layer``
+        (a submodule or its dotted name) and ``activation`` ("tanh", "sigmoid", "identity")
+        override what tracing finds. Raises ``NotInvertibleError`` naming the cause for
+        generators FLIPAD cannot invert.
+        """
+        if latent_shape is None:
+            latent_shape = getattr(module, "latent_shape", None)
+            if latent_shape is None:
+                raise ValueError("latent_shape is required: the module has no latent_shape attribute")
+        dev = resolve_device(device)
+        module = module.to(dev).eval()
+        probe = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+        trace = trace_generator(module, probe, final_layer=final_layer, activation=activation)
+        logger.info(
+            "final layer %s (%s) + %s; penultimate %s -> output %s",
+            trace.final_layer_name,
+            type(trace.final_layer).__name__,
+            trace.activation.name,
+            trace.penultimate_shape,
+            trace.output_shape,
+        )
+        return cls(
+            module,
+            latent_shape,
+            trace.final_layer_name,
+            trace.final_layer,
+            trace.activation,
+            trace.penultimate_shape,
+            trace.output_shape,
+            trace.penultimate_bounds,
+            device=dev,
+            anchor_samples=anchor_samples,
+            seed=seed,
+        )
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    @property
+    def is_image(self) -> bool:
+        """Whether the generator makes images (C, H, W) rather than table rows (D,)."""
+        return len(self.output_shape) == 3
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the generator's weights."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.module)
+        return self._fingerprint
+
+    def sample_latents(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` standard-normal latents of ``latent_shape``, reproducible from ``seed``."""
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(n, *self.latent_shape, generator=gen)
+
+    def _run(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        hook = self.linear_map.layer.register_forward_hook(
+            lambda m, i, o: captured.__setitem__("z", i[0].detach())
+        )
+        try:
+            with torch.no_grad():
+                out = self.module(latents.to(self.device))
+        finally:
+            hook.remove()
+        return captured["z"], out
+
+    def penultimate(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate activations and outputs (float, unquantised) for ``latents``, batched."""
+        acts, outs = [], []
+        for start in range(0, len(latents), self.batch_size):
+            z, out = self._run(latents[start : start + self.batch_size])
+            acts.append(z.cpu())
+            outs.append(out.cpu())
+        return torch.cat(acts), torch.cat(outs)
+
+    def generate(self, n: int, seed: int = 1, quantized: bool = True, progress: bool = False) -> np.ndarray:
+        """Draw ``n`` samples. Images are quantised to uint8 (N, C, H, W) as a PNG would store them;
+        tabular rows (and ``quantized=False``) are returned as float32 in the output range."""
+        latents = self.sample_latents(n, seed)
+        chunks = []
+        for start in tqdm(range(0, n, self.batch_size), desc="generate", disable=not progress):
+            _, out = self._run(latents[start : start + self.batch_size])
+            chunks.append(out.cpu())
+        samples = torch.cat(chunks) if chunks else torch.empty(0, *self.output_shape)
+        if quantized and self.is_image:
+            return quantize(samples, self.activation.low, self.activation.high)
+        return samples.float().numpy()
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        """The mean penultimate activation ``z_bar`` over ``anchor_samples`` latent draws (eval mode)."""
+        if self._anchor is None:
+            total = torch.zeros(self.penultimate_shape, dtype=torch.float64)
+            latents = self.sample_latents(self.anchor_samples, self.seed)
+            for start in range(0, self.anchor_samples, self.batch_size):
+                z, _ = self._run(latents[start : start + self.batch_size])
+                total += z.double().sum(0).cpu()
+            self._anchor = (total / self.anchor_samples).float()
+        return self._anchor
+
+    def set_anchor(self, anchor: torch.Tensor) -> None:
+        """Use a stored anchor (e.g. from a saved detector) instead of recomputing it."""
+        if tuple(anchor.shape) != self.penultimate_shape:
+            raise ValueError(f"anchor has shape {tuple(anchor.shape)}, expected {self.penultimate_shape}")
+        self._anchor = anchor.detach().float().cpu()
+
+    # -- inversion --------------------------------------------------------------------------
+
+    def to_output_range(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Samples as float in the generator's output range, after checking their shape."""
+        check_sample_shape(samples, self.output_shape)
+        return self.activation.to_range(samples)
+
+    def residual_target(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``s^-1(x) - A z_bar - b``: the lasso's data term target for deviations from the anchor."""
+        y = self.activation.inverse(self.to_output_range(samples)).to(self.device)
+        anchor = self.anchor.to(self.device)[None]
+        with torch.no_grad():
+            return y - self.linear_map.forward(anchor) - self.linear_map.bias_map(self.device)
+
+    def invert(
+        self,
+        samples: np.ndarray | torch.Tensor,
+        alpha: float = 5e-4,
+        return_result: bool = False,
+        progress: bool = False,
+        **options,
+    ) -> torch.Tensor | InversionResult:
+        """Recover the penultimate activation ``z_bar + d*`` of each sample.
+
+        ``d*`` solves the anchored lasso ``min 0.5 ||s^-1(x) - A(z_bar + d) - b||^2 + alpha ||d||_1``
+        exactly as the paper states it. Keyword ``options`` go to :class:`LassoOptions`
+        (tolerance, iteration cap, method, batch size). With ``return_result`` the per-sample
+        diagnostics come back too (:class:`InversionResult`).
+        """
+        opts = LassoOptions(**options)
+        samples_t = self.to_output_range(samples)
+        batch = opts.batch_for(self.linear_map.num_inputs)
+        results = []
+        for start in tqdm(range(0, len(samples_t), batch), desc="invert", disable=not progress):
+            target = self.residual_target(samples_t[start : start + batch])
+            results.append(solve_lasso(self.linear_map, target, alpha, opts))
+        result = InversionResult.concat(results, self.anchor)
+        if result.hit_cap.any():
+            logger.warning(
+                "%d of %d samples hit the iteration cap (%d) before the stopping rule held",
+                int(result.hit_cap.sum()),
+                len(result.hit_cap),
+                opts.max_iter,
+            )
+        return result if return_result else result.activations

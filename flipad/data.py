@@ -1,0 +1,222 @@
+"""Loading content: image folders, NumPy arrays, CSV tables and IDX files (Fashion-MNIST).
+
+Images cross the API as uint8 arrays of shape (N, C, H, W); tabular rows as
+float32 arrays of shape (N, D). Generated samples are quantised to 8 bits the
+way a published PNG is, since that is what arrives in the wild.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DataError",
+    "decode_image",
+    "list_image_files",
+    "load_images",
+    "load_table",
+    "load_array",
+    "load_idx",
+    "load_fashion_mnist",
+    "find_fashion_mnist",
+    "resize_images",
+    "quantize",
+    "check_sample_shape",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+FASHION_MNIST_DIRS = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "fashion-mnist",
+    Path("/usr/share/datasets/fashion-mnist"),
+)
+
+
+class DataError(ValueError):
+    """Input data that cannot be used, with a message that says what to do."""
+
+
+def decode_image(data: bytes, channels: int | None = None, max_pixels: int = 4096 * 4096) -> np.ndarray:
+    """Decode PNG/JPEG bytes into a uint8 (C, H, W) array (C = 1 or 3, or ``channels`` if given)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > max_pixels:
+                raise DataError(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+            mode = {1: "L", 3: "RGB"}.get(channels or 0)
+            if mode is None:
+                mode = "L" if img.mode in ("L", "LA", "I", "I;16", "1", "P") and _is_gray(img) else "RGB"
+            arr = np.asarray(img.convert(mode))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"not a decodable PNG/JPEG image ({exc})") from exc
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
+
+
+def _is_gray(img: Image.Image) -> bool:
+    if img.mode != "P":
+        return True
+    palette = img.convert("RGB")
+    arr = np.asarray(palette)
+    return bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """All PNG/JPEG files below ``folder`` (any nesting), in sorted order."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_images(path: str | os.PathLike, channels: int | None = None, limit: int | None = None) -> np.ndarray:
+    """Load images from a folder (PNG/JPEG), an ``.npy``/``.npz`` array or an IDX file as uint8 (N, C, H, W).
+
+    All images must share one size; a mismatch raises ``DataError`` naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = list_image_files(path)[:limit]
+        if not files:
+            raise DataError(f"no PNG/JPEG images found under {path}")
+        arrays = []
+        for file in files:
+            try:
+                arr = decode_image(file.read_bytes(), channels)
+            except DataError as exc:
+                raise DataError(f"{file}: {exc}; remove or fix the file") from exc
+            if arrays and arr.shape != arrays[0].shape:
+                raise DataError(f"{file} has shape {arr.shape}, but {files[0]} has {arrays[0].shape}")
+            channels = arr.shape[0]
+            arrays.append(arr)
+        return np.stack(arrays)
+    arr = load_array(path)
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.ndim != 4:
+        raise DataError(f"{path}: expected images shaped (N, C, H, W), (N, H, W) or (N, H, W, C), got {arr.shape}")
+    if arr.shape[1] not in (1, 3) and arr.shape[-1] in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.min() >= 0 and arr.max() <= 1:
+            arr = np.floor(arr * 255 + 0.5)
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr[:limit])
+
+
+def load_array(path: str | os.PathLike) -> np.ndarray:
+    """Load an ``.npy``, ``.npz`` (first array), IDX (optionally gzipped) or CSV file without unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    name = path.name.lower()
+    try:
+        if name.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        if name.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as npz:
+                if not npz.files:
+                    raise DataError(f"{path} holds no arrays")
+                return npz[npz.files[0]]
+        if name.endswith(".csv"):
+            return load_table(path)
+        if "idx" in name:
+            return load_idx(path)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path} could not be read ({exc})") from exc
+    raise DataError(f"{path}: unsupported file type; use a folder of PNG/JPEG, .npy, .npz, .csv or an IDX file")
+
+
+def load_table(path: str | os.PathLike) -> np.ndarray:
+    """Load a numeric CSV (an optional header row is skipped) as float32 (N, D)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline()
+    try:
+        [float(v) for v in first.strip().split(",")]
+        skip = 0
+    except ValueError:
+        skip = 1
+    try:
+        arr = np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float32, ndmin=2)
+    except ValueError as exc:
+        raise DataError(f"{path}: every value must be numeric ({exc})") from exc
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path} contains NaN or infinite values")
+    return arr
+
+
+def load_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path} is not an IDX file")
+    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}.get(raw[2])
+    if dtype is None:
+        raise DataError(f"{path}: unknown IDX data type {raw[2]:#x}")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header says {dims}, found {data.size} values")
+    return data.reshape(dims)
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    """The folder holding the Fashion-MNIST IDX files (``FLIPAD_FASHION_MNIST`` overrides)."""
+    candidates = [Path(p) for p in (root, os.environ.get("FLIPAD_FASHION_MNIST")) if p]
+    candidates += [Path.cwd().parent / "shared" / "datasets" / "fashion-mnist", *FASHION_MNIST_DIRS]
+    for folder in candidates:
+        if (folder / "train-images-idx3-ubyte.gz").is_file():
+            return folder
+    raise DataError(
+        "Fashion-MNIST not found; set FLIPAD_FASHION_MNIST to the folder with train-images-idx3-ubyte.gz "
+        "or install the Debian package dataset-fashion-mnist"
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", size: int = 32, limit: int | None = None, root: str | os.PathLike | None = None
+) -> np.ndarray:
+    """Fashion-MNIST images as uint8 (N, 1, size, size), resized bilinearly from 28x28."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    prefix = "train" if split == "train" else "t10k"
+    images = load_idx(find_fashion_mnist(root) / f"{prefix}-images-idx3-ubyte.gz")[:limit]
+    return resize_images(images[:, None], size)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (N, C, H, W) images to size x size with PIL's bilinear filter."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return np.ascontiguousarray(images)
+    out = np.empty((*images.shape[:2], size, size), dtype=np.uint8)
+    for i, img in enumerate(images):
+        for c, plane in enumerate(img):
+            out[i, c] = np.asarray(Image.fromarray(plane).resize((size, size), Image.BILINEAR))
+    return out
+
+
+def quantize(x: torch.Tensor, low: float, high: float) -> np.ndarray:
+    """Quantise samples in [low, high] to uint8 exactly as saving them as a PNG would."""
+    unit = (x.detach().float().cpu() - low) / (high - low)
+    return torch.clamp(torch.floor(unit * 255 + 0.5), 0, 255).to(torch.uint8).numpy()
+
+
+def check_sample_shape(samples: np.ndarray | torch.Tensor, expected: Sequence[int], what: str = "input") -> None:
+    """Raise ``DataError`` naming both shapes when samples do not match the generator's output."""
+    got = tuple(samples.shape[1:])
+    if got != tuple(expected):
+        raise DataError(
+            f"{what} samples have shape {got} per item, but the generator produces {tuple(expected)}; "
+            "resize or convert them (channels, height, width) to match"
+        )

@@ -1,0 +1,270 @@
+"""``FlipadDetector``: "was this sample made by this generator?", scikit-learn style.
+
+Fitting draws (or takes) 8-bit samples of the generator, computes features
+(FLIPAD activations by default, or RAWPAD/DCTPAD), scales them with the
+generator's statistics, trains Deep SAD with the generator's samples as
+normals and real data (plus any other negatives) as anomalies, and sets one
+threshold per tolerable FNR on held-out validation samples of the generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapter import GeneratorAdapter
+from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
+from .device import resolve_device
+from .features import FeatureConfig, FeatureExtractor, FeatureScaler
+
+__all__ = ["FlipadDetector", "NotFittedError", "empirical_p_values", "fnr_upper_bound"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TRAIN_SEED_OFFSET = 1000
+VALIDATION_SEED_OFFSET = 2000
+
+
+class NotFittedError(RuntimeError):
+    """An inference method was called before ``fit``."""
+
+
+def empirical_p_values(reference: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``(1 + #{reference >= s}) / (1 + n)``: how typical anomaly score ``s`` is of the reference set."""
+    ref = torch.sort(reference).values
+    above = len(ref) - torch.searchsorted(ref, scores, right=False)
+    return (1 + above).double() / (1 + len(ref))
+
+
+def fnr_upper_bound(exceedances: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on the true FNR given ``exceedances`` of ``n`` held-out samples."""
+    if exceedances >= n:
+        return 1.0
+    return float(scipy.stats.beta.ppf(confidence, exceedances + 1, n - exceedances))
+
+
+def _stack_negatives(real: np.ndarray | None, negatives: Sequence[np.ndarray] | np.ndarray | None) -> np.ndarray:
+    parts = [] if real is None else [real]
+    if negatives is not None:
+        parts += [negatives] if isinstance(negatives, np.ndarray) else list(negatives)
+    if not parts:
+        raise ValueError("fit needs negatives: real data and/or samples of other generators")
+    return np.concatenate([np.asarray(p) for p in parts])
+
+
+class FlipadDetector:
+    """Single-model attribution detector for the generator behind ``adapter``.
+
+    Parameters mirror the paper: ``features`` ("flipad", "raw", "dct" or a FeatureConfig),
+    ``fnr`` (tolerable false-negative rates; the first is the default decision threshold),
+    ``n_generated``/``n_validation`` (samples drawn from the generator when not given),
+    ``deep_sad`` (training settings).
+    """
+
+    def __init__(
+        self,
+        adapter: GeneratorAdapter,
+        features: str | FeatureConfig = "flipad",
+        fnr: Sequence[float] = (0.005,),
+        n_generated: int = 2000,
+        n_validation: int = 1000,
+        deep_sad: DeepSADConfig | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.adapter = adapter
+        self.features = features
+        self.fnr = tuple(fnr)
+        self.n_generated = n_generated
+        self.n_validation = n_validation
+        self.deep_sad = deep_sad
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    @property
+    def feature_config(self) -> FeatureConfig:
+        return self.features if isinstance(self.features, FeatureConfig) else FeatureConfig(kind=self.features)
+
+    def fit(
+        self,
+        generated: np.ndarray | None = None,
+        real: np.ndarray | None = None,
+        negatives: Sequence[np.ndarray] | np.ndarray | None = None,
+        validation: np.ndarray | None = None,
+    ) -> FlipadDetector:
+        """Train on the generator's samples (``generated``; drawn from the adapter when None)
+        against ``real`` data and other ``negatives``; set thresholds on ``validation`` samples of
+        the generator (drawn fresh when None). Returns self."""
+        if not self.fnr or any(not 0 < f < 1 for f in self.fnr):
+            raise ValueError(f"fnr values must lie in (0, 1), got {self.fnr}")
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        if generated is None:
+            generated = self.adapter.generate(self.n_generated, seed=TRAIN_SEED_OFFSET + self.seed)
+        if validation is None:
+            validation = self.adapter.generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
+        others = _stack_negatives(real, negatives)
+        timings["sample_s"] = time.perf_counter() - start
+
+        self.extractor_ = FeatureExtractor(self.adapter, self.feature_config)
+        start = time.perf_counter()
+        f_gen = self.extractor_(generated, progress=self.progress)
+        inversion = self.extractor_.last_inversion
+        f_other = self.extractor_(others, progress=self.progress)
+        f_val = self.extractor_(validation, progress=self.progress)
+        timings["features_s"] = time.perf_counter() - start
+
+        self.scaler_ = FeatureScaler(self.feature_config.scale_eps).fit(f_gen)
+        x = torch.cat([self.scaler_(f_gen), self.scaler_(f_other)])
+        labels = torch.cat([torch.full((len(f_gen),), NORMAL), torch.full((len(f_other),), ANOMALY)])
+        self.trainer_ = DeepSADTrainer(self.deep_sad or DeepSADConfig(seed=self.seed), resolve_device(self.device))
+        start = time.perf_counter()
+        self.network_, self.center_ = self.trainer_.fit(x, labels, progress=self.progress)
+        timings["deep_sad_s"] = time.perf_counter() - start
+
+        self.validation_scores_ = self.trainer_.distances(self.network_, self.center_, self.scaler_(f_val))
+        if torch.unique(self.validation_scores_).numel() < 2:
+            raise ValueError("Deep SAD scores are constant on the validation samples: the detector learned nothing")
+        self._set_thresholds()
+        self.fit_info_ = {
+            "n_generated": len(f_gen),
+            "n_negatives": len(f_other),
+            "n_validation": len(f_val),
+            "timings": timings,
+            "inversion": inversion.summary() if inversion is not None else None,
+        }
+        return self
+
+    def _set_thresholds(self) -> None:
+        n = len(self.validation_scores_)
+        self.thresholds_ = {f: float(torch.quantile(self.validation_scores_.double(), 1 - f)) for f in self.fnr}
+        self.fnr_upper_bounds_ = {
+            f: fnr_upper_bound(int((self.validation_scores_ > t).sum()), n) for f, t in self.thresholds_.items()
+        }
+        self.offset_ = -self.thresholds_[self.fnr[0]]
+
+    # -- inference --------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "thresholds_"):
+            raise NotFittedError("this FlipadDetector is not fitted yet; call fit() or FlipadDetector.load()")
+
+    def transform(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Scaled features of ``samples`` (what Deep SAD sees)."""
+        self._check_fitted()
+        return self.scaler_(self.extractor_(samples, progress=self.progress))
+
+    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Deep SAD scores ``||phi(x) - c||^2``: small = typical of this generator."""
+        return self.trainer_.distances(self.network_, self.center_, self.transform(samples))
+
+    def score_samples(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Higher = more typical of this generator (the negated anomaly score)."""
+        return -self.anomaly_scores(samples).numpy()
+
+    def decision_function(self, samples: np.ndarray | torch.Tensor, fnr: float | None = None) -> np.ndarray:
+        """``score_samples - offset``: non-negative means attributed to this generator."""
+        return self.score_samples(samples) + self.threshold(fnr)
+
+    def predict(self, samples: np.ndarray | torch.Tensor, fnr: float | None = None) -> np.ndarray:
+        """Bool per sample: made by this generator (at the threshold for ``fnr``, default the first)."""
+        return self.decision_function(samples, fnr) >= 0
+
+    def threshold(self, fnr: float | None = None) -> float:
+        """The anomaly-score threshold for a tolerable FNR (one of those given at fit time)."""
+        self._check_fitted()
+        fnr = self.fnr[0] if fnr is None else fnr
+        if fnr not in self.thresholds_:
+            raise ValueError(f"no threshold for FNR {fnr}; fitted FNRs are {sorted(self.thresholds_)}")
+        return self.thresholds_[fnr]
+
+    def p_values(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Empirical p-value of each sample against the generator's held-out scores (small = not its own)."""
+        return empirical_p_values(self.validation_scores_, self.anomaly_scores(samples)).numpy()
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``tensors.safetensors`` into the folder ``path`` (no pickles)."""
+        self._check_fitted()
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format_version": FORMAT_VERSION,
+            "generator_sha256": self.adapter.fingerprint,
+            "final_layer": self.adapter.final_layer_name,
+            "activation": self.adapter.activation.name,
+            "output_shape": list(self.adapter.output_shape),
+            "features": self.feature_config.to_dict(),
+            "feature_shape": list(self.scaler_.mean_.shape),
+            "fnr": list(self.fnr),
+            "thresholds": {str(k): v for k, v in self.thresholds_.items()},
+            "fnr_upper_bounds": {str(k): v for k, v in self.fnr_upper_bounds_.items()},
+            "deep_sad": asdict(self.trainer_.config),
+            "seed": self.seed,
+            "fit_info": self.fit_info_,
+        }
+        tensors = {f"network.{k}": v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
+        tensors.update(
+            center=self.center_.detach().cpu(),
+            scaler_mean=self.scaler_.mean_.cpu(),
+            scaler_std=self.scaler_.std_.cpu(),
+            validation_scores=self.validation_scores_.cpu(),
+            anchor=self.adapter.anchor.cpu(),
+        )
+        tmp_tensors, tmp_config = folder / "tensors.safetensors.tmp", folder / "config.json.tmp"
+        save_file(tensors, str(tmp_tensors))
+        tmp_config.write_text(json.dumps(config, indent=2))
+        tmp_tensors.replace(folder / "tensors.safetensors")
+        tmp_config.replace(folder / "config.json")
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, adapter: GeneratorAdapter, device: str = "auto") -> FlipadDetector:
+        """Load a detector saved by :meth:`save` for the same generator (checked by weight hash)."""
+        folder = Path(path)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            tensors = load_file(str(folder / "tensors.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{folder} does not hold a saved FlipadDetector ({exc})") from exc
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{folder}: unsupported detector format {config.get('format_version')}")
+        if config["generator_sha256"] != adapter.fingerprint:
+            raise ValueError(
+                f"{folder} was fitted for generator sha256 {config['generator_sha256'][:12]}..., "
+                f"but the adapter wraps {adapter.fingerprint[:12]}...; load it with the same weights"
+            )
+        deep_sad = DeepSADConfig(**{**config["deep_sad"], "lr_milestones": tuple(config["deep_sad"]["lr_milestones"])})
+        det = cls(adapter, FeatureConfig.from_dict(config["features"]), config["fnr"], deep_sad=deep_sad,
+                  device=device, seed=config["seed"], progress=False)
+        adapter.set_anchor(tensors["anchor"])
+        dev = resolve_device(device)
+        det.extractor_ = FeatureExtractor(adapter, det.feature_config)
+        det.scaler_ = FeatureScaler(det.feature_config.scale_eps)
+        det.scaler_.mean_, det.scaler_.std_ = tensors["scaler_mean"], tensors["scaler_std"]
+        det.trainer_ = DeepSADTrainer(deep_sad, dev)
+        det.network_ = build_encoder(config["feature_shape"], deep_sad.rep_dim).to(dev)
+        det.network_.load_state_dict({k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")})
+        det.network_.eval()
+        det.center_ = tensors["center"].to(dev)
+        det.validation_scores_ = tensors["validation_scores"]
+        det.thresholds_ = {float(k): v for k, v in config["thresholds"].items()}
+        det.fnr_upper_bounds_ = {float(k): v for k, v in config["fnr_upper_bounds"].items()}
+        det.offset_ = -det.thresholds_[det.fnr[0]]
+        det.fit_info_ = config["fit_info"]
+        return det

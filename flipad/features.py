@@ -1,0 +1,129 @@
+"""Features the detector is trained on, behind one interface.
+
+- ``flipad``: the recovered penultimate activation ``z_bar + d*`` (the paper), with optional
+  max-pooling, centre crop and channel selection.
+- ``raw`` (RAWPAD): pixels, downsampled to at most 32x32.
+- ``dct`` (DCTPAD): ``log(|DCT2(x)| + 1e-10)`` per channel.
+
+Every kind is then scaled per element as ``(f - mean_G) / (std_G + 0.05)`` with statistics of
+the generator's training features only (:class:`FeatureScaler`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.fft
+import torch
+import torch.nn.functional as F
+
+from .adapter import GeneratorAdapter
+from .inversion import InversionResult
+
+__all__ = ["FeatureConfig", "FeatureExtractor", "FeatureScaler", "FEATURE_KINDS"]
+
+FEATURE_KINDS = ("flipad", "raw", "dct")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Which features to compute and how.
+
+    ``pool`` max-pools image activations by that factor; ``crop`` centre-crops them to that
+    size; ``channels`` keeps only those channels. ``inversion`` holds keyword options for
+    :class:`~flipad.inversion.LassoOptions`.
+    """
+
+    kind: str = "flipad"
+    alpha: float = 5e-4
+    pool: int | None = None
+    crop: int | None = None
+    channels: tuple[int, ...] | None = None
+    raw_size: int = 32
+    scale_eps: float = 0.05
+    inversion: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"unknown feature kind {self.kind!r}; use one of {FEATURE_KINDS}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["channels"] = list(self.channels) if self.channels is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeatureConfig:
+        data = dict(data)
+        if data.get("channels") is not None:
+            data["channels"] = tuple(data["channels"])
+        return cls(**data)
+
+
+class FeatureExtractor:
+    """Computes unscaled features of one kind for samples of the adapter's output shape."""
+
+    def __init__(self, adapter: GeneratorAdapter, config: FeatureConfig):
+        self.adapter = adapter
+        self.config = config
+        self.last_inversion: InversionResult | None = None
+
+    def __call__(self, samples: np.ndarray | torch.Tensor, progress: bool = False) -> torch.Tensor:
+        kind = self.config.kind
+        if kind == "flipad":
+            result = self.adapter.invert(
+                samples, alpha=self.config.alpha, return_result=True, progress=progress, **self.config.inversion
+            )
+            self.last_inversion = result
+            return self._reshape_activations(result.activations)
+        x = self.adapter.to_output_range(samples)
+        if kind == "raw":
+            return self._raw(x)
+        return self._dct(x)
+
+    def _reshape_activations(self, acts: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if acts.dim() != 4:
+            return acts
+        if cfg.channels is not None:
+            acts = acts[:, list(cfg.channels)]
+        if cfg.pool and cfg.pool > 1:
+            acts = F.max_pool2d(acts, cfg.pool)
+        if cfg.crop:
+            h, w = acts.shape[-2:]
+            top, left = (h - cfg.crop) // 2, (w - cfg.crop) // 2
+            acts = acts[..., top : top + cfg.crop, left : left + cfg.crop]
+        return acts
+
+    def _raw(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and max(x.shape[-2:]) > self.config.raw_size:
+            x = F.interpolate(x, size=(self.config.raw_size,) * 2, mode="area")
+        return x
+
+    @staticmethod
+    def _dct(x: torch.Tensor) -> torch.Tensor:
+        axes = (-2, -1) if x.dim() == 4 else (-1,)
+        coeffs = scipy.fft.dctn(x.numpy().astype(np.float64), axes=axes, norm="ortho")
+        return torch.from_numpy(np.log(np.abs(coeffs) + 1e-10)).float()
+
+
+class FeatureScaler:
+    """Per-element ``(f - mean) / (std + eps)`` with statistics of the generator's training features."""
+
+    def __init__(self, eps: float = 0.05):
+        self.eps = eps
+        self.mean_: torch.Tensor | None = None
+        self.std_: torch.Tensor | None = None
+
+    def fit(self, generated_features: torch.Tensor) -> FeatureScaler:
+        if len(generated_features) < 2:
+            raise ValueError("feature scaling needs at least two samples of the generator")
+        self.mean_ = generated_features.mean(0)
+        self.std_ = generated_features.std(0)
+        return self
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if self.mean_ is None:
+            raise RuntimeError("FeatureScaler is not fitted")
+        return (features - self.mean_) / (self.std_ + self.eps)

@@ -1,0 +1,96 @@
+"""Loading a generator from a spec: a built-in name, ``path/to/file.py:factory`` or ``package.module:factory``.
+
+Weights load with ``torch.load(weights_only=True)`` or safetensors only, never by unpickling objects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .architectures import BUILTIN_GENERATORS
+
+__all__ = ["GeneratorLoadError", "load_generator", "load_weights"]
+
+
+class GeneratorLoadError(ValueError):
+    """A generator spec or weights file that cannot be loaded, with what to do about it."""
+
+
+def _factory_from_spec(spec: str):
+    if spec.lower() in BUILTIN_GENERATORS:
+        return BUILTIN_GENERATORS[spec.lower()]
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise GeneratorLoadError(
+            f"unknown generator {spec!r}: use a built-in name ({', '.join(BUILTIN_GENERATORS)}), "
+            "path/to/file.py:factory or package.module:factory"
+        )
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise GeneratorLoadError(f"generator file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"flipad_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise GeneratorLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise GeneratorLoadError(f"cannot import {target!r} ({exc}); is it installed / on PYTHONPATH?") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise GeneratorLoadError(f"{target} has no callable {name!r}")
+    return factory
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save``d state dict (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GeneratorLoadError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise GeneratorLoadError(
+            f"cannot load weights from {path} safely ({type(exc).__name__}: {exc}); save them with "
+            "torch.save(model.state_dict(), ...) or safetensors"
+        ) from exc
+    for key in ("state_dict", "generator", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GeneratorLoadError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_generator(
+    spec: str, weights: str | os.PathLike | None = None, **factory_kwargs: Any
+) -> nn.Module:
+    """Build the generator named by ``spec`` (with ``factory_kwargs``), load ``weights``, return it in eval mode."""
+    factory = _factory_from_spec(spec)
+    try:
+        module = factory(**factory_kwargs)
+    except TypeError as exc:
+        raise GeneratorLoadError(f"calling the factory of {spec!r} failed: {exc}") from exc
+    if not isinstance(module, nn.Module):
+        raise GeneratorLoadError(f"the factory of {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        try:
+            module.load_state_dict(load_weights(weights))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise GeneratorLoadError(f"weights {weights} do not fit {spec!r}: {first}") from exc
+    return module.eval()

@@ -1,0 +1,250 @@
+"""Exact final-layer inversion: the anchored lasso, solved per sample with batched FISTA.
+
+For targets ``r = s^-1(x) - A z_bar - b`` the solver returns, per sample,
+
+    d* = argmin_d 0.5 ||r - A d||^2 + alpha ||d||_1
+
+with the step ``1/L`` (``L`` the largest eigenvalue of ``A^T A``, by power iteration, cached
+per layer), continuation on ``alpha`` (solve a sequence of problems with ``alpha`` shrinking
+geometrically to the target, each warm-started from the last), and a per-sample stopping rule
+on the relative decrease of the objective. Converged samples leave the batch, so the
+remaining ones run faster. ``method="paper"`` reproduces the paper's solver (fixed step
+0.025, stop when the batch maximum of the mean |change| falls below 1e-5) for comparison.
+
+Every sample comes back with diagnostics: iterations, converged flag, objective, a certified
+duality-gap bound and the relative residual.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .layers import LinearMap
+
+__all__ = ["LassoOptions", "InversionResult", "solve_lasso", "lasso_objective", "duality_gap", "soft_threshold"]
+
+MEMORY_BUDGET_BYTES = 512 * 2**20  # per batch, for the solver's working buffers
+
+
+@dataclass(frozen=True)
+class LassoOptions:
+    """Solver settings. The defaults need no tuning for a new generator.
+
+    - ``method``: "fista" (1/L step, continuation, per-sample stopping) or "paper".
+    - ``tol``: stop a sample when its objective decreased by less than ``tol`` (relative)
+      over the last ``check_every`` iterations of the final stage ("paper": the mean |change|).
+    - ``max_iter``: iteration cap per sample, all stages included.
+    - ``continuation_stages``/``continuation_factor``: stages of alpha from
+      ``alpha * factor`` down to ``alpha`` (1 stage = plain FISTA).
+    - ``stage_iters``: iterations of each stage but the last.
+    - ``step``: a fixed step instead of 1/L ("paper" uses 0.025).
+    - ``batch_size``: samples solved together; None sizes batches to a memory budget.
+    """
+
+    method: str = "fista"
+    tol: float = 1e-6
+    max_iter: int = 3000
+    continuation_stages: int = 6
+    continuation_factor: float = 50.0
+    stage_iters: int = 250
+    check_every: int = 10
+    step: float | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.method not in ("fista", "paper"):
+            raise ValueError(f"unknown lasso method {self.method!r}; use 'fista' or 'paper'")
+        if self.max_iter < 1 or self.tol <= 0 or self.continuation_stages < 1:
+            raise ValueError("max_iter and continuation_stages must be >= 1 and tol > 0")
+
+    @classmethod
+    def paper(cls, **overrides) -> LassoOptions:
+        """The paper's solver: fixed step 0.025, tolerance 1e-5 on the mean |change|, cap 10,000."""
+        settings = dict(method="paper", step=0.025, tol=1e-5, max_iter=10_000, continuation_stages=1)
+        settings.update(overrides)
+        return cls(**settings)
+
+    def batch_for(self, num_inputs: int) -> int:
+        """Samples per batch: ``batch_size`` or what fits the memory budget (8 buffers of the activation)."""
+        if self.batch_size:
+            return self.batch_size
+        return max(1, min(1024, MEMORY_BUDGET_BYTES // (8 * 4 * num_inputs)))
+
+
+@dataclass
+class InversionResult:
+    """Recovered activations and per-sample diagnostics of one inversion."""
+
+    activations: torch.Tensor  # anchor + d*, (N, *penultimate_shape)
+    deviations: torch.Tensor  # d*
+    iterations: torch.Tensor  # int, per sample
+    converged: torch.Tensor  # bool: the stopping rule held before the cap
+    objective: torch.Tensor  # 0.5 ||r - A d||^2 + alpha ||d||_1
+    gap: torch.Tensor  # certified bound on (objective - optimum) / objective, from a dual point
+    residual: torch.Tensor  # ||r - A d|| / ||r||
+
+    @property
+    def hit_cap(self) -> torch.Tensor:
+        return ~self.converged
+
+    @classmethod
+    def concat(cls, parts: list[InversionResult], anchor: torch.Tensor | None = None) -> InversionResult:
+        """Join batch results; ``anchor`` (if given) is added to the deviations to form activations."""
+        fields = {name: torch.cat([getattr(p, name) for p in parts]) for name in cls.__dataclass_fields__}
+        if anchor is not None:
+            fields["activations"] = fields["deviations"] + anchor.to(fields["deviations"].device)
+        return cls(**fields)
+
+    def summary(self) -> dict[str, float]:
+        """Median/max statistics for logging."""
+        return {
+            "iterations_median": float(self.iterations.float().median()),
+            "iterations_max": float(self.iterations.max()),
+            "converged_fraction": float(self.converged.float().mean()),
+            "gap_median": float(self.gap.median()),
+            "residual_median": float(self.residual.median()),
+        }
+
+
+def soft_threshold(v: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """The proximal map of ``threshold * ||.||_1``."""
+    return torch.sign(v) * torch.clamp(v.abs() - threshold, min=0)
+
+
+def _flat_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).sum(1)
+
+
+def lasso_objective(op: LinearMap, target: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-sample ``0.5 ||target - A d||^2 + alpha ||d||_1``."""
+    res = target - op.forward(d)
+    return 0.5 * _flat_sum(res**2) + alpha * _flat_sum(d.abs())
+
+
+def duality_gap(op: LinearMap, target: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Relative duality gap (primal - dual) / primal, an upper bound on the relative objective gap.
+
+    The dual point is the residual scaled into the dual feasible set ``||A^T theta||_inf <= alpha``.
+    """
+    res = target - op.forward(d)
+    primal = 0.5 * _flat_sum(res**2) + alpha * _flat_sum(d.abs())
+    corr = op.adjoint(res).flatten(1).abs().amax(1)
+    scale = torch.clamp(alpha / corr.clamp_min(1e-30), max=1.0)
+    theta = res * scale.view(-1, *[1] * (res.dim() - 1))
+    dual = _flat_sum(target * theta) - 0.5 * _flat_sum(theta**2)
+    return ((primal - dual) / primal.clamp_min(1e-30)).clamp_min(0)
+
+
+def _alphas(alpha: float, opts: LassoOptions) -> list[float]:
+    stages = opts.continuation_stages
+    if stages == 1:
+        return [alpha]
+    return [alpha * opts.continuation_factor ** (1 - i / (stages - 1)) for i in range(stages)]
+
+
+def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+def solve_lasso(
+    op: LinearMap, target: torch.Tensor, alpha: float, options: LassoOptions | None = None
+) -> InversionResult:
+    """Solve the lasso for every row of ``target`` (shape (N, *op.output_shape)), on its device."""
+    opts = options or LassoOptions()
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    device = target.device
+    n = len(target)
+    step = opts.step if opts.step is not None else 1.0 / op.lipschitz(device)
+    d = torch.zeros(n, *op.input_shape, device=device)
+    iterations = torch.zeros(n, dtype=torch.long, device=device)
+    converged = torch.zeros(n, dtype=torch.bool, device=device)
+    with torch.no_grad():
+        alphas = _alphas(alpha, opts)
+        for stage, stage_alpha in enumerate(alphas):
+            final = stage == len(alphas) - 1
+            budget = opts.max_iter - int(iterations.max()) if final else opts.stage_iters
+            if opts.method == "paper":
+                _paper_fista(op, target, d, stage_alpha, step, budget, opts.tol, iterations, converged)
+            else:
+                _fista_stage(op, target, d, stage_alpha, step, budget, opts, iterations, converged, final)
+        objective = lasso_objective(op, target, d, alpha)
+        gap = duality_gap(op, target, d, alpha)
+        residual = (target - op.forward(d)).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-30)
+    return InversionResult(
+        activations=d,
+        deviations=d,
+        iterations=iterations.cpu(),
+        converged=converged.cpu(),
+        objective=objective.cpu(),
+        gap=gap.cpu(),
+        residual=residual.cpu(),
+    )
+
+
+def _fista_stage(
+    op: LinearMap,
+    target: torch.Tensor,
+    d: torch.Tensor,
+    alpha: float,
+    step: float,
+    budget: int,
+    opts: LassoOptions,
+    iterations: torch.Tensor,
+    converged: torch.Tensor,
+    final: bool,
+) -> None:
+    """FISTA on the samples not yet converged, updating ``d``, ``iterations``, ``converged`` in place."""
+    active = torch.nonzero(~converged).flatten()
+    x, y, r = d[active].clone(), d[active].clone(), target[active]
+    t = 1.0
+    last_obj = lasso_objective(op, r, x, alpha)
+    for k in range(1, budget + 1):
+        if len(active) == 0:
+            break
+        grad = op.adjoint(op.forward(y) - r)
+        x_new = soft_threshold(y - step * grad, step * alpha)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y = x_new + ((t - 1) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+        iterations[active] += 1
+        if final and k % opts.check_every == 0:
+            obj = lasso_objective(op, r, x, alpha)
+            done = (last_obj - obj).abs() <= opts.tol * obj.clamp_min(1e-30)
+            last_obj = obj
+            if done.any():
+                d[active[done]] = x[done]
+                converged[active[done]] = True
+                keep = ~done
+                active, x, y, r, last_obj = active[keep], x[keep], y[keep], r[keep], last_obj[keep]
+    d[active] = x
+
+
+def _paper_fista(
+    op: LinearMap,
+    target: torch.Tensor,
+    d: torch.Tensor,
+    alpha: float,
+    step: float,
+    budget: int,
+    tol: float,
+    iterations: torch.Tensor,
+    converged: torch.Tensor,
+) -> None:
+    """The paper's solver: fixed step, stop when the batch maximum of the mean |change| < tol."""
+    x, y, t = d.clone(), d.clone(), 1.0
+    for _ in range(budget):
+        grad = op.adjoint(op.forward(y) - target)
+        x_new = soft_threshold(y - step * grad, step * alpha)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y = x_new + ((t - 1) / t_new) * (x_new - x)
+        change = (x_new - x).abs().flatten(1).mean(1).max()
+        x, t = x_new, t_new
+        iterations += 1
+        if change < tol:
+            converged[:] = True
+            break
+    d.copy_(x)
