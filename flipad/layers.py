@@ -102,16 +102,21 @@ class LinearMap:
         if not self._explicit:
             return self._autograd_adjoint(y)
         if isinstance(layer, nn.Conv2d):
-            z = F.conv_transpose2d(y, w, None, layer.stride, layer.padding, 0, layer.groups, layer.dilation)
-            return self._fit_input(z)
+            return F.conv_transpose2d(
+                y, w, None, layer.stride, layer.padding, self._output_padding(), layer.groups, layer.dilation
+            )
         return F.conv2d(y, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
-    def _fit_input(self, z: torch.Tensor) -> torch.Tensor:
-        # conv_transpose2d may return fewer rows/columns than the conv's input when the stride
-        # skipped trailing ones; those inputs never reach the output, so their gradient is zero.
-        h, w = self.input_shape[-2:]
-        pad_h, pad_w = h - z.shape[-2], w - z.shape[-1]
-        return F.pad(z, (0, pad_w, 0, pad_h)) if pad_h or pad_w else z
+    def _output_padding(self) -> tuple[int, int]:
+        # With stride > 1 several input sizes give the same conv output size; output_padding
+        # makes the transposed conv return the conv's actual input size (trailing rows included).
+        layer, (h, w) = self.layer, self.input_shape[-2:]
+        sizes = []
+        for size, out, s, p, d, k in zip(
+            (h, w), self.output_shape[-2:], layer.stride, layer.padding, layer.dilation, layer.kernel_size
+        ):
+            sizes.append(size - ((out - 1) * s - 2 * p + d * (k - 1) + 1))
+        return tuple(sizes)
 
     def _bias_free_call(self, z: torch.Tensor) -> torch.Tensor:
         return self.layer(z) - self.bias_map(z.device, z.dtype)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny seeded generators, Fashion-MNIST, a briefly trained generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flipad.architectures import DCGANGenerator
+from flipad.data import load_fashion_mnist
+from flipad.training import train_gan
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def fashion_train() -> np.ndarray:
+    return load_fashion_mnist("train", 32, limit=12_000)
+
+
+@pytest.fixture(scope="session")
+def fashion_test() -> np.ndarray:
+    return load_fashion_mnist("test", 32, limit=1_000)
+
+
+@pytest.fixture(scope="session")
+def trained_generator(fashion_train) -> nn.Module:
+    """A small DCGAN (latent 64 as a (64, 1, 1) map, 16 -> 1 channels at 32x32) trained briefly."""
+    generator = DCGANGenerator(latent_dim=64, channels=1, image_size=32, width=16)
+    return train_gan(generator, fashion_train, steps=600, seed=0, device="cpu", progress=False)
+
+
+class VectorLatentGenerator(nn.Module):
+    """User-style generator: a latent vector reshaped inside, nested Sequentials, a final ConvTranspose2d."""
+
+    def __init__(self, latent_dim: int = 16, out_activation: nn.Module | None = None):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(latent_dim, 8 * 4 * 4), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Sequential(nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.BatchNorm2d(4), nn.ReLU()),
+            nn.Sequential(nn.ConvTranspose2d(4, 1, 4, 2, 1), out_activation or nn.Tanh()),
+        )
+
+    def forward(self, z):
+        return self.body(self.fc(z).view(-1, 8, 4, 4))
+
+
+@pytest.fixture
+def vector_generator() -> nn.Module:
+    torch.manual_seed(1)
+    return VectorLatentGenerator().eval()

@@ -1,0 +1,146 @@
+"""The anchored lasso: exactness against scikit-learn, KKT conditions, planted recovery, diagnostics."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Lasso
+from torch import nn
+
+from flipad import GeneratorAdapter, LassoOptions
+from flipad.inversion import duality_gap, lasso_objective, solve_lasso
+from flipad.layers import LinearMap
+
+TIGHT = LassoOptions(tol=1e-13, max_iter=40_000, window=200, continuation_stages=4, stage_iters=500)
+
+
+def test_linear_layer_matches_sklearn_lasso():
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 25)  # 40 unknowns, 25 outputs: underdetermined like a generator's last layer
+    op = LinearMap(layer, (40,), (25,))
+    target = torch.randn(3, 25, dtype=torch.float64)  # float64: agreement to 1e-5 is below float32 noise
+    alpha = 0.05
+    result = solve_lasso(op, target, alpha, TIGHT)
+    weight = layer.weight.detach().double().numpy()
+    for i in range(3):
+        # sklearn minimises 1/(2 m) ||y - Xw||^2 + a ||w||_1: the same problem with a = alpha / m.
+        ref = Lasso(alpha=alpha / 25, fit_intercept=False, tol=1e-14, max_iter=1_000_000)
+        ref.fit(weight, target[i].double().numpy())
+        np.testing.assert_allclose(result.deviations[i].numpy(), ref.coef_, atol=1e-5)
+    assert result.converged.all()
+
+
+@pytest.mark.parametrize(
+    "layer,input_shape",
+    [
+        (nn.ConvTranspose2d(6, 1, 4, 2, 1), (6, 6, 6)),
+        (nn.ConvTranspose2d(4, 3, 3, 2, 1, output_padding=1, bias=False), (4, 5, 5)),
+        (nn.Conv2d(8, 1, 3, 1, 1), (8, 8, 8)),
+    ],
+)
+def test_kkt_conditions_hold_for_conv_layers(layer, input_shape):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out_shape = layer(torch.zeros(1, *input_shape)).shape[1:]
+    op = LinearMap(layer, input_shape, out_shape)
+    target = torch.randn(2, *out_shape)
+    alpha = 0.02
+    result = solve_lasso(op, target, alpha, TIGHT)
+    d = result.deviations
+    corr = op.adjoint(target - op.forward(d))  # at the optimum: = alpha sign(d) on the support, |.| <= alpha off it
+    support = d != 0
+    tol = 1e-3 * alpha
+    assert support.any()
+    assert torch.all((corr[support] - alpha * torch.sign(d[support])).abs() <= tol)
+    assert torch.all(corr[~support].abs() <= alpha + tol)
+    assert result.converged.all()
+
+
+def test_planted_deviation_recovered_through_adapter():
+    torch.manual_seed(3)
+
+    class Gen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.latent_shape = (4, 8, 8)
+            self.final = nn.ConvTranspose2d(4, 1, 4, 2, 1)
+
+        def forward(self, z):
+            return torch.tanh(self.final(z))
+
+    gen = Gen()
+    adapter = GeneratorAdapter.from_module(gen, device="cpu", anchor_samples=4000)
+    d_true = torch.zeros(3, 4, 8, 8)
+    idx = torch.randperm(256)[:6]
+    d_true.view(3, -1)[:, idx] = torch.randn(3, 6).sign() * (0.5 + torch.rand(3, 6))
+    z = adapter.anchor + d_true
+    with torch.no_grad():
+        x = gen(z)
+    recovered = adapter.invert(x, alpha=1e-4, tol=1e-12, max_iter=20_000, window=200)
+    d_hat = recovered - adapter.anchor
+    rel = (d_hat - d_true).flatten(1).norm(dim=1) / d_true.flatten(1).norm(dim=1)
+    assert torch.all(rel < 0.05), rel
+    big = d_hat.abs() > 0.1
+    assert torch.equal(big, d_true != 0)
+
+
+def test_invert_returns_anchor_plus_solution_and_diagnostics(vector_generator):
+    adapter = GeneratorAdapter.from_module(vector_generator, latent_shape=(16,), device="cpu", anchor_samples=500)
+    samples = adapter.generate(5, seed=3)
+    result = adapter.invert(samples, alpha=5e-4, return_result=True, max_iter=400)
+    assert torch.allclose(result.activations, adapter.anchor + result.deviations)
+    target = adapter.residual_target(samples)
+    objective = lasso_objective(adapter.linear_map, target, result.deviations, 5e-4)
+    assert torch.allclose(objective, result.objective, rtol=1e-5)
+    assert result.iterations.shape == (5,) and torch.all(result.iterations <= 400)
+    assert torch.all(result.gap >= 0) and torch.all(result.residual >= 0)
+
+
+def test_duality_gap_bounds_the_true_gap():
+    torch.manual_seed(1)
+    op = LinearMap(nn.ConvTranspose2d(4, 1, 4, 2, 1), (4, 6, 6), (1, 12, 12))
+    target = torch.randn(4, 1, 12, 12)
+    rough = solve_lasso(op, target, 0.01, LassoOptions(max_iter=30, continuation_stages=1))
+    exact = solve_lasso(op, target, 0.01, TIGHT)
+    true_gap = (rough.objective - exact.objective) / rough.objective
+    assert torch.all(duality_gap(op, target, rough.deviations, 0.01) >= true_gap - 1e-6)
+    assert torch.all(true_gap > 0)
+
+
+def test_iteration_cap_warns(vector_generator, caplog):
+    adapter = GeneratorAdapter.from_module(vector_generator, latent_shape=(16,), device="cpu", anchor_samples=200)
+    with caplog.at_level(logging.WARNING, logger="flipad.adapter"):
+        result = adapter.invert(adapter.generate(4, seed=1), return_result=True, max_iter=5, continuation_stages=1)
+    assert result.hit_cap.all()
+    assert "hit the iteration cap" in caplog.text
+
+
+def test_paper_solver_runs_and_is_worse_than_exact_at_equal_iterations():
+    torch.manual_seed(2)
+    op = LinearMap(nn.ConvTranspose2d(8, 1, 4, 2, 1), (8, 8, 8), (1, 16, 16))
+    target = torch.randn(3, 1, 16, 16)
+    paper = solve_lasso(op, target, 5e-4, LassoOptions.paper(max_iter=300))
+    ours = solve_lasso(op, target, 5e-4, LassoOptions(max_iter=300))
+    assert paper.iterations.max() <= 300
+    assert torch.all(ours.objective <= paper.objective * 1.0001)
+
+
+def test_invalid_options_are_refused():
+    with pytest.raises(ValueError, match="unknown lasso method"):
+        LassoOptions(method="newton")
+    op = LinearMap(nn.Linear(3, 2), (3,), (2,))
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        solve_lasso(op, torch.zeros(1, 2), 0.0)
+
+
+@pytest.mark.gpu
+def test_cuda_inversion_matches_cpu(vector_generator):
+    cpu = GeneratorAdapter.from_module(vector_generator, latent_shape=(16,), device="cpu", anchor_samples=500)
+    samples = cpu.generate(8, seed=2)
+    gpu = GeneratorAdapter.from_module(vector_generator, latent_shape=(16,), device="cuda", anchor_samples=500)
+    a = cpu.invert(samples, max_iter=500)
+    b = gpu.invert(samples, max_iter=500).cpu()
+    assert (a - b).norm() / a.norm() < 1e-3
