@@ -226,7 +226,7 @@ class GeneratorAdapter:
         """
         opts = LassoOptions(**options)
         samples_t = self.to_output_range(samples)
-        batch = opts.batch_for(self.linear_map.num_inputs)
+        batch = opts.batch_for(self.linear_map.num_inputs, self.device)
         results = []
         for start in tqdm(range(0, len(samples_t), batch), desc="invert", disable=not progress):
             target = self.residual_target(samples_t[start : start + batch])

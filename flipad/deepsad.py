@@ -152,6 +152,7 @@ class DeepSADTrainer:
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.lr_milestones), gamma=0.1)
         bar = tqdm(range(cfg.epochs), desc="Deep SAD", disable=not progress)
+        mean = float("nan")
         for epoch in bar:
             net.train()
             total, batches = 0.0, 0

@@ -170,6 +170,7 @@ class FlipadDetector:
 
     def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Deep SAD scores ``||phi(x) - c||^2``: small = typical of this generator."""
+        self._check_fitted()
         return self.trainer_.distances(self.network_, self.center_, self.transform(samples))
 
     def score_samples(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:

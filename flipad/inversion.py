@@ -26,7 +26,9 @@ from .layers import LinearMap
 
 __all__ = ["LassoOptions", "InversionResult", "solve_lasso", "lasso_objective", "duality_gap", "soft_threshold"]
 
-MEMORY_BUDGET_BYTES = 512 * 2**20  # per batch, for the solver's working buffers
+# Working-buffer budget per batch. On CPU small batches stay in cache (64-128 samples of a
+# 8,192-unknown layer ran 1.3x faster per sample than 1,024); a GPU wants large batches.
+MEMORY_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,12 @@ class LassoOptions:
         settings.update(overrides)
         return cls(**settings)
 
-    def batch_for(self, num_inputs: int) -> int:
-        """Samples per batch: ``batch_size`` or what fits the memory budget (8 buffers of the activation)."""
+    def batch_for(self, num_inputs: int, device: torch.device) -> int:
+        """Samples per batch: ``batch_size`` or what fits the device's budget (8 buffers of the activation)."""
         if self.batch_size:
             return self.batch_size
-        return max(1, min(1024, MEMORY_BUDGET_BYTES // (8 * 4 * num_inputs)))
+        budget = MEMORY_BUDGET_BYTES.get(device.type, MEMORY_BUDGET_BYTES["cpu"])
+        return max(1, min(4096, budget // (8 * 4 * num_inputs)))
 
 
 @dataclass

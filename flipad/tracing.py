@@ -20,6 +20,7 @@ from .layers import SUPPORTED_LAYERS
 __all__ = ["TraceResult", "NotInvertibleError", "trace_generator"]
 
 NON_INVERTIBLE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.Softmax, nn.GELU, nn.SiLU, nn.ELU, nn.Threshold)
+RANGE_PRESERVING = (nn.Upsample, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity, nn.Flatten, nn.Unflatten)
 BOUNDS_OF_PRECEDING = {nn.ReLU: (0.0, None), nn.ReLU6: (0.0, 6.0), nn.Sigmoid: (0.0, 1.0), nn.Tanh: (-1.0, 1.0)}
 
 
@@ -127,13 +128,20 @@ def _match_activation(
 
 
 def _penultimate_bounds(calls: list[_Call], final: _Call) -> tuple[float | None, float | None]:
-    producer = next((c for c in reversed(calls) if _same_tensor(c.output, final.inputs[0])), None)
-    if producer is None:
-        return (None, None)
-    for kind, bounds in BOUNDS_OF_PRECEDING.items():
-        if type(producer.module) is kind:
-            return bounds
-    return (None, None)
+    """Bounds on the final layer's input known from the module that made it (ReLU: >= 0, ...).
+
+    Modules that keep values within the range of their input (upsampling, pooling, dropout
+    in eval mode) are looked through.
+    """
+    tensor = final.inputs[0]
+    while True:
+        producer = next((c for c in reversed(calls) if _same_tensor(c.output, tensor)), None)
+        if producer is None:
+            return (None, None)
+        if isinstance(producer.module, RANGE_PRESERVING) and producer.inputs:
+            tensor = producer.inputs[0]
+            continue
+        return BOUNDS_OF_PRECEDING.get(type(producer.module), (None, None))
 
 
 def trace_generator(

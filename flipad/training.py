@@ -31,11 +31,13 @@ def train_gan(
     seed: int = 0,
     device: str = "auto",
     loss: str = "bce",
+    output_range: tuple[float, float] = (-1.0, 1.0),
     progress: bool = True,
 ) -> nn.Module:
-    """Train ``generator`` (tanh output) against a DCGAN discriminator on uint8 ``images``.
+    """Train ``generator`` against a DCGAN discriminator on uint8 ``images``.
 
-    ``loss`` is ``"bce"`` (the non-saturating GAN loss) or ``"lsgan"`` (least squares).
+    ``loss`` is ``"bce"`` (the non-saturating GAN loss) or ``"lsgan"`` (least squares);
+    ``output_range`` is the generator's output range ((-1, 1) for tanh, (0, 1) for sigmoid).
     Returns the generator in eval mode, on the CPU.
     """
     if loss not in ("bce", "lsgan"):
@@ -49,7 +51,7 @@ def train_gan(
     generator.to(dev).train()
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.999))
-    data = images_to_range(images)
+    data = images_to_range(images, *output_range)
 
     def criterion(logits: torch.Tensor, target: float) -> torch.Tensor:
         if loss == "lsgan":

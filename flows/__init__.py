@@ -1,0 +1,1 @@
+"""Prefect flows and the `flipad` command line (composes flipad/, registry/ and monitoring/)."""

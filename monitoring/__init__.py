@@ -1,0 +1,1 @@
+"""Drift and quality monitoring of attribution streams (Evidently; returns reports, stores nothing)."""

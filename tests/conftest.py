@@ -10,6 +10,7 @@ from torch import nn
 from flipad.architectures import DCGANGenerator
 from flipad.data import load_fashion_mnist
 from flipad.training import train_gan
+from helpers import VectorLatentGenerator
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,21 +43,6 @@ def trained_generator(fashion_train) -> nn.Module:
     """A small DCGAN (latent 64 as a (64, 1, 1) map, 16 -> 1 channels at 32x32) trained briefly."""
     generator = DCGANGenerator(latent_dim=64, channels=1, image_size=32, width=16)
     return train_gan(generator, fashion_train, steps=600, seed=0, device="cpu", progress=False)
-
-
-class VectorLatentGenerator(nn.Module):
-    """User-style generator: a latent vector reshaped inside, nested Sequentials, a final ConvTranspose2d."""
-
-    def __init__(self, latent_dim: int = 16, out_activation: nn.Module | None = None):
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(latent_dim, 8 * 4 * 4), nn.ReLU())
-        self.body = nn.Sequential(
-            nn.Sequential(nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.BatchNorm2d(4), nn.ReLU()),
-            nn.Sequential(nn.ConvTranspose2d(4, 1, 4, 2, 1), out_activation or nn.Tanh()),
-        )
-
-    def forward(self, z):
-        return self.body(self.fc(z).view(-1, 8, 4, 4))
 
 
 @pytest.fixture

@@ -1,0 +1,20 @@
+"""Small user-style generator modules shared by the tests."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class VectorLatentGenerator(nn.Module):
+    """User-style generator: a latent vector reshaped inside, nested Sequentials, a final ConvTranspose2d."""
+
+    def __init__(self, latent_dim: int = 16, out_activation: nn.Module | None = None):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(latent_dim, 8 * 4 * 4), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Sequential(nn.ConvTranspose2d(8, 4, 4, 2, 1), nn.BatchNorm2d(4), nn.ReLU()),
+            nn.Sequential(nn.ConvTranspose2d(4, 1, 4, 2, 1), out_activation or nn.Tanh()),
+        )
+
+    def forward(self, z):
+        return self.body(self.fc(z).view(-1, 8, 4, 4))
