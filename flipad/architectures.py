@@ -36,6 +36,11 @@ def _num_doublings(image_size: int, start: int) -> int:
     return steps
 
 
+def _projection(latent_dim: int, features: int) -> nn.Sequential:
+    """Linear + BatchNorm + ReLU from the latent vector to a flattened 4x4 map."""
+    return nn.Sequential(nn.Linear(latent_dim, features), nn.BatchNorm1d(features), nn.ReLU(True))
+
+
 class DCGANGenerator(nn.Module):
     """DCGAN (Radford et al.): latent (D, 1, 1) -> ConvTranspose stack -> ConvTranspose2d + tanh."""
 
@@ -71,11 +76,7 @@ class WGANGPGenerator(nn.Module):
         self.latent_shape = (latent_dim,)
         ups = _num_doublings(image_size, 4)
         self.start_channels = width * 2 ** (ups - 1)
-        self.project = nn.Sequential(
-            nn.Linear(latent_dim, self.start_channels * 16),
-            nn.BatchNorm1d(self.start_channels * 16),
-            nn.ReLU(True),
-        )
+        self.project = _projection(latent_dim, self.start_channels * 16)
         layers: list[nn.Module] = []
         ch = self.start_channels
         for _ in range(ups - 1):
@@ -97,11 +98,7 @@ class LSGANGenerator(nn.Module):
         self.latent_shape = (latent_dim,)
         ups = _num_doublings(image_size, 4)
         self.start_channels = width * 2 ** (ups - 1)
-        self.project = nn.Sequential(
-            nn.Linear(latent_dim, self.start_channels * 16),
-            nn.BatchNorm1d(self.start_channels * 16),
-            nn.ReLU(True),
-        )
+        self.project = _projection(latent_dim, self.start_channels * 16)
         layers: list[nn.Module] = []
         ch = self.start_channels
         for _ in range(ups - 1):

@@ -17,7 +17,6 @@ duality-gap bound and the relative residual.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +191,17 @@ def solve_lasso(
     )
 
 
+def _fista_step(
+    op: LinearMap, r: torch.Tensor, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, step: float, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One FISTA step from the extrapolated point ``y``: returns the new iterate, extrapolation and momentum."""
+    grad = op.adjoint(op.forward(y) - r)
+    x_new = soft_threshold(y - step * grad, step * alpha)
+    t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+    y_new = x_new + _expand((t - 1) / t_new, x_new) * (x_new - x)
+    return x_new, y_new, t_new
+
+
 def _fista_stage(
     op: LinearMap,
     target: torch.Tensor,
@@ -221,11 +231,7 @@ def _fista_stage(
     for k in range(1, budget + 1):
         if len(active) == 0:
             break
-        grad = op.adjoint(op.forward(y) - r)
-        x_new = soft_threshold(y - step * grad, step * alpha)
-        t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-        y = x_new + _expand((t - 1) / t_new, x_new) * (x_new - x)
-        x, t = x_new, t_new
+        x, y, t = _fista_step(op, r, x, y, t, step, alpha)
         iterations[active] += 1
         if k % opts.check_every:
             continue
@@ -263,14 +269,12 @@ def _paper_fista(
     converged: torch.Tensor,
 ) -> None:
     """The paper's solver: fixed step, stop when the batch maximum of the mean |change| < tol."""
-    x, y, t = d.clone(), d.clone(), 1.0
+    x, y = d.clone(), d.clone()
+    t = torch.ones(len(d), device=d.device, dtype=d.dtype)
     for _ in range(budget):
-        grad = op.adjoint(op.forward(y) - target)
-        x_new = soft_threshold(y - step * grad, step * alpha)
-        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
-        y = x_new + ((t - 1) / t_new) * (x_new - x)
+        x_new, y, t = _fista_step(op, target, x, y, t, step, alpha)
         change = (x_new - x).abs().flatten(1).mean(1).max()
-        x, t = x_new, t_new
+        x = x_new
         iterations += 1
         if change < tol:
             converged[:] = True

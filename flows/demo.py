@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from flipad import FlipadDetector, GeneratorAdapter
