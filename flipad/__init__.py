@@ -5,7 +5,8 @@ layers live in ``registry/``, ``monitoring/`` and ``flows/``.
 """
 
 from .adapter import GeneratorAdapter
-from .detector import FlipadDetector, NotFittedError
+from .calibration import NotFittedError
+from .detector import FlipadDetector
 from .features import FeatureConfig
 from .generators import load_generator
 from .inversion import InversionResult, LassoOptions

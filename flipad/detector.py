@@ -17,16 +17,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 import torch
 from safetensors.torch import load_file, save_file
 
 from .adapter import GeneratorAdapter
+from .calibration import CalibratedDetector, NotFittedError, check_fnr
 from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
 from .device import resolve_device
 from .features import FeatureConfig, FeatureExtractor, FeatureScaler
 
-__all__ = ["FlipadDetector", "NotFittedError", "empirical_p_values", "fnr_upper_bound"]
+__all__ = ["FlipadDetector", "NotFittedError", "stack_negatives"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,25 +35,7 @@ TRAIN_SEED_OFFSET = 1000
 VALIDATION_SEED_OFFSET = 2000
 
 
-class NotFittedError(RuntimeError):
-    """An inference method was called before ``fit``."""
-
-
-def empirical_p_values(reference: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """``(1 + #{reference >= s}) / (1 + n)``: how typical anomaly score ``s`` is of the reference set."""
-    ref = torch.sort(reference).values
-    above = len(ref) - torch.searchsorted(ref, scores, right=False)
-    return (1 + above).double() / (1 + len(ref))
-
-
-def fnr_upper_bound(exceedances: int, n: int, confidence: float = 0.95) -> float:
-    """One-sided Clopper-Pearson upper bound on the true FNR given ``exceedances`` of ``n`` held-out samples."""
-    if exceedances >= n:
-        return 1.0
-    return float(scipy.stats.beta.ppf(confidence, exceedances + 1, n - exceedances))
-
-
-def _stack_negatives(real: np.ndarray | None, negatives: Sequence[np.ndarray] | np.ndarray | None) -> np.ndarray:
+def stack_negatives(real: np.ndarray | None, negatives: Sequence[np.ndarray] | np.ndarray | None) -> np.ndarray:
     parts = [] if real is None else [real]
     if negatives is not None:
         parts += [negatives] if isinstance(negatives, np.ndarray) else list(negatives)
@@ -62,7 +44,7 @@ def _stack_negatives(real: np.ndarray | None, negatives: Sequence[np.ndarray] | 
     return np.concatenate([np.asarray(p) for p in parts])
 
 
-class FlipadDetector:
+class FlipadDetector(CalibratedDetector):
     """Single-model attribution detector for the generator behind ``adapter``.
 
     Parameters mirror the paper: ``features`` ("flipad", "raw", "dct" or a FeatureConfig),
@@ -85,7 +67,7 @@ class FlipadDetector:
     ):
         self.adapter = adapter
         self.features = features
-        self.fnr = tuple(fnr)
+        self.fnr = check_fnr(fnr)
         self.n_generated = n_generated
         self.n_validation = n_validation
         self.deep_sad = deep_sad
@@ -109,15 +91,13 @@ class FlipadDetector:
         """Train on the generator's samples (``generated``; drawn from the adapter when None)
         against ``real`` data and other ``negatives``; set thresholds on ``validation`` samples of
         the generator (drawn fresh when None). Returns self."""
-        if not self.fnr or any(not 0 < f < 1 for f in self.fnr):
-            raise ValueError(f"fnr values must lie in (0, 1), got {self.fnr}")
         timings: dict[str, float] = {}
         start = time.perf_counter()
         if generated is None:
             generated = self.adapter.generate(self.n_generated, seed=TRAIN_SEED_OFFSET + self.seed)
         if validation is None:
             validation = self.adapter.generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
-        others = _stack_negatives(real, negatives)
+        others = stack_negatives(real, negatives)
         timings["sample_s"] = time.perf_counter() - start
 
         self.extractor_ = FeatureExtractor(self.adapter, self.feature_config)
@@ -136,10 +116,7 @@ class FlipadDetector:
         self.network_, self.center_ = self.trainer_.fit(x, labels, progress=self.progress)
         timings["deep_sad_s"] = time.perf_counter() - start
 
-        self.validation_scores_ = self.trainer_.distances(self.network_, self.center_, self.scaler_(f_val))
-        if torch.unique(self.validation_scores_).numel() < 2:
-            raise ValueError("Deep SAD scores are constant on the validation samples: the detector learned nothing")
-        self._set_thresholds()
+        self._calibrate(self.trainer_.distances(self.network_, self.center_, self.scaler_(f_val)))
         self.fit_info_ = {
             "n_generated": len(f_gen),
             "n_negatives": len(f_other),
@@ -149,19 +126,7 @@ class FlipadDetector:
         }
         return self
 
-    def _set_thresholds(self) -> None:
-        n = len(self.validation_scores_)
-        self.thresholds_ = {f: float(torch.quantile(self.validation_scores_.double(), 1 - f)) for f in self.fnr}
-        self.fnr_upper_bounds_ = {
-            f: fnr_upper_bound(int((self.validation_scores_ > t).sum()), n) for f, t in self.thresholds_.items()
-        }
-        self.offset_ = -self.thresholds_[self.fnr[0]]
-
     # -- inference --------------------------------------------------------------------------
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "thresholds_"):
-            raise NotFittedError("this FlipadDetector is not fitted yet; call fit() or FlipadDetector.load()")
 
     def transform(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Scaled features of ``samples`` (what Deep SAD sees)."""
@@ -172,30 +137,6 @@ class FlipadDetector:
         """Deep SAD scores ``||phi(x) - c||^2``: small = typical of this generator."""
         self._check_fitted()
         return self.trainer_.distances(self.network_, self.center_, self.transform(samples))
-
-    def score_samples(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Higher = more typical of this generator (the negated anomaly score)."""
-        return -self.anomaly_scores(samples).numpy()
-
-    def decision_function(self, samples: np.ndarray | torch.Tensor, fnr: float | None = None) -> np.ndarray:
-        """``score_samples - offset``: non-negative means attributed to this generator."""
-        return self.score_samples(samples) + self.threshold(fnr)
-
-    def predict(self, samples: np.ndarray | torch.Tensor, fnr: float | None = None) -> np.ndarray:
-        """Bool per sample: made by this generator (at the threshold for ``fnr``, default the first)."""
-        return self.decision_function(samples, fnr) >= 0
-
-    def threshold(self, fnr: float | None = None) -> float:
-        """The anomaly-score threshold for a tolerable FNR (one of those given at fit time)."""
-        self._check_fitted()
-        fnr = self.fnr[0] if fnr is None else fnr
-        if fnr not in self.thresholds_:
-            raise ValueError(f"no threshold for FNR {fnr}; fitted FNRs are {sorted(self.thresholds_)}")
-        return self.thresholds_[fnr]
-
-    def p_values(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Empirical p-value of each sample against the generator's held-out scores (small = not its own)."""
-        return empirical_p_values(self.validation_scores_, self.anomaly_scores(samples)).numpy()
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -214,7 +155,6 @@ class FlipadDetector:
             "feature_shape": list(self.scaler_.mean_.shape),
             "fnr": list(self.fnr),
             "thresholds": {str(k): v for k, v in self.thresholds_.items()},
-            "fnr_upper_bounds": {str(k): v for k, v in self.fnr_upper_bounds_.items()},
             "deep_sad": asdict(self.trainer_.config),
             "seed": self.seed,
             "fit_info": self.fit_info_,
@@ -263,9 +203,6 @@ class FlipadDetector:
         det.network_.load_state_dict({k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")})
         det.network_.eval()
         det.center_ = tensors["center"].to(dev)
-        det.validation_scores_ = tensors["validation_scores"]
-        det.thresholds_ = {float(k): v for k, v in config["thresholds"].items()}
-        det.fnr_upper_bounds_ = {float(k): v for k, v in config["fnr_upper_bounds"].items()}
-        det.offset_ = -det.thresholds_[det.fnr[0]]
+        det._calibrate(tensors["validation_scores"])
         det.fit_info_ = config["fit_info"]
         return det

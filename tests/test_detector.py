@@ -8,7 +8,7 @@ import torch
 
 from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter, NotFittedError
 from flipad.deepsad import DeepSADConfig
-from flipad.detector import empirical_p_values, fnr_upper_bound
+from flipad.calibration import empirical_p_values, fnr_upper_bound
 from helpers import VectorLatentGenerator
 
 FAST_SAD = DeepSADConfig(epochs=4, lr_milestones=(3,))
