@@ -10,6 +10,7 @@ from .detector import FlipadDetector
 from .features import FeatureConfig
 from .generators import load_generator
 from .inversion import InversionResult, LassoOptions
+from .reconstruction import ReconstructionConfig, ReconstructionLossDetector
 from .tracing import NotInvertibleError
 
 __all__ = [
@@ -21,5 +22,7 @@ __all__ = [
     "LassoOptions",
     "NotInvertibleError",
     "load_generator",
+    "ReconstructionConfig",
+    "ReconstructionLossDetector",
 ]
 __version__ = "0.1.0"

@@ -18,3 +18,18 @@ class VectorLatentGenerator(nn.Module):
 
     def forward(self, z):
         return self.body(self.fc(z).view(-1, 8, 4, 4))
+
+
+class SkipToOutput(nn.Module):
+    """A generator FLIPAD must refuse: the output is tanh(conv(h) + h), a skip connection into the output."""
+
+    def __init__(self, latent_dim: int = 8, size: int = 8):
+        super().__init__()
+        self.latent_shape = (latent_dim,)
+        self.size = size
+        self.fc = nn.Linear(latent_dim, 2 * size * size)
+        self.conv = nn.Conv2d(2, 1, 3, padding=1)
+
+    def forward(self, z):
+        h = self.fc(z).view(-1, 2, self.size, self.size)
+        return (self.conv(h) + h[:, :1]).tanh()

@@ -16,7 +16,7 @@ from flipad.architectures import BUILTIN_GENERATORS
 from flipad.data import DataError
 from flipad.generators import GeneratorLoadError
 
-from helpers import VectorLatentGenerator
+from helpers import SkipToOutput, VectorLatentGenerator
 
 SMALL = dict(latent_dim=16, channels=1, image_size=32, width=8)
 EXPECTED_FINAL = {
@@ -92,17 +92,6 @@ def test_functional_activation_and_upsampling_conv():
     assert adapter.final_layer_name == "conv" and adapter.activation.name == "tanh"
     assert adapter.output_shape == (3, 16, 16)
     _check_consistent(adapter)
-
-
-class SkipToOutput(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 2 * 8 * 8)
-        self.conv = nn.Conv2d(2, 1, 3, padding=1)
-
-    def forward(self, z):
-        h = self.fc(z).view(-1, 2, 8, 8)
-        return torch.tanh(self.conv(h) + h[:, :1])
 
 
 class ReluOutput(nn.Module):
