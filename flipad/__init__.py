@@ -6,6 +6,7 @@ layers live in ``registry/``, ``monitoring/`` and ``flows/``.
 
 from .adapter import GeneratorAdapter
 from .calibration import NotFittedError
+from .combined import AttributionDetector
 from .detector import FlipadDetector
 from .features import FeatureConfig
 from .generators import load_generator
@@ -15,6 +16,7 @@ from .tracing import NotInvertibleError
 
 __all__ = [
     "GeneratorAdapter",
+    "AttributionDetector",
     "FlipadDetector",
     "NotFittedError",
     "FeatureConfig",

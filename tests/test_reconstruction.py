@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from flipad import GeneratorAdapter, NotInvertibleError, ReconstructionLossDetector
+from flipad import AttributionDetector, GeneratorAdapter, NotInvertibleError, ReconstructionLossDetector
 from flipad.architectures import DCGANGenerator
 from flipad.data import resize_images
+from flipad.deepsad import DeepSADConfig
 from flipad.evaluation import evaluate_pairs
 from flipad.reconstruction import ReconstructionConfig
 from flipad.training import train_gan
@@ -62,3 +63,38 @@ def test_wrong_shape_is_refused():
     det = ReconstructionLossDetector(SkipToOutput().eval(), n_validation=10, config=FAST, progress=False).fit()
     with pytest.raises(ValueError, match="generator produces"):
         det.score_samples(np.zeros((2, 3, 8, 8), np.uint8))
+
+
+@pytest.mark.slow
+def test_combined_verdict_uses_both_families_and_skips_needless_searches(
+    trained_generator, other_generator, fashion_train, fashion_test
+):
+    det = AttributionDetector(
+        trained_generator,
+        fnr=(0.02,),
+        n_validation=150,
+        n_calibration=150,
+        flipad_options=dict(n_generated=400, deep_sad=DeepSADConfig(epochs=10, lr_milestones=(8,))),
+        reconstruction=FAST,
+        progress=False,
+    ).fit(real=fashion_train[-400:])
+    assert det.fit_info_["families"] == ["flipad", "reconstruction"]
+    own = det.reconstruction_.generate(80, seed=11)
+    other = ReconstructionLossDetector(other_generator, config=FAST, progress=False)
+    other._prepare()
+    pairs = {p.source: p for p in evaluate_pairs(det, own, {"real": fashion_test[:80], "other": other.generate(80, 8)})}
+    assert pairs["real"].balanced_accuracy >= 0.9, pairs["real"]
+    assert pairs["other"].balanced_accuracy >= 0.85, pairs["other"]
+    det.predict(fashion_test[:80])
+    assert det.last_searched_fraction_ < 0.5  # real images rejected by FLIPAD skip the latent search
+
+
+def test_combined_verdict_falls_back_to_reconstruction_for_skip_generators(fashion_test):
+    torch.manual_seed(0)
+    det = AttributionDetector(SkipToOutput().eval(), fnr=(0.02,), n_validation=100, n_calibration=100,
+                              reconstruction=FAST, progress=False).fit()
+    assert det.fit_info_["families"] == ["reconstruction"]
+    assert "skip connection" in det.fit_info_["flipad_refusal"]
+    own = det.reconstruction_.generate(50, seed=2)
+    (pair,) = evaluate_pairs(det, own, {"real": resize_images(fashion_test[:50], 8)})
+    assert pair.balanced_accuracy >= 0.9, pair
