@@ -41,6 +41,22 @@ def _projection(latent_dim: int, features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(latent_dim, features), nn.BatchNorm1d(features), nn.ReLU(True))
 
 
+class _ProjectedGenerator(nn.Module):
+    """Latent vector -> Linear + BN + ReLU -> a (start_channels, 4, 4) map -> ``self.body`` (set by subclasses)."""
+
+    body: nn.Module
+
+    def __init__(self, latent_dim: int, image_size: int, width: int):
+        super().__init__()
+        self.latent_shape = (latent_dim,)
+        self.ups = _num_doublings(image_size, 4)
+        self.start_channels = width * 2 ** (self.ups - 1)
+        self.project = _projection(latent_dim, self.start_channels * 16)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z.flatten(1)).view(-1, self.start_channels, 4, 4))
+
+
 class DCGANGenerator(nn.Module):
     """DCGAN (Radford et al.): latent (D, 1, 1) -> ConvTranspose stack -> ConvTranspose2d + tanh."""
 
@@ -68,15 +84,12 @@ class DCGANGenerator(nn.Module):
         return self.main(z)
 
 
-class WGANGPGenerator(nn.Module):
+class WGANGPGenerator(_ProjectedGenerator):
     """WGAN-GP (Gulrajani et al.): latent vector -> Linear -> 4x4 map -> ConvTranspose stack + tanh."""
 
     def __init__(self, latent_dim: int = 100, channels: int = 3, image_size: int = 64, width: int = 64):
-        super().__init__()
-        self.latent_shape = (latent_dim,)
-        ups = _num_doublings(image_size, 4)
-        self.start_channels = width * 2 ** (ups - 1)
-        self.project = _projection(latent_dim, self.start_channels * 16)
+        super().__init__(latent_dim, image_size, width)
+        ups = self.ups
         layers: list[nn.Module] = []
         ch = self.start_channels
         for _ in range(ups - 1):
@@ -85,20 +98,13 @@ class WGANGPGenerator(nn.Module):
         layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.project(z.flatten(1)).view(-1, self.start_channels, 4, 4)
-        return self.body(h)
 
-
-class LSGANGenerator(nn.Module):
+class LSGANGenerator(_ProjectedGenerator):
     """LSGAN (Mao et al.): Linear -> [upsample x2, 3x3 conv, BN, ReLU]* -> upsample, 3x3 Conv2d + tanh."""
 
     def __init__(self, latent_dim: int = 100, channels: int = 3, image_size: int = 64, width: int = 64):
-        super().__init__()
-        self.latent_shape = (latent_dim,)
-        ups = _num_doublings(image_size, 4)
-        self.start_channels = width * 2 ** (ups - 1)
-        self.project = _projection(latent_dim, self.start_channels * 16)
+        super().__init__(latent_dim, image_size, width)
+        ups = self.ups
         layers: list[nn.Module] = []
         ch = self.start_channels
         for _ in range(ups - 1):
@@ -111,10 +117,6 @@ class LSGANGenerator(nn.Module):
             ch //= 2
         layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, channels, 3, 1, 1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.project(z.flatten(1)).view(-1, self.start_channels, 4, 4)
-        return self.body(h)
 
 
 class EBGANGenerator(nn.Module):
