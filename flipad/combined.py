@@ -1,16 +1,18 @@
 """``AttributionDetector``: one verdict from both alteration-free families.
 
 FLIPAD (final-layer inversion + Deep SAD) is fast; the reconstruction-loss search is slow but
-needs no final-layer structure and separates look-alike generators. The combined anomaly score
-of an item is ``-min(p_flipad, p_reconstruction)``, each p-value taken against a first held-out
-set of the generator's samples: an item is attributed only if both families find it typical.
+needs no final-layer structure and separates look-alike generators. Each family's anomaly score
+is put on a common scale by a robust standardisation of its logarithm against a first held-out
+set of the generator's samples, ``(log a - median) / MAD``; the combined score is the larger of
+the two, so an item is attributed only if both families find it typical. (Empirical p-values
+would floor at ``1 / (n + 1)`` and could not reject anything beyond the held-out range.)
 The thresholds of that combined score are then set on a *second* held-out set, so the stated
 FNR holds for the verdict as a whole. Generators FLIPAD refuses (skip connections into the
 output, non-invertible activations) use the reconstruction family alone.
 
 At inference the reconstruction search runs only where it can change the answer: an item whose
 FLIPAD p-value is already below every threshold is rejected without it (its combined score is
-then reported as ``-p_flipad``, a bound that keeps the same verdict).
+then reported as its FLIPAD score, a lower bound that keeps the same verdict).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapter import GeneratorAdapter
-from .calibration import CalibratedDetector, check_fnr, empirical_p_values
+from .calibration import CalibratedDetector, check_fnr
 from .detector import VALIDATION_SEED_OFFSET, FlipadDetector
 from .reconstruction import ReconstructionConfig, ReconstructionLossDetector
 from .tracing import NotInvertibleError
@@ -94,6 +96,9 @@ class AttributionDetector(CalibratedDetector):
             options = {"fnr": self.fnr, "device": self.device, "seed": self.seed, "progress": self.progress}
             options.update(self.flipad_options or {})
             self.flipad_ = FlipadDetector(adapter, **options).fit(generated, real, negatives, validation)
+        self.scales_ = {"reconstruction": self._standardiser(self.reconstruction_.validation_scores_)}
+        if self.flipad_ is not None:
+            self.scales_["flipad"] = self._standardiser(self.flipad_.validation_scores_)
         calibration = self.reconstruction_.generate(self.n_calibration, seed=CALIBRATION_SEED_OFFSET + self.seed)
         self._calibrate(self._combined(calibration, skip_rejected=False))
         self.fit_info_ = {
@@ -104,24 +109,34 @@ class AttributionDetector(CalibratedDetector):
         }
         return self
 
+    @staticmethod
+    def _standardiser(validation_scores: torch.Tensor) -> tuple[float, float]:
+        logs = validation_scores.double().clamp_min(1e-30).log()
+        median = float(logs.median())
+        mad = float((logs - median).abs().median())
+        return median, max(mad, 1e-12)
+
+    def _standardise(self, family: str, scores: torch.Tensor) -> torch.Tensor:
+        median, mad = self.scales_[family]
+        return (scores.double().clamp_min(1e-30).log() - median) / mad
+
     def _combined(self, samples: np.ndarray | torch.Tensor, skip_rejected: bool) -> torch.Tensor:
         recon = self.reconstruction_
         if self.flipad_ is None:
-            return -empirical_p_values(recon.validation_scores_, recon.anomaly_scores(samples))
-        p_flipad = torch.as_tensor(self.flipad_.p_values(samples))
-        combined = -p_flipad.clone()
-        # items FLIPAD already rejects at every threshold keep -p_flipad: the search cannot change them
-        need = torch.ones_like(p_flipad, dtype=torch.bool)
+            self.last_searched_fraction_ = 1.0
+            return self._standardise("reconstruction", recon.anomaly_scores(samples))
+        combined = self._standardise("flipad", self.flipad_.anomaly_scores(samples))
+        # items FLIPAD already rejects at every threshold keep its score: the search cannot change them
+        need = torch.ones_like(combined, dtype=torch.bool)
         if skip_rejected:
-            need = p_flipad >= -max(self.thresholds_.values())
+            need = combined <= max(self.thresholds_.values())
         if need.any():
             subset = samples[need.numpy()] if isinstance(samples, np.ndarray) else samples[need]
-            p_recon = empirical_p_values(recon.validation_scores_, recon.anomaly_scores(subset))
-            combined[need] = -torch.minimum(p_flipad[need], p_recon)
+            combined[need] = torch.maximum(combined[need], self._standardise("reconstruction", recon.anomaly_scores(subset)))
         self.last_searched_fraction_ = float(need.double().mean())
         return combined
 
     def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``-min(p_flipad, p_reconstruction)`` per sample (higher = less like the generator)."""
+        """The larger of the two families' standardised log anomaly scores (higher = less like the generator)."""
         self._check_fitted()
         return self._combined(samples, skip_rejected=True)
