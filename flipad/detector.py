@@ -100,29 +100,46 @@ class FlipadDetector(CalibratedDetector):
         others = stack_negatives(real, negatives)
         timings["sample_s"] = time.perf_counter() - start
 
-        self.extractor_ = FeatureExtractor(self.adapter, self.feature_config)
+        extractor = FeatureExtractor(self.adapter, self.feature_config)
         start = time.perf_counter()
-        f_gen = self.extractor_(generated, progress=self.progress)
-        inversion = self.extractor_.last_inversion
-        f_other = self.extractor_(others, progress=self.progress)
-        f_val = self.extractor_(validation, progress=self.progress)
+        f_gen = extractor(generated, progress=self.progress)
+        inversion = extractor.last_inversion
+        f_other = extractor(others, progress=self.progress)
+        f_val = extractor(validation, progress=self.progress)
         timings["features_s"] = time.perf_counter() - start
+        self.fit_features(f_gen, f_other, f_val, inversion.summary() if inversion is not None else None)
+        self.fit_info_["timings"] = {**timings, **self.fit_info_["timings"]}
+        return self
 
-        self.scaler_ = FeatureScaler(self.feature_config.scale_eps).fit(f_gen)
-        x = torch.cat([self.scaler_(f_gen), self.scaler_(f_other)])
-        labels = torch.cat([torch.full((len(f_gen),), NORMAL), torch.full((len(f_other),), ANOMALY)])
+    def fit_features(
+        self,
+        generated: torch.Tensor,
+        negatives: torch.Tensor,
+        validation: torch.Tensor,
+        inversion_summary: dict | None = None,
+    ) -> FlipadDetector:
+        """Fit from unscaled features already computed with ``FeatureExtractor(adapter, feature_config)``
+        (what :meth:`fit` does after extracting them; lets a pipeline cache the inversion). Returns self."""
+        if generated.shape[1:] != negatives.shape[1:] or generated.shape[1:] != validation.shape[1:]:
+            raise ValueError(
+                f"feature shapes differ: generated {tuple(generated.shape[1:])}, negatives "
+                f"{tuple(negatives.shape[1:])}, validation {tuple(validation.shape[1:])}"
+            )
+        self.extractor_ = FeatureExtractor(self.adapter, self.feature_config)
+        self.scaler_ = FeatureScaler(self.feature_config.scale_eps).fit(generated)
+        x = torch.cat([self.scaler_(generated), self.scaler_(negatives)])
+        labels = torch.cat([torch.full((len(generated),), NORMAL), torch.full((len(negatives),), ANOMALY)])
         self.trainer_ = DeepSADTrainer(self.deep_sad or DeepSADConfig(seed=self.seed), resolve_device(self.device))
         start = time.perf_counter()
         self.network_, self.center_ = self.trainer_.fit(x, labels, progress=self.progress)
-        timings["deep_sad_s"] = time.perf_counter() - start
-
-        self._calibrate(self.trainer_.distances(self.network_, self.center_, self.scaler_(f_val)))
+        deep_sad_s = time.perf_counter() - start
+        self._calibrate(self.trainer_.distances(self.network_, self.center_, self.scaler_(validation)))
         self.fit_info_ = {
-            "n_generated": len(f_gen),
-            "n_negatives": len(f_other),
-            "n_validation": len(f_val),
-            "timings": timings,
-            "inversion": inversion.summary() if inversion is not None else None,
+            "n_generated": len(generated),
+            "n_negatives": len(negatives),
+            "n_validation": len(validation),
+            "timings": {"deep_sad_s": deep_sad_s},
+            "inversion": inversion_summary,
         }
         return self
 
@@ -130,13 +147,21 @@ class FlipadDetector(CalibratedDetector):
 
     def transform(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Scaled features of ``samples`` (what Deep SAD sees)."""
-        self._check_fitted()
-        return self.scaler_(self.extractor_(samples, progress=self.progress))
+        return self.scaler_(self.extractor(samples))
 
     def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Deep SAD scores ``||phi(x) - c||^2``: small = typical of this generator."""
+        return self.score_features(self.extractor(samples))
+
+    def extractor(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Unscaled features of ``samples`` (the inversion, for the ``flipad`` kind)."""
         self._check_fitted()
-        return self.trainer_.distances(self.network_, self.center_, self.transform(samples))
+        return self.extractor_(samples, progress=self.progress)
+
+    def score_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Anomaly scores from unscaled features computed by :meth:`extractor`."""
+        self._check_fitted()
+        return self.trainer_.distances(self.network_, self.center_, self.scaler_(features))
 
     # -- persistence ------------------------------------------------------------------------
 

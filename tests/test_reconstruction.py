@@ -69,9 +69,11 @@ def test_wrong_shape_is_refused():
 def test_combined_verdict_uses_both_families_and_skips_needless_searches(
     trained_generator, other_generator, fashion_train, fashion_test
 ):
+    # a briefly trained GAN emits ~2-3% odd samples that both families find atypical; an FNR below
+    # that share forces a threshold that admits everything (measured: 0.02 -> other accepted)
     det = AttributionDetector(
         trained_generator,
-        fnr=(0.02,),
+        fnr=(0.05,),
         n_validation=150,
         n_calibration=150,
         flipad_options=dict(n_generated=400, deep_sad=DeepSADConfig(epochs=10, lr_milestones=(8,))),
