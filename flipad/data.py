@@ -19,6 +19,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "encode_item",
+    "load_dataset",
+    "decode_item",
     "IMAGE_SUFFIXES",
     "DataError",
     "decode_image",
@@ -58,6 +61,37 @@ def decode_image(data: bytes, channels: int | None = None, max_pixels: int = 409
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(f"not a decodable PNG/JPEG image ({exc})") from exc
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_item(data: bytes, shape: Sequence[int], max_bytes: int = 64 * 2**20) -> np.ndarray:
+    """One item for a generator with output ``shape``: PNG/JPEG bytes, or ``.npy`` bytes of a uint8
+    image / float array in the output range. Returns uint8 (pixels) or float32 (output range);
+    raises ``DataError`` saying what is wrong."""
+    if len(data) > max_bytes:
+        raise DataError(f"item of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if data[:6] == NPY_MAGIC:
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except ValueError as exc:
+            raise DataError(f"not a readable .npy array ({exc})") from exc
+        if arr.dtype.kind in "ui" and arr.dtype != np.uint8:
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise DataError("integer arrays must hold 8-bit pixel values (0-255)")
+            arr = arr.astype(np.uint8)
+        elif arr.dtype.kind == "f":
+            arr = arr.astype(np.float32)
+        elif arr.dtype != np.uint8:
+            raise DataError(f"array of dtype {arr.dtype} is not an image or a numeric record")
+    else:
+        arr = decode_image(data, channels=shape[0] if len(shape) == 3 else None)
+    if len(shape) == 3 and arr.ndim == 2:
+        arr = arr[None]
+    if tuple(arr.shape) != tuple(shape):
+        raise DataError(f"item has shape {tuple(arr.shape)}, the generator produces {tuple(shape)}")
+    return arr
 
 
 def _is_gray(img: Image.Image) -> bool:
@@ -220,3 +254,24 @@ def check_sample_shape(samples: np.ndarray | torch.Tensor, expected: Sequence[in
             f"{what} samples have shape {got} per item, but the generator produces {tuple(expected)}; "
             "resize or convert them (channels, height, width) to match"
         )
+
+
+def load_dataset(path: str | os.PathLike, shape: Sequence[int], limit: int | None = None) -> np.ndarray:
+    """Load items for a generator with output ``shape`` (images: uint8 (N, C, H, W); records: (N, D)),
+    checking that they match it."""
+    if len(shape) == 3:
+        data = load_images(path, channels=shape[0], limit=limit)
+    else:
+        data = load_array(path)[:limit].astype(np.float32)
+    check_sample_shape(data, shape, what=str(path))
+    return data
+
+
+def encode_item(item: np.ndarray) -> bytes:
+    """One item as bytes: a PNG for uint8 (C, H, W) images, ``.npy`` (no pickle) otherwise."""
+    buffer = io.BytesIO()
+    if item.dtype == np.uint8 and item.ndim == 3 and item.shape[0] in (1, 3):
+        Image.fromarray(item[0] if item.shape[0] == 1 else item.transpose(1, 2, 0)).save(buffer, format="PNG")
+    else:
+        np.save(buffer, item, allow_pickle=False)
+    return buffer.getvalue()

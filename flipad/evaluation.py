@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-__all__ = ["PairResult", "evaluate_pairs", "balanced_accuracy"]
+__all__ = ["PairResult", "evaluate_pairs", "evaluate_scores", "balanced_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,24 @@ def evaluate_pairs(detector, generated: np.ndarray, others: Mapping[str, np.ndar
     ``detector`` needs ``score_samples`` and ``threshold(fnr)`` (``FlipadDetector`` and friends);
     scores are computed once per source.
     """
-    gen_scores = np.asarray(detector.score_samples(generated))
+    thresholds = {fnr: detector.threshold(fnr) for fnr in detector.fnr}
+    other_scores = {name: -np.asarray(detector.score_samples(samples)) for name, samples in others.items()}
+    return evaluate_scores(thresholds, -np.asarray(detector.score_samples(generated)), other_scores)
+
+
+def evaluate_scores(
+    thresholds: Mapping[float, float], generated: np.ndarray, others: Mapping[str, np.ndarray]
+) -> list[PairResult]:
+    """:func:`evaluate_pairs` from anomaly scores (small = typical; accepted when ``<= threshold``),
+    with ``thresholds`` mapping each FNR target to its anomaly-score threshold."""
+    generated = np.asarray(generated, dtype=np.float64)
     results = []
-    for name, samples in others.items():
-        other_scores = np.asarray(detector.score_samples(samples))
-        labels = np.r_[np.ones(len(gen_scores)), np.zeros(len(other_scores))]
-        auc = float(roc_auc_score(labels, np.r_[gen_scores, other_scores]))
-        for fnr in detector.fnr:
-            cut = -detector.threshold(fnr)  # accepted when score >= -threshold
-            gen_ok, other_ok = gen_scores >= cut, other_scores >= cut
+    for name, scores in others.items():
+        scores = np.asarray(scores, dtype=np.float64)
+        labels = np.r_[np.ones(len(generated)), np.zeros(len(scores))]
+        auc = float(roc_auc_score(labels, -np.r_[generated, scores]))
+        for fnr, threshold in thresholds.items():
+            gen_ok, other_ok = generated <= threshold, scores <= threshold
             results.append(
                 PairResult(
                     source=name,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from .architectures import BUILTIN_GENERATORS
 
-__all__ = ["GeneratorLoadError", "load_generator", "load_weights"]
+__all__ = ["GeneratorLoadError", "GeneratorSource", "load_generator", "load_weights", "parse_latent_shape"]
 
 
 class GeneratorLoadError(ValueError):
@@ -94,3 +96,45 @@ def load_generator(
             first = str(exc).strip().splitlines()[0]
             raise GeneratorLoadError(f"weights {weights} do not fit {spec!r}: {first}") from exc
     return module.eval()
+
+
+@dataclass(frozen=True)
+class GeneratorSource:
+    """How to rebuild a generator: its spec, the factory's keyword arguments and its latent shape.
+
+    Serialisable as JSON, so a saved detector can carry its generator (weights stored apart).
+    """
+
+    spec: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    latent_shape: tuple[int, ...] | None = None
+
+    def load(self, weights: str | os.PathLike | None = None, base: str | os.PathLike | None = None) -> nn.Module:
+        """The generator in eval mode; a relative ``file.py`` in the spec is resolved against ``base``."""
+        spec = self.spec
+        target, sep, name = spec.rpartition(":")
+        if base is not None and sep and target.endswith(".py") and not Path(target).is_absolute():
+            spec = f"{Path(base) / target}:{name}"
+        return load_generator(spec, weights, **self.kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kwargs": self.kwargs, "latent_shape": list(self.latent_shape or []) or None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeneratorSource:
+        shape = data.get("latent_shape")
+        return cls(data["spec"], dict(data.get("kwargs") or {}), tuple(shape) if shape else None)
+
+
+def parse_latent_shape(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``"64"`` or ``"64,1,1"`` (or a sequence) as a tuple of positive ints."""
+    if text is None or text == "":
+        return None
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError as exc:
+        raise GeneratorLoadError(f"latent shape {text!r} is not a comma-separated list of integers") from exc
+    if not shape or any(d <= 0 for d in shape):
+        raise GeneratorLoadError(f"latent shape {text!r} must have positive sizes")
+    return shape

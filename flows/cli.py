@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -13,6 +15,98 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Was this mad
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Prefect reads these when imported (inside the commands): its run logs and tracebacks only
+    # with --verbose (our errors end in one line), and no telemetry from an offline machine
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _fail(exc: Exception) -> None:
+    """One line on stderr and exit code 1, for the errors a user can act on."""
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+def _options(values: list[str]) -> dict:
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            _fail(ValueError(f"--option {item!r} is not KEY=VALUE"))
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@app.command()
+def onboard(
+    name: str = typer.Argument(..., help="Registered model name for this generator's detector."),
+    generator: str = typer.Option(..., help="Built-in name, path/to/file.py:factory or package.module:factory."),
+    weights: Path | None = typer.Option(None, help="Weights: .safetensors or a torch.save'd state dict."),
+    latent_shape: str | None = typer.Option(None, help="Latent shape, e.g. 64 or 64,1,1."),
+    real: str = typer.Option(..., help="Real data: a folder of images, .npy/.npz, or a CSV."),
+    negatives: list[str] = typer.Option([], help="Other generators' samples (repeatable)."),
+    num_samples: int = typer.Option(2000, help="Generator samples (and at most as many real items) to train on."),
+    num_validation: int = typer.Option(1000, help="Generator samples that set the thresholds."),
+    num_test: int = typer.Option(500, help="Held-out items per source for the evaluation."),
+    option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
+    epochs: int = typer.Option(50, help="Deep SAD epochs."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    promote: str = typer.Option("auto", help="auto (champion if at least as good), always or never."),
+) -> None:
+    """Train, evaluate and register a detector for one generator (MLflow + Prefect)."""
+    from pydantic import ValidationError
+
+    from flipad.data import DataError
+    from flipad.generators import GeneratorLoadError, parse_latent_shape
+    from flipad.tracing import NotInvertibleError
+    from registry.store import TrackingUnavailableError
+
+    try:
+        from flows.onboard import OnboardConfig, onboard_generator
+
+        config = OnboardConfig(
+            name=name, generator=generator, weights=str(weights) if weights else None,
+            generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
+            negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
+            deep_sad_epochs=epochs, device=device, promote=promote,
+        )
+        result = onboard_generator(config)
+    except ValidationError as exc:
+        _fail(ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+    except (GeneratorLoadError, DataError, NotInvertibleError, TrackingUnavailableError, ValueError, LookupError) as exc:
+        _fail(exc)
+    typer.echo(result.results.to_string(index=False))
+    typer.echo(
+        f"registered {result.name} version {result.version} as {result.alias} "
+        f"(balanced accuracy {result.metrics['primary_balanced_accuracy']:.4f})\n"
+        f"run: {result.run_url}\nUI:  {result.ui_command}"
+    )
+
+
+@app.command()
+def models(name: str | None = typer.Argument(None, help="A registered model; all when omitted.")) -> None:
+    """Registered detectors: versions, aliases, key metrics."""
+    from registry.store import TrackingUnavailableError, connect
+    from registry.versions import list_versions
+
+    try:
+        connect()
+        rows = list_versions(name)
+    except (TrackingUnavailableError, LookupError) as exc:
+        _fail(exc)
+    except Exception as exc:  # MlflowException for an unknown name
+        _fail(ValueError(str(exc).splitlines()[0]))
+    if not rows:
+        typer.echo("no registered detectors yet; run 'flipad onboard' or 'flipad demo'")
+        return
+    typer.echo(f"{'name':20s} {'version':>7s} {'aliases':20s} {'bal.acc':>8s}  generator")
+    for r in rows:
+        acc = "" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.4f}"
+        typer.echo(f"{r['name']:20s} {r['version']:>7s} {r['aliases']:20s} {acc:>8s}  {r['generator_sha256']}")
 
 
 @app.command()

@@ -1,0 +1,112 @@
+"""Logging one onboarding run: params, metrics, plots, tables, monitoring reference and the pyfunc model."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import safetensors
+import scipy
+import sklearn
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+import flipad
+import registry
+from flipad.bundle import save_bundle
+from flipad.detector import FlipadDetector
+from flipad.generators import GeneratorSource
+
+from .plots import mean_activation_figure, roc_figure, score_histograms
+from .pyfunc import INPUT_COLUMN, to_request_cell
+
+__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "REFERENCE_ARTIFACT"]
+
+MODEL_CODE = Path(registry.__file__).parent / "model_code.py"
+REFERENCE_ARTIFACT = "monitoring/reference.parquet"
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+    outputs=Schema([ColSpec("double", "score"), ColSpec("double", "threshold"),
+                    ColSpec("boolean", "is_generated"), ColSpec("string", "error")]),
+)
+
+
+@dataclass
+class OnboardingRecord:
+    """Everything one onboarding run logs. ``scores`` are per source, higher = more typical."""
+
+    name: str
+    detector: FlipadDetector
+    source: GeneratorSource
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    results: pd.DataFrame
+    scores: dict[str, np.ndarray]
+    own_source: str
+    mean_activations: dict[str, np.ndarray]
+    reference: pd.DataFrame
+    input_example: list[bytes]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoggedRun:
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    run_url: str
+
+
+def experiment_name(name: str) -> str:
+    return f"flipad/{name}"
+
+
+def _pip_requirements() -> list[str]:
+    versions = {"torch": torch.__version__.split("+")[0], "numpy": np.__version__, "pandas": pd.__version__,
+                "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
+                "safetensors": safetensors.__version__, "mlflow": mlflow.__version__}
+    return [f"{pkg}=={ver}" for pkg, ver in versions.items()] + ["pillow"]
+
+
+def log_run(record: OnboardingRecord) -> LoggedRun:
+    """Log ``record`` as a run of the generator's experiment, with the detector as a pyfunc model."""
+    experiment = mlflow.set_experiment(experiment_name(record.name))
+    threshold = -record.detector.threshold()
+    with mlflow.start_run(run_name=f"onboard-{record.name}", tags=record.tags) as run:
+        mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v)
+                           for k, v in record.params.items()})
+        mlflow.log_metrics(record.metrics)
+        own = record.scores[record.own_source]
+        others = {k: v for k, v in record.scores.items() if k != record.own_source}
+        mlflow.log_figure(roc_figure(own, others, threshold), "plots/roc.png")
+        mlflow.log_figure(score_histograms(record.scores, threshold), "plots/score_histograms.png")
+        mlflow.log_figure(mean_activation_figure(record.mean_activations), "plots/mean_activation.png")
+        mlflow.log_table(record.results, "evaluation/results.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            record.results.to_csv(tmp / "results.csv", index=False)
+            mlflow.log_artifact(str(tmp / "results.csv"), "evaluation")
+            record.reference.to_parquet(tmp / "reference.parquet", index=False)
+            mlflow.log_artifact(str(tmp / "reference.parquet"), "monitoring")
+            bundle = save_bundle(tmp / "bundle", record.detector, record.source)
+            example = pd.DataFrame({INPUT_COLUMN: [to_request_cell(b) for b in record.input_example]})
+            info = mlflow.pyfunc.log_model(
+                name="detector",
+                python_model=str(MODEL_CODE),
+                artifacts={"bundle": str(bundle)},
+                code_paths=[str(Path(flipad.__file__).parent), str(Path(registry.__file__).parent)],
+                signature=SIGNATURE,
+                input_example=example,
+                pip_requirements=_pip_requirements(),
+            )
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    run_url = f"{base}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    return LoggedRun(run.info.run_id, experiment.experiment_id, info.model_uri, run_url)

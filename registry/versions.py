@@ -1,0 +1,140 @@
+"""Registered detector versions: register with tags and aliases, promote, list, load by alias."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from flipad.detector import FlipadDetector
+
+__all__ = ["CHAMPION", "CHALLENGER", "Registration", "register_version", "load_detector", "list_versions", "parse_model_ref"]
+
+logger = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+PROMOTE_POLICIES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    alias: str
+    metric: float
+    champion_metric: float | None  # the previous champion on the same held-out evaluation
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` as (name, "@alias" or version); default alias champion."""
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, f"@{alias}"
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        if version.isdigit():
+            return name, version
+    return ref, f"@{CHAMPION}"
+
+
+def model_uri(name: str, which: str) -> str:
+    return f"models:/{name}{which}" if which.startswith("@") else f"models:/{name}/{which}"
+
+
+def champion_version(name: str) -> str | None:
+    """The version the ``champion`` alias points at, or None."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def load_model(name: str, which: str = f"@{CHAMPION}"):
+    """The pyfunc's Python model (a :class:`registry.pyfunc.FlipadModel`) and its version number."""
+    client = MlflowClient()
+    try:
+        if which.startswith("@"):
+            version = str(client.get_model_version_by_alias(name, which[1:]).version)
+        else:
+            version = str(client.get_model_version(name, which).version)
+    except MlflowException as exc:
+        raise LookupError(f"no registered detector {name}{which if which.startswith('@') else '/' + which} "
+                          f"({exc.message.splitlines()[0]}); run 'flipad models' to see what exists") from exc
+    model = mlflow.pyfunc.load_model(model_uri(name, version))
+    return model.unwrap_python_model(), version
+
+
+def load_detector(name: str, which: str = f"@{CHAMPION}") -> tuple[FlipadDetector, str]:
+    """The fitted detector registered as ``name`` (alias or version) and its version number."""
+    python_model, version = load_model(name, which)
+    return python_model.detector, version
+
+
+def register_version(
+    name: str,
+    model_uri: str,
+    metric: float,
+    evaluate_champion: Callable[[FlipadDetector], float],
+    promote: str = "auto",
+    tags: dict[str, str] | None = None,
+    description: str = "",
+) -> Registration:
+    """Register ``model_uri`` as a new version of ``name`` and set its alias by the promotion policy.
+
+    ``auto``: champion when ``metric`` is at least the current champion's on the same held-out
+    evaluation (``evaluate_champion(champion_detector)``), else challenger; ``always``/``never``
+    force it. A failure after the version exists deletes it again: no half-registered versions.
+    """
+    if promote not in PROMOTE_POLICIES:
+        raise ValueError(f"promote must be one of {PROMOTE_POLICIES}, got {promote!r}")
+    client = MlflowClient()
+    current = champion_version(name)
+    champion_metric = None
+    if current is not None and promote == "auto":
+        champion_metric = float(evaluate_champion(load_detector(name, current)[0]))
+    if current is None or promote == "always":
+        alias = CHAMPION
+    elif promote == "never":
+        alias = CHALLENGER
+    else:
+        alias = CHAMPION if metric >= champion_metric else CHALLENGER
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=f"FLIPAD attribution detectors for generator {name}")
+    version = mlflow.register_model(model_uri, name, tags=tags or {})
+    try:
+        client.update_model_version(name, str(version.version), description=description)
+        client.set_registered_model_alias(name, alias, str(version.version))
+    except Exception:
+        client.delete_model_version(name, str(version.version))
+        raise
+    logger.info("registered %s version %s as %s", name, version.version, alias)
+    return Registration(name, str(version.version), alias, metric, champion_metric)
+
+
+def list_versions(name: str | None = None) -> list[dict]:
+    """Every version (of ``name``, or of all registered detectors) with its aliases and key metrics."""
+    client = MlflowClient()
+    models = [client.get_registered_model(name)] if name else client.search_registered_models()
+    rows = []
+    for model in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for mv in client.search_model_versions(f"name='{model.name}'"):
+            metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+            rows.append({
+                "name": model.name,
+                "version": str(mv.version),
+                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+                "balanced_accuracy": metrics.get("primary_balanced_accuracy"),
+                "created": mv.creation_timestamp,
+                "generator_sha256": (mv.tags or {}).get("generator_sha256", "")[:12],
+                "run_id": mv.run_id,
+            })
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
