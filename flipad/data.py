@@ -58,7 +58,9 @@ def decode_image(data: bytes, channels: int | None = None, max_pixels: int = 409
             if mode is None:
                 mode = "L" if img.mode in ("L", "LA", "I", "I;16", "1", "P") and _is_gray(img) else "RGB"
             arr = np.asarray(img.convert(mode))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except UnidentifiedImageError as exc:
+        raise DataError("not a decodable PNG/JPEG image") from exc
+    except (OSError, SyntaxError) as exc:
         raise DataError(f"not a decodable PNG/JPEG image ({exc})") from exc
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
 

@@ -63,9 +63,10 @@ def onboard(
     from flipad.data import DataError
     from flipad.generators import GeneratorLoadError, parse_latent_shape
     from flipad.tracing import NotInvertibleError
-    from registry.store import TrackingUnavailableError
+    from registry.store import TrackingUnavailableError, connect
 
     try:
+        connect()  # fail before Prefect starts anything
         from flows.onboard import OnboardConfig, onboard_generator
 
         config = OnboardConfig(

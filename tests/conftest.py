@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -49,3 +51,32 @@ def trained_generator(fashion_train) -> nn.Module:
 def vector_generator() -> nn.Module:
     torch.manual_seed(1)
     return VectorLatentGenerator().eval()
+
+
+@pytest.fixture(scope="session")
+def mlflow_tracking(tmp_path_factory):
+    """A real MLflow tracking server (SQLite backend, proxied artifacts) for the whole session."""
+    from servers import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """Prefect's test harness (a temporary server and database) for the session."""
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tracking(mlflow_tracking, prefect_harness, monkeypatch):
+    """MLFLOW_TRACKING_URI pointing at the session's server (failures surface at once)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_tracking)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return mlflow_tracking

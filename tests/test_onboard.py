@@ -1,0 +1,204 @@
+"""Onboarding against a real MLflow tracking server and Prefect's test harness."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from flipad.data import encode_item
+from flipad.detector import VALIDATION_SEED_OFFSET
+from flipad.evaluation import evaluate_scores
+from flipad.features import FeatureExtractor
+from flows.cli import app
+from flows.onboard import OWN, TEST_SEED_OFFSET, OnboardConfig, onboard_generator
+from registry.pyfunc import to_request_cell
+from registry.versions import load_detector
+from servers import BIN, free_port, process
+
+GENERATOR_CODE = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """A generator this project has never seen: latent 64 reshaped inside, upsample + conv + tanh."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc = nn.Linear(64, width * 8 * 8)
+        self.width = width
+        self.body = nn.Sequential(nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+                                  nn.Upsample(scale_factor=2))
+        self.out = nn.Conv2d(width, 1, 3, padding=1)
+
+    def forward(self, z):
+        h = self.body(self.fc(z).view(-1, self.width, 8, 8))
+        return torch.tanh(self.out(h))
+
+
+def make(width=8):
+    torch.manual_seed(3)
+    return Tiny(width)
+'''
+
+
+@pytest.fixture(scope="module")
+def user_generator(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("usergen")
+    code = root / "tiny_gen.py"
+    code.write_text(GENERATOR_CODE)
+    namespace: dict = {}
+    exec(compile(GENERATOR_CODE, str(code), "exec"), namespace)
+    module = namespace["make"]()
+    save_file(module.state_dict(), str(root / "tiny.safetensors"))
+    torch.save(module.state_dict(), root / "tiny.pt")
+    return f"{code}:make", root / "tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory, fashion_test):
+    root = tmp_path_factory.mktemp("real")
+    for i, img in enumerate(fashion_test[:260]):
+        sub = root / f"class{i % 3}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"{i:04d}.png").write_bytes(encode_item(img))
+    return root
+
+
+def small_config(spec, weights, real, **overrides) -> OnboardConfig:
+    values = dict(name="tiny-gen", generator=spec, weights=str(weights), latent_shape=(64,), real=str(real),
+                  num_samples=150, num_validation=100, num_test=60, deep_sad_epochs=4, fnr=(0.05, 0.1))
+    return OnboardConfig(**{**values, **overrides})
+
+
+def count_inversions(monkeypatch) -> list[int]:
+    """Items the flow's feature task computes (MLflow's input-example check at log time is not counted)."""
+    import flows.onboard
+
+    calls = [0]
+
+    class Counting(FeatureExtractor):
+        def __call__(self, samples, progress=False):
+            calls[0] += len(samples)
+            return super().__call__(samples, progress)
+
+    monkeypatch.setattr(flows.onboard, "FeatureExtractor", Counting)
+    return calls
+
+
+@pytest.mark.slow
+def test_onboarding_registers_logs_promotes_and_caches(tracking, user_generator, real_folder, monkeypatch):
+    spec, weights = user_generator
+    first = onboard_generator(small_config(spec, weights, real_folder))
+    client = MlflowClient()
+    assert (first.version, first.alias) == ("1", "champion")
+    assert first.cached_feature_sets == 0
+
+    # the logged metrics are what the held-out data gives, recomputed from the registered model
+    detector, version = load_detector("tiny-gen", "@champion")
+    assert version == "1"
+    own = detector.adapter.generate(60, seed=TEST_SEED_OFFSET)
+    real_test = _real_test_split(real_folder, detector)
+    fnr = detector.fnr[0]
+    (pair,) = evaluate_scores({fnr: detector.threshold(fnr)}, detector.anomaly_scores(own).numpy(),
+                              {"real": detector.anomaly_scores(real_test).numpy()})
+    logged = client.get_run(first.run_id).data.metrics
+    assert logged["balanced_accuracy_real_fnr0.05"] == pytest.approx(pair.balanced_accuracy)
+    assert logged["auc_real"] == pytest.approx(pair.auc)
+    assert 0 <= logged["heldout_fnr_fnr0.05"] <= logged["heldout_fnr_upper95_fnr0.05"] <= 1
+    artifacts = {a.path for folder in ("plots", "evaluation", "monitoring") for a in client.list_artifacts(first.run_id, folder)}
+    assert {"plots/roc.png", "plots/score_histograms.png", "plots/mean_activation.png", "evaluation/results.csv",
+            "monitoring/reference.parquet"} <= artifacts
+    mv = client.get_model_version("tiny-gen", "1")
+    assert mv.tags["generator_sha256"] == detector.adapter.fingerprint and mv.tags["git_commit"]
+
+    # the pyfunc loaded by alias scores exactly like the in-process detector
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-gen@champion")
+    cells = [to_request_cell(encode_item(x)) for x in own[:8]] + [to_request_cell(b"not an image")]
+    out = pyfunc.predict(pd.DataFrame({"image": cells}))
+    np.testing.assert_allclose(out["score"][:8].to_numpy(float), first.detector.score_samples(own[:8]), rtol=1e-4, atol=1e-6)
+    assert out["error"][8] and out["error"][:8].eq("").all()
+    assert (out["is_generated"][:8] == (out["score"][:8] >= out["threshold"][:8])).all()
+
+    # a rerun with unchanged inputs reuses every cached inversion and is promoted by the policy
+    calls = count_inversions(monkeypatch)
+    second = onboard_generator(small_config(spec, weights, real_folder))
+    assert calls[0] == 0 and second.cached_feature_sets == 5
+    assert second.version == "2" and second.alias == "champion"  # as good as v1 on the same held-out data
+    third = onboard_generator(small_config(spec, weights, real_folder, promote="never"))
+    aliases = client.get_registered_model("tiny-gen").aliases
+    assert third.alias == "challenger" and aliases == {"champion": "2", "challenger": "3"}
+
+
+def _real_test_split(real_folder, detector):
+    from flows.onboard import load_split
+
+    return load_split.fn(str(real_folder), detector.adapter.output_shape, 150, 60, 0)[1]
+
+
+@pytest.mark.slow
+def test_cli_onboard_serve_and_errors(tracking, user_generator, real_folder, tmp_path):
+    spec, weights = user_generator
+    runner = CliRunner()
+    args = ["onboard", "served-gen", "--generator", spec, "--weights", str(weights.with_suffix(".pt")),
+            "--latent-shape", "64", "--real", str(real_folder), "--num-samples", "120", "--num-validation", "80",
+            "--num-test", "40", "--epochs", "3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "registered served-gen version 1 as champion" in result.output
+    listing = runner.invoke(app, ["models", "served-gen"])
+    assert listing.exit_code == 0 and "champion" in listing.output
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/served-gen@champion", "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    path = {"PATH": f"{BIN}:{os.environ.get('PATH', '')}"}  # mlflow execs uvicorn from the venv
+    with process(cmd, f"http://127.0.0.1:{port}/ping", 180, tmp_path / "serve.log", path):
+        detector, _ = load_detector("served-gen")
+        images = detector.adapter.generate(3, seed=5)
+        cells = [to_request_cell(encode_item(x)) for x in images] + ["%%% not base64"]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[c] for c in cells]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            rows = json.loads(response.read())["predictions"]
+    assert len(rows) == 4 and set(rows[0]) == {"score", "threshold", "is_generated", "error"}
+    np.testing.assert_allclose([r["score"] for r in rows[:3]], detector.score_samples(images), rtol=1e-4, atol=1e-6)
+    assert rows[3]["error"].startswith("not a decodable")
+    assert rows[3]["score"] is None or np.isnan(rows[3]["score"])
+
+    # bad inputs: one-line error, non-zero exit, no version registered
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.png").write_bytes(encode_item(np.zeros((1, 32, 32), np.uint8)))
+    (mixed / "b.png").write_bytes(encode_item(np.zeros((1, 28, 28), np.uint8)))
+    bad = {
+        "bad spec": ["--generator", "no_such_module.sub:factory", "--real", str(real_folder)],
+        "missing weights": ["--generator", spec, "--weights", str(tmp_path / "missing.pt"), "--real", str(real_folder)],
+        "mismatched sizes": ["--generator", spec, "--weights", str(weights), "--real", str(mixed)],
+    }
+    for case, extra in bad.items():
+        result = runner.invoke(app, ["onboard", "broken-gen", "--latent-shape", "64", *extra])
+        assert result.exit_code == 1, (case, result.output)
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("error: ") and len(result.output.strip().splitlines()) <= 2, (case, result.output)
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "onboard", "broken-gen", "--generator", spec, "--weights", str(weights),
+         "--latent-shape", "64", "--real", str(real_folder)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert unreachable.returncode == 1 and "unreachable" in unreachable.stderr.strip().splitlines()[-1]
+    assert not MlflowClient().search_registered_models(filter_string="name='broken-gen'")
