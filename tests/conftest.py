@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import VectorLatentGenerator
 from torch import nn
 
 from flipad.architectures import DCGANGenerator
 from flipad.data import load_fashion_mnist
 from flipad.training import train_gan
-from helpers import VectorLatentGenerator
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import SkipToOutput, VectorLatentGenerator
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
@@ -15,8 +16,6 @@ from flipad import GeneratorAdapter, NotInvertibleError, load_generator
 from flipad.architectures import BUILTIN_GENERATORS
 from flipad.data import DataError
 from flipad.generators import GeneratorLoadError
-
-from helpers import SkipToOutput, VectorLatentGenerator
 
 SMALL = dict(latent_dim=16, channels=1, image_size=32, width=8)
 EXPECTED_FINAL = {

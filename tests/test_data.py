@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flipad.data import DataError, decode_image, load_fashion_mnist, load_images, load_table
+from flipad.data import (
+    DataError,
+    decode_image,
+    load_fashion_mnist,
+    load_images,
+    load_table,
+)
 
 
 def _save(path, array):

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flipad.deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, LeNetEncoder, deep_sad_loss
+from flipad.deepsad import (
+    ANOMALY,
+    NORMAL,
+    DeepSADConfig,
+    DeepSADTrainer,
+    LeNetEncoder,
+    deep_sad_loss,
+)
 
 CPU = torch.device("cpu")
 

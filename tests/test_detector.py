@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import VectorLatentGenerator
 
 from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter, NotFittedError
-from flipad.deepsad import DeepSADConfig
 from flipad.calibration import empirical_p_values, fnr_upper_bound
-from helpers import VectorLatentGenerator
+from flipad.deepsad import DeepSADConfig
 
 FAST_SAD = DeepSADConfig(epochs=4, lr_milestones=(3,))
 FAST_INVERSION = {"max_iter": 150, "continuation_stages": 2, "stage_iters": 50}

@@ -13,17 +13,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import BIN, free_port, process
 from typer.testing import CliRunner
 
 from flipad.data import encode_item
-from flipad.detector import VALIDATION_SEED_OFFSET
 from flipad.evaluation import evaluate_scores
 from flipad.features import FeatureExtractor
 from flows.cli import app
-from flows.onboard import OWN, TEST_SEED_OFFSET, OnboardConfig, onboard_generator
+from flows.onboard import TEST_SEED_OFFSET, OnboardConfig, onboard_generator
 from registry.pyfunc import to_request_cell
 from registry.versions import load_detector
-from servers import BIN, free_port, process
 
 GENERATOR_CODE = '''
 import torch

@@ -5,15 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import SkipToOutput
 
-from flipad import AttributionDetector, GeneratorAdapter, NotInvertibleError, ReconstructionLossDetector
+from flipad import (
+    AttributionDetector,
+    GeneratorAdapter,
+    NotInvertibleError,
+    ReconstructionLossDetector,
+)
 from flipad.architectures import DCGANGenerator
 from flipad.data import resize_images
 from flipad.deepsad import DeepSADConfig
 from flipad.evaluation import evaluate_pairs
 from flipad.reconstruction import ReconstructionConfig
 from flipad.training import train_gan
-from helpers import SkipToOutput
 
 FAST = ReconstructionConfig(steps=150, starts=2)
 
