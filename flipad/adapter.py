@@ -215,6 +215,7 @@ class GeneratorAdapter:
         alpha: float = 5e-4,
         return_result: bool = False,
         progress: bool = False,
+        warn_on_cap: bool = True,
         **options,
     ) -> torch.Tensor | InversionResult:
         """Recover the penultimate activation ``z_bar + d*`` of each sample.
@@ -222,7 +223,9 @@ class GeneratorAdapter:
         ``d*`` solves the anchored lasso ``min 0.5 ||s^-1(x) - A(z_bar + d) - b||^2 + alpha ||d||_1``
         exactly as the paper states it. Keyword ``options`` go to :class:`LassoOptions`
         (tolerance, iteration cap, method, batch size). With ``return_result`` the per-sample
-        diagnostics come back too (:class:`InversionResult`).
+        diagnostics come back too (:class:`InversionResult`). Samples that hit the iteration cap
+        are logged at warning level (``warn_on_cap=False``: at debug level, for callers whose cap
+        is a deliberate budget).
         """
         opts = LassoOptions(**options)
         samples_t = self.to_output_range(samples)
@@ -233,7 +236,8 @@ class GeneratorAdapter:
             results.append(solve_lasso(self.linear_map, target, alpha, opts))
         result = InversionResult.concat(results, self.anchor)
         if result.hit_cap.any():
-            logger.warning(
+            logger.log(
+                logging.WARNING if warn_on_cap else logging.DEBUG,
                 "%d of %d samples hit the iteration cap (%d) before the stopping rule held",
                 int(result.hit_cap.sum()),
                 len(result.hit_cap),

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "pixel_stats",
     "encode_item",
     "load_dataset",
     "decode_item",
@@ -277,3 +278,9 @@ def encode_item(item: np.ndarray) -> bytes:
     else:
         np.save(buffer, item, allow_pickle=False)
     return buffer.getvalue()
+
+
+def pixel_stats(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, the mean and standard deviation of its values (pixels in 0-255 for uint8 images)."""
+    flat = np.asarray(samples).reshape(len(samples), -1).astype(np.float64)
+    return flat.mean(1), flat.std(1)

@@ -76,8 +76,9 @@ class FeatureExtractor:
         kind = self.config.kind
         if kind == "flipad":
             result = self.adapter.invert(
-                samples, alpha=self.config.alpha, return_result=True, progress=progress, **self.config.inversion
-            )
+                samples, alpha=self.config.alpha, return_result=True, progress=progress, warn_on_cap=False,
+                **self.config.inversion,
+            )  # the detector's cap is a deliberate budget (DETECTOR_INVERSION), not a failure
             self.last_inversion = result
             return self._reshape_activations(result.activations)
         x = self.adapter.to_output_range(samples)

@@ -94,6 +94,11 @@ class InversionResult:
     def hit_cap(self) -> torch.Tensor:
         return ~self.converged
 
+    @property
+    def sparsity(self) -> torch.Tensor:
+        """Per sample, the fraction of non-zero entries of ``d*`` (soft-thresholding zeroes the rest exactly)."""
+        return (self.deviations != 0).flatten(1).double().mean(1)
+
     @classmethod
     def concat(cls, parts: list[InversionResult], anchor: torch.Tensor | None = None) -> InversionResult:
         """Join batch results; ``anchor`` (if given) is added to the deviations to form activations."""

@@ -2,55 +2,67 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .calibration import CalibratedDetector
-from .data import DataError, decode_item
+from .data import DataError, decode_item, pixel_stats
+from .detector import FlipadDetector
 
 __all__ = ["ItemResult", "score_items"]
 
-logger = logging.getLogger(__name__)
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
 class ItemResult:
-    """``score`` is higher for items more typical of the generator; attributed when ``score >= threshold``."""
+    """``score`` is higher for items more typical of the generator; attributed when ``score >= threshold``.
+
+    ``residual`` and ``sparsity`` describe the inversion, ``pixel_mean``/``pixel_std`` the input
+    (the summaries drift monitoring compares); NaN where they do not apply or the item failed.
+    """
 
     score: float | None
     threshold: float
     is_generated: bool | None
     error: str = ""
+    residual: float = NAN
+    sparsity: float = NAN
+    pixel_mean: float = NAN
+    pixel_std: float = NAN
 
 
-def score_items(detector: CalibratedDetector, items: Sequence[bytes], shape: Sequence[int]) -> list[ItemResult]:
-    """Decode each item for a generator of output ``shape`` and score the decodable ones in one batch.
+def score_items(detector: FlipadDetector, items: Sequence[bytes]) -> list[ItemResult]:
+    """Decode each item for the detector's generator and score the decodable ones in batches.
 
     Items that cannot be decoded or have the wrong shape get an ``error`` and no score; they never
     stop the others. The threshold is the detector's default (its first FNR target).
     """
+    shape = detector.adapter.output_shape
     threshold = -detector.threshold()
-    arrays: list[np.ndarray] = []
-    positions: list[int] = []
     results: list[ItemResult | None] = [None] * len(items)
+    groups: dict[bool, list[tuple[int, np.ndarray]]] = {}
     for i, data in enumerate(items):
         try:
-            arrays.append(decode_item(data, shape))
-            positions.append(i)
+            arr = decode_item(data, shape)
         except DataError as exc:
             results[i] = ItemResult(None, threshold, None, str(exc))
-    by_kind: dict[bool, list[int]] = {}
-    for k, arr in enumerate(arrays):
-        by_kind.setdefault(arr.dtype == np.uint8, []).append(k)
-    for members in by_kind.values():  # pixels and output-range floats are scored apart
-        scores = detector.score_samples(np.stack([arrays[k] for k in members]))
-        for k, score in zip(members, scores):
-            ok = bool(np.isfinite(score))
-            results[positions[k]] = ItemResult(
-                float(score) if ok else None, threshold, bool(score >= threshold) if ok else None,
+            continue
+        groups.setdefault(arr.dtype == np.uint8, []).append((i, arr))
+    for members in groups.values():  # 8-bit pixels and output-range floats are scored apart
+        batch = np.stack([arr for _, arr in members])
+        features = detector.extractor(batch)
+        inversion = detector.extractor_.last_inversion
+        scores = -detector.score_features(features).double().numpy()
+        residual = inversion.residual.double().numpy() if inversion is not None else np.full(len(batch), NAN)
+        sparsity = inversion.sparsity.numpy() if inversion is not None else np.full(len(batch), NAN)
+        pixel_mean, pixel_std = pixel_stats(batch)
+        for k, (i, _) in enumerate(members):
+            ok = bool(np.isfinite(scores[k]))
+            results[i] = ItemResult(
+                float(scores[k]) if ok else None, threshold, bool(scores[k] >= threshold) if ok else None,
                 "" if ok else "the detector returned a non-finite score",
+                float(residual[k]), float(sparsity[k]), float(pixel_mean[k]), float(pixel_std[k]),
             )
     return results  # type: ignore[return-value]

@@ -89,6 +89,47 @@ def onboard(
 
 
 @app.command()
+def attribute(
+    model: list[str] = typer.Option(..., help="NAME, NAME@ALIAS or NAME/VERSION (repeatable; default alias champion)."),
+    input: str = typer.Option(..., "--input", help="A folder or s3://bucket/prefix of new content."),
+    output: str = typer.Option(..., help="results.csv, results.parquet or s3://bucket/prefix."),
+    batch_size: int = typer.Option(256, help="Items per batch (the unit of atomic commits)."),
+    endpoint_url: str | None = typer.Option(None, help="S3-compatible endpoint URL (MinIO, ...)."),
+    workers: int = typer.Option(0, help="Score on a local Dask cluster with this many worker processes (0: in-process)."),
+    monitor: bool = typer.Option(True, help="Drift report against the onboarding reference."),
+    webhook: str | None = typer.Option(None, help="POST a JSON alert here when drift is detected."),
+) -> None:
+    """Score new items of a folder or S3 prefix with registered detectors (exactly once per item version)."""
+    from pydantic import ValidationError
+
+    from registry.store import TrackingUnavailableError, connect
+
+    try:
+        connect()
+        from flows.attribute import AttributeConfig, attribute_stream
+        from flows.storage import StorageError
+
+        config = AttributeConfig(models=tuple(model), input=input, output=output, batch_size=batch_size,
+                                 endpoint_url=endpoint_url, monitor=monitor, webhook=webhook)
+        flow_fn = attribute_stream
+        if workers:
+            from prefect_dask import DaskTaskRunner
+
+            flow_fn = attribute_stream.with_options(task_runner=DaskTaskRunner(
+                cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}))
+        result = flow_fn(config)
+    except ValidationError as exc:
+        _fail(ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+    except (TrackingUnavailableError, StorageError, LookupError, RuntimeError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"{result.new_rows} new rows from {result.listed} listed items in {result.batches} batches "
+               f"({result.seconds:.1f} s); {len(result.rows)} rows in {output}")
+    for name, verdict in result.drift.items():
+        state = "DRIFT" if verdict["drifted"] else "no drift"
+        typer.echo(f"{name}: {state} ({verdict['drift_share']:.0%} of monitored columns); report {result.reports[name]}")
+
+
+@app.command()
 def models(name: str | None = typer.Argument(None, help="A registered model; all when omitted.")) -> None:
     """Registered detectors: versions, aliases, key metrics."""
     from registry.store import TrackingUnavailableError, connect

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import flipad
 from flipad.adapter import GeneratorAdapter
 from flipad.calibration import fnr_upper_bound
-from flipad.data import encode_item, load_dataset
+from flipad.data import encode_item, load_dataset, pixel_stats
 from flipad.deepsad import DeepSADConfig
 from flipad.detector import TRAIN_SEED_OFFSET, VALIDATION_SEED_OFFSET, FlipadDetector
 from flipad.evaluation import evaluate_scores
@@ -160,11 +160,10 @@ def compute_features(adapter: GeneratorAdapter, config: FeatureConfig, samples: 
     if result is None:
         nan = np.full(n, np.nan)
         return FeatureSet(features, nan, nan, nan, np.ones(n, bool), time.perf_counter() - start)
-    deviation = (result.activations - adapter.anchor.cpu()).flatten(1)
     return FeatureSet(
         features,
         result.residual.double().numpy(),
-        (deviation.abs() > 1e-8).double().mean(1).numpy(),
+        result.sparsity.numpy(),
         result.iterations.double().numpy(),
         result.converged.numpy(),
         time.perf_counter() - start,
@@ -255,14 +254,17 @@ def _summary(sets: list[FeatureSet]) -> dict[str, float]:
     }
 
 
-def _reference(scores: dict[str, np.ndarray], test: dict[str, FeatureSet], samples: dict[str, np.ndarray]) -> pd.DataFrame:
+def _reference(
+    scores: dict[str, np.ndarray], threshold: float, test: dict[str, FeatureSet], samples: dict[str, np.ndarray]
+) -> pd.DataFrame:
     """Per held-out item: source, score and input/feature summaries, the reference monitoring compares with."""
     frames = []
     for name, fs in test.items():
-        pixels = samples[name].reshape(len(samples[name]), -1).astype(np.float64)
+        pixel_mean, pixel_std = pixel_stats(samples[name])
         frames.append(pd.DataFrame({
-            "source": name, "score": scores[name], "residual": fs.residual, "sparsity": fs.sparsity,
-            "pixel_mean": pixels.mean(1), "pixel_std": pixels.std(1),
+            "source": name, "score": scores[name], "is_generated": scores[name] >= threshold,
+            "residual": fs.residual, "sparsity": fs.sparsity,
+            "pixel_mean": pixel_mean, "pixel_std": pixel_std,
         }))
     return pd.concat(frames, ignore_index=True)
 
@@ -324,7 +326,7 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
         scores=scores,
         own_source=OWN,
         mean_activations=activation_means,
-        reference=_reference(scores, test, test_samples),
+        reference=_reference(scores, -detector.threshold(), test, test_samples),
         input_example=[encode_item(samples[OWN][i]) for i in range(min(2, config.num_test))],
         tags={"generator_sha256": adapter.fingerprint, "flipad_version": flipad.__version__, "git_commit": _git_commit(),
               **{f"data_sha256.{_key(name)}": sha256_array(data) for name, data in samples.items()}},

@@ -51,7 +51,7 @@ class FlipadModel(mlflow.pyfunc.PythonModel):
 
     def score_bytes(self, items: list[bytes]) -> list[ItemResult]:
         """Score raw encoded items (the flow's entry point, without base64)."""
-        return score_items(self.detector, items, self.detector.adapter.output_shape)
+        return score_items(self.detector, items)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):

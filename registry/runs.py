@@ -27,7 +27,7 @@ from flipad.generators import GeneratorSource
 from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell
 
-__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "REFERENCE_ARTIFACT"]
+__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "REFERENCE_ARTIFACT"]
 
 MODEL_CODE = Path(registry.__file__).parent / "model_code.py"
 REFERENCE_ARTIFACT = "monitoring/reference.parquet"
@@ -110,3 +110,21 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     run_url = f"{base}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
     return LoggedRun(run.info.run_id, experiment.experiment_id, info.model_uri, run_url)
+
+
+def load_reference(run_id: str, sources: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """The monitoring reference logged by onboarding run ``run_id`` (optionally only some sources)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=REFERENCE_ARTIFACT, dst_path=tmp)
+        frame = pd.read_parquet(path)
+    return frame[frame["source"].isin(sources)].reset_index(drop=True) if sources else frame
+
+
+def log_monitoring_run(name: str, version: str, metrics: dict[str, float], summary: dict, report_html: str) -> str:
+    """One monitoring run per attribution execution in ``flipad/NAME/monitoring``; returns its run id."""
+    mlflow.set_experiment(f"{experiment_name(name)}/monitoring")
+    with mlflow.start_run(run_name=f"attribute-{name}-v{version}", tags={"model": name, "version": version}) as run:
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(summary, "drift/summary.json")
+        mlflow.log_text(report_html, "drift/report.html")
+    return run.info.run_id

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from flipad.detector import FlipadDetector
 
-__all__ = ["CHAMPION", "CHALLENGER", "Registration", "register_version", "load_detector", "list_versions", "parse_model_ref"]
+__all__ = ["CHAMPION", "CHALLENGER", "Registration", "ResolvedVersion", "register_version", "resolve_version", "load_model", "load_detector", "list_versions", "parse_model_ref"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,19 +53,29 @@ def champion_version(name: str) -> str | None:
         return None
 
 
-def load_model(name: str, which: str = f"@{CHAMPION}"):
-    """The pyfunc's Python model (a :class:`registry.pyfunc.FlipadModel`) and its version number."""
+@dataclass(frozen=True)
+class ResolvedVersion:
+    name: str
+    version: str
+    run_id: str
+
+
+def resolve_version(name: str, which: str = f"@{CHAMPION}") -> ResolvedVersion:
+    """The concrete version behind an alias (``@champion``) or a version number, with its onboarding run."""
     client = MlflowClient()
     try:
-        if which.startswith("@"):
-            version = str(client.get_model_version_by_alias(name, which[1:]).version)
-        else:
-            version = str(client.get_model_version(name, which).version)
+        mv = client.get_model_version_by_alias(name, which[1:]) if which.startswith("@") else client.get_model_version(name, which)
     except MlflowException as exc:
-        raise LookupError(f"no registered detector {name}{which if which.startswith('@') else '/' + which} "
-                          f"({exc.message.splitlines()[0]}); run 'flipad models' to see what exists") from exc
-    model = mlflow.pyfunc.load_model(model_uri(name, version))
-    return model.unwrap_python_model(), version
+        shown = which if which.startswith("@") else f"/{which}"
+        raise LookupError(f"no registered detector {name}{shown} ({exc.message.splitlines()[0]}); "
+                          "run 'flipad models' to see what exists") from exc
+    return ResolvedVersion(name, str(mv.version), (mv.tags or {}).get("run_id") or mv.run_id or "")
+
+
+def load_model(name: str, which: str = f"@{CHAMPION}"):
+    """The pyfunc's Python model (a :class:`registry.pyfunc.FlipadModel`) and its version number."""
+    version = resolve_version(name, which).version
+    return mlflow.pyfunc.load_model(model_uri(name, version)).unwrap_python_model(), version
 
 
 def load_detector(name: str, which: str = f"@{CHAMPION}") -> tuple[FlipadDetector, str]:

@@ -1,0 +1,205 @@
+"""``attribute_stream``: score new content (a folder or an S3 prefix) with registered detectors.
+
+Exactly-once effect: an item is identified by its URI and content version (S3 ETag), a batch's
+rows are committed atomically as one part file, and the parts themselves are the record of what
+was processed, so a rerun skips committed items, a killed run resumes at the first uncommitted
+batch, and an overwritten object (new ETag) is scored again. Items that fail get an error row;
+a store that stays down fails the run before anything half-written becomes visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import mlflow
+import pandas as pd
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from flipad.scoring import ItemResult
+from registry.runs import load_reference, log_monitoring_run
+from registry.store import connect
+from registry.versions import ResolvedVersion, load_model, parse_model_ref, resolve_version
+
+from .onboard import OWN
+from .storage import ObjectRef, open_results, open_source
+
+__all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "RESULT_COLUMNS"]
+
+logger = logging.getLogger(__name__)
+
+RESULT_COLUMNS = ["uri", "model", "version", "score", "threshold", "is_generated", "error", "etag",
+                  "residual", "sparsity", "pixel_mean", "pixel_std", "scored_at"]
+
+
+class AttributeConfig(BaseModel):
+    """Parameters of one attribution run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: tuple[str, ...] = Field(min_length=1, description="NAME, NAME@ALIAS or NAME/VERSION (default alias champion)")
+    input: str = Field(description="a folder or s3://bucket/prefix")
+    output: str = Field(description="results .csv/.parquet file, or an s3://bucket/prefix")
+    batch_size: int = Field(256, ge=1, le=10_000)
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); default AWS or AWS_ENDPOINT_URL")
+    max_item_bytes: int = Field(32 * 2**20, ge=1)
+    monitor: bool = True
+    drift_share: float = Field(0.5, gt=0, le=1)
+    webhook: str | None = Field(None, description="URL that receives a JSON POST when drift is detected")
+
+
+@dataclass(frozen=True)
+class AttributeResult:
+    rows: pd.DataFrame  # every committed row for this output (all runs)
+    new_rows: int
+    listed: int
+    batches: int
+    seconds: float
+    drift: dict[str, dict]  # model -> machine-readable drift verdict (this run's rows)
+    reports: dict[str, str]  # model -> where the HTML report went
+
+
+@lru_cache(maxsize=16)
+def _model(tracking_uri: str, name: str, version: str):
+    """The registered pyfunc's Python model, loaded once per process (also in each Dask worker)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    return load_model(name, version)[0]
+
+
+@task(name="list-new-items", retries=2, retry_delay_seconds=2, persist_result=False)
+def list_new_items(config: AttributeConfig, detectors: list[ResolvedVersion]) -> tuple[list[tuple[ObjectRef, list[int]]], int]:
+    """Items not yet committed for each detector version (by URI and ETag), and how many were listed."""
+    done = open_results(config.output, config.endpoint_url).processed()
+    listed, todo = 0, []
+    for ref in open_source(config.input, config.endpoint_url).list():
+        listed += 1
+        need = [k for k, d in enumerate(detectors) if (ref.uri, ref.etag, d.name, d.version) not in done]
+        if need:
+            todo.append((ref, need))
+    return todo, listed
+
+
+def _error_row(ref: ObjectRef, detector: ResolvedVersion, error: str, threshold: float = float("nan")) -> dict:
+    return _row(ref, detector, ItemResult(None, threshold, None, error))
+
+
+def _row(ref: ObjectRef, detector: ResolvedVersion, result: ItemResult) -> dict:
+    return {
+        "uri": ref.uri, "model": detector.name, "version": detector.version, "score": result.score,
+        "threshold": result.threshold, "is_generated": result.is_generated, "error": result.error, "etag": ref.etag,
+        "residual": result.residual, "sparsity": result.sparsity, "pixel_mean": result.pixel_mean,
+        "pixel_std": result.pixel_std, "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@task(name="score-batch", tags=["inversion"], retries=2, retry_delay_seconds=2, persist_result=False)
+def score_batch(
+    config: AttributeConfig, tracking_uri: str, detectors: list[ResolvedVersion], batch: list[tuple[ObjectRef, list[int]]]
+) -> pd.DataFrame:
+    """Download one batch (bounded memory), score each item with the detectors that still need it."""
+    source = open_source(config.input, config.endpoint_url)
+    payload: dict[str, bytes] = {}
+    rows: list[dict] = []
+    for ref, need in batch:
+        if ref.size > config.max_item_bytes:
+            rows += [_error_row(ref, detectors[k], f"item of {ref.size} bytes exceeds the limit of {config.max_item_bytes}") for k in need]
+            continue
+        try:
+            payload[ref.uri] = source.read(ref)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            rows += [_error_row(ref, detectors[k], str(exc)) for k in need]
+    for k, detector in enumerate(detectors):
+        refs = [ref for ref, need in batch if k in need and ref.uri in payload]
+        if not refs:
+            continue
+        results = _model(tracking_uri, detector.name, detector.version).score_bytes([payload[r.uri] for r in refs])
+        rows += [_row(ref, detector, result) for ref, result in zip(refs, results)]
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def batch_id(batch: list[tuple[ObjectRef, list[int]]], detectors: list[ResolvedVersion]) -> str:
+    """Deterministic id of a batch's work: a retried batch overwrites its own part, never adds one."""
+    digest = hashlib.sha256()
+    for ref, need in batch:
+        for k in need:
+            digest.update(f"{ref.uri}\0{ref.etag}\0{detectors[k].name}\0{detectors[k].version}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def _monitor(config: AttributeConfig, detector: ResolvedVersion, rows: pd.DataFrame, results) -> tuple[dict, str]:
+    """Drift of this run's rows for one detector against its onboarding reference; report stored next to the results."""
+    from monitoring.drift import check_drift
+
+    reference = load_reference(detector.run_id, sources=(OWN, "real"))
+    drift = check_drift(reference, rows, drift_share=config.drift_share)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    where = results.put(f"drift-{detector.name}-v{detector.version}-{stamp}.html", drift.html().encode())
+    summary = drift.summary()
+    metrics = {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share, "items": float(drift.n_current),
+               "attributed_fraction": drift.attributed_fraction,
+               **{f"drift_value_{c}": v["value"] for c, v in drift.columns.items()}}
+    log_monitoring_run(detector.name, detector.version, metrics, {**summary, "report": where}, drift.html())
+    table = "\n".join(f"| {c} | {v['method']} | {v['value']:.4g} | {'yes' if v['drifted'] else 'no'} |" for c, v in drift.columns.items())
+    create_markdown_artifact(
+        key=f"drift-{detector.name}".lower().replace("_", "-").replace(".", "-"),
+        markdown=(f"## Drift of {detector.name} v{detector.version}: {'DRIFT' if drift.drifted else 'no drift'}\n\n"
+                  f"{drift.n_current} items, {drift.attributed_fraction:.3f} attributed "
+                  f"(reference {drift.reference_attributed_fraction:.3f}); report: {where}\n\n"
+                  f"| column | method | value | drifted |\n|---|---|---|---|\n{table}\n"),
+        description="flipad stream drift",
+    )
+    if drift.drifted:
+        logger.warning("drift detected for %s v%s: %.0f%% of monitored columns drifted; report %s",
+                       detector.name, detector.version, 100 * drift.drift_share, where)
+        if config.webhook:
+            _post_alert(config.webhook, {"model": detector.name, "version": detector.version, "report": where, **summary})
+    return summary, where
+
+
+def _post_alert(url: str, body: dict) -> None:
+    request = urllib.request.Request(url, json.dumps(body, default=str).encode(), {"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=10).close()
+    except OSError as exc:  # the alert is best effort; the warning above is already logged
+        logger.warning("drift webhook %s failed: %s", url, exc)
+
+
+@flow(name="attribute-stream")
+def attribute_stream(config: AttributeConfig) -> AttributeResult:
+    """Score every new item of ``config.input`` with each requested detector; commit per batch; monitor drift."""
+    start = time.perf_counter()
+    tracking_uri = connect()
+    detectors = [resolve_version(*parse_model_ref(ref)) for ref in config.models]
+    results = open_results(config.output, config.endpoint_url)
+    todo, listed = list_new_items(config, detectors)
+    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    futures = [score_batch.submit(config, tracking_uri, detectors, batch) for batch in batches]
+    new_frames, failures = [], []
+    for batch, future in zip(batches, futures):
+        try:
+            rows = future.result()
+        except Exception as exc:  # keep committing the others; the run fails at the end
+            failures.append(exc)
+            continue
+        results.commit(batch_id(batch, detectors), rows)
+        new_frames.append(rows)
+    all_rows = results.consolidate()
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(batches)} batches failed (first: {failures[0]}); "
+                           "committed batches are kept, rerun to resume") from failures[0]
+    new_rows = pd.concat(new_frames, ignore_index=True) if new_frames else pd.DataFrame(columns=RESULT_COLUMNS)
+    drift, reports = {}, {}
+    if config.monitor:
+        for detector in detectors:
+            scored = new_rows[(new_rows["model"] == detector.name) & (new_rows["error"] == "")]
+            if len(scored) >= 2:
+                drift[detector.name], reports[detector.name] = _monitor(config, detector, scored, results)
+    return AttributeResult(all_rows, len(new_rows), listed, len(batches), time.perf_counter() - start, drift, reports)

@@ -1,0 +1,215 @@
+"""Where content comes from and results go: a local folder or an S3 prefix (boto3, any S3-compatible endpoint).
+
+Results are written as one part file per batch, each made visible atomically (a rename on disk,
+a single PUT on S3). The parts are also the record of what was processed: an item counts as done
+for a detector version exactly when a committed part holds its row, so the record can never run
+ahead of the results.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pandas as pd
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+__all__ = ["ObjectRef", "StorageError", "open_source", "open_results", "S3_CONFIG"]
+
+S3_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 4, "mode": "standard"})
+RESULT_KEY = ["uri", "etag", "model", "version"]
+
+
+class StorageError(RuntimeError):
+    """The object store or folder cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One stored item: ``uri`` names it, ``etag`` its content version (S3 ETag, or size+mtime on disk)."""
+
+    uri: str
+    etag: str
+    size: int
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri} names no bucket; use s3://BUCKET/PREFIX")
+    return bucket, prefix
+
+
+def s3_client(endpoint_url: str | None = None):
+    """A boto3 S3 client with bounded timeouts and retries; ``endpoint_url`` (or ``AWS_ENDPOINT_URL``) for MinIO etc."""
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=S3_CONFIG)
+
+
+def _s3_error(action: str, uri: str, exc: Exception) -> StorageError:
+    return StorageError(f"{action} {uri} failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                        "check the endpoint, bucket and credentials")
+
+
+class LocalSource:
+    """Every file below a folder (any nesting); non-images are listed too and get error rows."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StorageError(f"{self.root} is not a folder")
+
+    def list(self) -> Iterator[ObjectRef]:
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            stat = path.stat()
+            yield ObjectRef(str(path.resolve()), f"{stat.st_size}-{stat.st_mtime_ns}", stat.st_size)
+
+    def read(self, ref: ObjectRef) -> bytes:
+        return Path(ref.uri).read_bytes()
+
+
+class S3Source:
+    """Objects under ``s3://bucket/prefix``, listed with the paginator (1,000 keys a page)."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None):
+        self.bucket, self.prefix = split_s3(uri)
+        self.client = s3_client(endpoint_url)
+
+    def list(self) -> Iterator[ObjectRef]:
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        yield ObjectRef(f"s3://{self.bucket}/{obj['Key']}", obj["ETag"].strip('"'), obj["Size"])
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error("listing", f"s3://{self.bucket}/{self.prefix}", exc) from exc
+
+    def read(self, ref: ObjectRef) -> bytes:
+        _, key = split_s3(ref.uri)
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{ref.etag}"')["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "PreconditionFailed", "412", "404"):
+                raise FileNotFoundError(f"{ref.uri} changed or vanished since it was listed") from exc
+            raise _s3_error("reading", ref.uri, exc) from exc
+        except BotoCoreError as exc:
+            raise _s3_error("reading", ref.uri, exc) from exc
+
+
+def open_source(location: str, endpoint_url: str | None = None) -> LocalSource | S3Source:
+    """The content source named by ``location`` (a folder or ``s3://bucket/prefix``)."""
+    return S3Source(location, endpoint_url) if location.startswith("s3://") else LocalSource(location)
+
+
+class Results:
+    """Committed result parts plus the consolidated output (``.csv`` / ``.parquet`` file, or an S3 prefix)."""
+
+    def __init__(self, output: str, endpoint_url: str | None = None):
+        self.output = output
+        self.s3 = output.startswith("s3://")
+        if self.s3:
+            self.bucket, prefix = split_s3(output)
+            self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+            self.client = s3_client(endpoint_url)
+        else:
+            path = Path(output)
+            if path.suffix.lower() not in (".csv", ".parquet"):
+                raise StorageError(f"output {output} must end in .csv or .parquet, or be an s3:// prefix")
+            self.path = path
+            self.parts_dir = path.with_name(path.name + ".parts")
+
+    # -- parts ------------------------------------------------------------------------------
+
+    def _part_names(self) -> list[str]:
+        if not self.s3:
+            return sorted(str(p) for p in self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+        names = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}parts/"):
+                names += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".parquet")]
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error("listing results in", self.output, exc) from exc
+        return sorted(names)
+
+    def _read(self, name: str) -> pd.DataFrame:
+        if not self.s3:
+            return pd.read_parquet(name)
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error("reading", f"s3://{self.bucket}/{name}", exc) from exc
+        return pd.read_parquet(io.BytesIO(body))
+
+    def read_all(self) -> pd.DataFrame:
+        """Every committed row."""
+        frames = [self._read(name) for name in self._part_names()]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_KEY)
+
+    def processed(self) -> set[tuple[str, str, str, str]]:
+        """(uri, etag, model, version) of every committed row: what a rerun must not score again."""
+        rows = self.read_all()
+        return set(zip(*(rows[c].astype(str) for c in RESULT_KEY))) if len(rows) else set()
+
+    def commit(self, batch_id: str, rows: pd.DataFrame) -> None:
+        """Make one batch's rows visible atomically (a rename, or a single PUT)."""
+        data = io.BytesIO()
+        rows.to_parquet(data, index=False)
+        if self.s3:
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}parts/part-{batch_id}.parquet", Body=data.getvalue())
+            except (BotoCoreError, ClientError) as exc:
+                raise _s3_error("writing results to", self.output, exc) from exc
+            return
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.parts_dir / f"part-{batch_id}.parquet", data.getvalue())
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def consolidate(self) -> pd.DataFrame:
+        """Write all committed rows as the output file (atomically) and return them."""
+        rows = self.read_all()
+        if len(rows):
+            rows = rows.sort_values(["model", "uri"], kind="stable").reset_index(drop=True)
+        data = io.BytesIO()
+        if self.s3:
+            rows.to_parquet(data, index=False)
+            self.put(f"{self.prefix}results.parquet", data.getvalue())
+        else:
+            if self.path.suffix.lower() == ".csv":
+                data.write(rows.to_csv(index=False).encode())
+            else:
+                rows.to_parquet(data, index=False)
+            _atomic_write(self.path, data.getvalue())
+        return rows
+
+    def put(self, name: str, data: bytes) -> str:
+        """Store a side file (a report) next to the results; returns where it went."""
+        if self.s3:
+            key = name if name.startswith(self.prefix) else f"{self.prefix}{name}"
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+            except (BotoCoreError, ClientError) as exc:
+                raise _s3_error("writing", f"s3://{self.bucket}/{key}", exc) from exc
+            return f"s3://{self.bucket}/{key}"
+        target = self.path.with_name(name)
+        _atomic_write(target, data)
+        return str(target)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def open_results(output: str, endpoint_url: str | None = None) -> Results:
+    return Results(output, endpoint_url)
