@@ -33,6 +33,8 @@ __all__ = [
     "load_idx",
     "load_fashion_mnist",
     "find_fashion_mnist",
+    "fashion_mnist_cache",
+    "fashion_mnist_candidates",
     "resize_images",
     "quantize",
     "check_sample_shape",
@@ -208,16 +210,30 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(dims)
 
 
+def fashion_mnist_candidates(root: str | os.PathLike | None = None) -> list[Path]:
+    """Where Fashion-MNIST is looked for, in order: ``root``, ``$FLIPAD_DATA`` (or
+    ``$FLIPAD_FASHION_MNIST``), ``../shared/datasets/fashion-mnist``, the Debian package's folder,
+    and the fetch cache ``~/.cache/flipad/fashion-mnist``."""
+    candidates = [Path(p) for p in (root, os.environ.get("FLIPAD_DATA"), os.environ.get("FLIPAD_FASHION_MNIST")) if p]
+    candidates += [Path.cwd().parent / "shared" / "datasets" / "fashion-mnist", *FASHION_MNIST_DIRS, fashion_mnist_cache()]
+    return candidates
+
+
+def fashion_mnist_cache() -> Path:
+    """The folder a fetched copy of Fashion-MNIST lives in."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "flipad" / "fashion-mnist"
+
+
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the Fashion-MNIST IDX files (``FLIPAD_FASHION_MNIST`` overrides)."""
-    candidates = [Path(p) for p in (root, os.environ.get("FLIPAD_FASHION_MNIST")) if p]
-    candidates += [Path.cwd().parent / "shared" / "datasets" / "fashion-mnist", *FASHION_MNIST_DIRS]
+    """The folder holding the Fashion-MNIST IDX files (see :func:`fashion_mnist_candidates`)."""
+    candidates = fashion_mnist_candidates(root)
     for folder in candidates:
         if (folder / "train-images-idx3-ubyte.gz").is_file():
             return folder
     raise DataError(
-        "Fashion-MNIST not found; set FLIPAD_FASHION_MNIST to the folder with train-images-idx3-ubyte.gz "
-        "or install the Debian package dataset-fashion-mnist"
+        f"Fashion-MNIST not found in {', '.join(map(str, candidates))}; set FLIPAD_DATA to the folder with "
+        "train-images-idx3-ubyte.gz or install the Debian package dataset-fashion-mnist"
     )
 
 

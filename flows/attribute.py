@@ -27,7 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from flipad.scoring import ItemResult
 from registry.runs import load_reference, log_monitoring_run
 from registry.store import connect
-from registry.versions import ResolvedVersion, load_model, parse_model_ref, resolve_version
+from registry.versions import (
+    ResolvedVersion,
+    load_model,
+    parse_model_ref,
+    resolve_version,
+)
 
 from .onboard import OWN
 from .storage import ObjectRef, open_results, open_source

@@ -153,16 +153,25 @@ def models(name: str | None = typer.Argument(None, help="A registered model; all
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path(".flipad/demo"), help="Where the demo keeps its generator and detector."),
-    num_samples: int = typer.Option(2000, help="Generator samples and real images to train the detector on."),
-    num_test: int = typer.Option(1000, help="Held-out images per source."),
-    train_steps: int = typer.Option(1500, help="GAN training steps for the demo generator."),
+    workdir: Path = typer.Option(Path(".flipad/demo"), help="Where the demo keeps its generators, stream and results."),
+    num_samples: int = typer.Option(1500, help="Generator samples and real images to train the detector on."),
+    num_test: int = typer.Option(500, help="Held-out items per source for the evaluation."),
+    num_stream: int = typer.Option(200, help="Items per source in the attributed folder."),
+    train_steps: int = typer.Option(1000, help="GAN training steps for the demo generators (cached)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
-    """The whole story on Fashion-MNIST: train a small generator, fit its detector, evaluate it."""
-    from flows.demo import run_demo
+    """The whole story on the embedded default: train, onboard (MLflow), attribute a mixed folder."""
+    from flipad.data import DataError
+    from registry.store import TrackingUnavailableError, connect
 
-    report = run_demo(workdir, num_samples=num_samples, num_test=num_test, train_steps=train_steps, device=device)
+    try:
+        connect()
+        from flows.demo import run_demo
+
+        report = run_demo(workdir, num_samples=num_samples, num_test=num_test, num_stream=num_stream,
+                          train_steps=train_steps, device=device)
+    except (DataError, TrackingUnavailableError) as exc:
+        _fail(exc)
     typer.echo(report)
 
 

@@ -1,4 +1,9 @@
-"""``flipad demo``: train a small Fashion-MNIST generator, fit its FLIPAD detector, evaluate it."""
+"""``flipad demo``: the whole story on the embedded default (local MLflow store, Prefect's own server).
+
+Trains (or reuses) a small DCGAN on Fashion-MNIST, onboards it through ``onboard_generator``
+(registered in MLflow), then attributes a mixed folder through ``attribute_stream``: the
+generator's own held-out samples, real images, another generator's samples and a broken file.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +11,98 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from safetensors.torch import load_file, save_file
 
-from flipad import FlipadDetector, GeneratorAdapter
+from flipad.adapter import GeneratorAdapter
 from flipad.architectures import DCGANGenerator
-from flipad.data import load_fashion_mnist
-from flipad.evaluation import evaluate_pairs
+from flipad.data import encode_item, load_fashion_mnist
 from flipad.training import train_gan
+
+from .attribute import AttributeConfig, attribute_stream
+from .datasets import ensure_fashion_mnist
+from .onboard import OnboardConfig, onboard_generator
 
 logger = logging.getLogger(__name__)
 
 DEMO_GENERATOR = dict(latent_dim=64, channels=1, image_size=32, width=32)
+DEMO_MODEL = "fashion-dcgan"
+STREAM_SEED = 9000  # the onboarding flow draws with seeds 1000-3000: these samples are new to it
 
 
-def demo_generator(workdir: Path, seed: int, steps: int, real, device: str) -> DCGANGenerator:
-    """The demo's DCGAN, trained on ``real`` for ``steps`` (weights cached in ``workdir``)."""
+def demo_generator(workdir: Path, seed: int, steps: int, real: np.ndarray, device: str) -> tuple[DCGANGenerator, Path]:
+    """The demo's DCGAN trained on ``real`` for ``steps``, and its weights file (cached in ``workdir``)."""
     path = workdir / f"generator-seed{seed}-steps{steps}.safetensors"
     generator = DCGANGenerator(**DEMO_GENERATOR)
     if path.is_file():
         generator.load_state_dict(load_file(str(path)))
-        return generator.eval()
+        return generator.eval(), path
     generator = train_gan(generator, real, steps=steps, seed=seed, device=device)
     workdir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, str(path))
-    return generator
+    save_file({k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}, str(path))
+    return generator, path
 
 
-def run_demo(workdir: Path, num_samples: int, num_test: int, train_steps: int, device: str) -> str:
+def write_stream(folder: Path, sources: dict[str, np.ndarray]) -> None:
+    """One sub-folder of PNGs per source, plus a broken file."""
+    for name, images in sources.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            (folder / name / f"{i:05d}.png").write_bytes(encode_item(image))
+    (folder / "broken").mkdir(parents=True, exist_ok=True)
+    (folder / "broken" / "truncated.png").write_bytes(encode_item(sources["real"][0])[:40])
+
+
+def source_table(rows: pd.DataFrame, stream: Path) -> pd.DataFrame:
+    """Per stream sub-folder: items, how many were attributed to the generator, errors."""
+    rows = rows.assign(source=[Path(u).relative_to(stream.resolve()).parts[0] for u in rows["uri"]])
+    return rows.groupby("source").agg(
+        items=("uri", "size"),
+        attributed=("is_generated", lambda s: int((s == True).sum())),  # noqa: E712 (object column with None)
+        errors=("error", lambda s: int((s != "").sum())),
+    ).assign(attributed_fraction=lambda t: (t["attributed"] / (t["items"] - t["errors"]).clip(lower=1)).round(4))
+
+
+def run_demo(workdir: Path, num_samples: int, num_test: int, num_stream: int, train_steps: int, device: str) -> str:
     """Run the demo and return a printable report."""
     start = time.perf_counter()
-    train_real = load_fashion_mnist("train", 32, limit=20_000)
-    test_real = load_fashion_mnist("test", 32, limit=num_test)
-    target = demo_generator(workdir, 0, train_steps, train_real, device)
-    other = demo_generator(workdir, 1, train_steps, train_real, device)
-    adapter = GeneratorAdapter.from_module(target, device=device)
-    detector = FlipadDetector(adapter, n_generated=num_samples, device=device).fit(real=train_real[-num_samples:])
-    detector.save(workdir / "detector")
-    other_adapter = GeneratorAdapter.from_module(other, device=device)
-    results = evaluate_pairs(
-        detector,
-        adapter.generate(num_test, seed=9000),
-        {"real (Fashion-MNIST test)": test_real, "same architecture, other seed": other_adapter.generate(num_test, seed=9001)},
-    )
+    workdir = workdir.resolve()
+    root = ensure_fashion_mnist()
+    train_real = load_fashion_mnist("train", 32, limit=20_000, root=root)
+    test_real = load_fashion_mnist("test", 32, root=root)
+    _, weights = demo_generator(workdir, 0, train_steps, train_real, device)
+    other, _ = demo_generator(workdir, 1, train_steps, train_real, device)
+    real_path = workdir / "real-train.npy"
+    np.save(real_path, np.concatenate([train_real[-num_samples:], test_real[: num_test * 2]]))
+
+    onboarded = onboard_generator(OnboardConfig(
+        name=DEMO_MODEL, generator="dcgan", weights=str(weights), generator_kwargs=DEMO_GENERATOR,
+        real=str(real_path), num_samples=num_samples, num_validation=min(1000, num_samples), num_test=num_test,
+        device=device,
+    ))
+    adapter = onboarded.detector.adapter
+    stream = workdir / "stream"
+    write_stream(stream, {
+        "own": adapter.generate(num_stream, seed=STREAM_SEED),
+        "real": test_real[-num_stream:],
+        "other-generator": GeneratorAdapter.from_module(other, device=device).generate(num_stream, seed=STREAM_SEED),
+    })
+    attributed = attribute_stream(AttributeConfig(
+        models=(f"{DEMO_MODEL}/{onboarded.version}",), input=str(stream), output=str(workdir / "results.csv"),
+    ))
+    rows = attributed.rows[(attributed.rows["model"] == DEMO_MODEL) & (attributed.rows["version"].astype(str) == onboarded.version)]
     lines = [
-        f"generator: DCGAN 32x32 grayscale, latent 64, sha256 {adapter.fingerprint[:12]}",
-        f"final layer: {adapter.final_layer_name} + {adapter.activation.name}; "
-        f"inversion: {detector.fit_info_['inversion']}",
-        f"threshold at FNR {detector.fnr[0]}: {detector.threshold():.4g} "
-        f"(95% upper bound on the true FNR: {detector.fnr_upper_bounds_[detector.fnr[0]]:.4f})",
-        f"{'other source':32s} {'balanced acc':>12s} {'AUC':>6s}",
+        f"onboarded {DEMO_MODEL} version {onboarded.version} ({onboarded.alias}); held-out balanced accuracy "
+        f"{onboarded.metrics['primary_balanced_accuracy']:.4f} at FNR {onboarded.detector.fnr[0]}",
+        onboarded.results.to_string(index=False),
+        "",
+        f"attributed {stream} -> {workdir / 'results.csv'} ({attributed.new_rows} new rows, {attributed.seconds:.0f} s):",
+        source_table(rows, stream).to_string(),
     ]
-    lines += [f"{r.source:32s} {r.balanced_accuracy:12.4f} {r.auc:6.3f}" for r in results]
-    lines.append(f"detector saved to {workdir / 'detector'}; total {time.perf_counter() - start:.0f} s")
+    for name, verdict in attributed.drift.items():
+        lines.append(f"drift vs. the onboarding reference: {'DRIFT' if verdict['drifted'] else 'none'} "
+                     f"({verdict['drift_share']:.0%} of monitored columns; report {attributed.reports[name]})")
+    lines += [f"MLflow run: {onboarded.run_url}", f"open the MLflow UI on the same store: {onboarded.ui_command}",
+              f"total {time.perf_counter() - start:.0f} s"]
     return "\n".join(lines)

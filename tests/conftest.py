@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import VectorLatentGenerator
+from helpers import GENERATOR_CODE, VectorLatentGenerator
 from torch import nn
 
 from flipad.architectures import DCGANGenerator
-from flipad.data import load_fashion_mnist
+from flipad.data import encode_item, load_fashion_mnist
 from flipad.training import train_gan
 
 
@@ -73,10 +73,37 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
-@pytest.fixture
-def tracking(mlflow_tracking, prefect_harness, monkeypatch):
+@pytest.fixture(scope="session")
+def tracking(mlflow_tracking, prefect_harness):
     """MLFLOW_TRACKING_URI pointing at the session's server (failures surface at once)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_tracking)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    return mlflow_tracking
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_tracking)
+        patch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        yield mlflow_tracking
+
+
+@pytest.fixture(scope="session")
+def user_generator(tmp_path_factory):
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("usergen")
+    code = root / "tiny_gen.py"
+    code.write_text(GENERATOR_CODE)
+    namespace: dict = {}
+    exec(compile(GENERATOR_CODE, str(code), "exec"), namespace)
+    module = namespace["make"]()
+    save_file(module.state_dict(), str(root / "tiny.safetensors"))
+    torch.save(module.state_dict(), root / "tiny.pt")
+    return f"{code}:make", root / "tiny.safetensors"
+
+
+@pytest.fixture(scope="session")
+def real_folder(tmp_path_factory, fashion_test):
+    root = tmp_path_factory.mktemp("real")
+    for i, img in enumerate(fashion_test[:260]):
+        sub = root / f"class{i % 3}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"{i:04d}.png").write_bytes(encode_item(img))
+    return root

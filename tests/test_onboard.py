@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import small_config
 from mlflow.tracking import MlflowClient
 from servers import BIN, free_port, process
 from typer.testing import CliRunner
@@ -20,67 +21,9 @@ from flipad.data import encode_item
 from flipad.evaluation import evaluate_scores
 from flipad.features import FeatureExtractor
 from flows.cli import app
-from flows.onboard import TEST_SEED_OFFSET, OnboardConfig, onboard_generator
+from flows.onboard import TEST_SEED_OFFSET, onboard_generator
 from registry.pyfunc import to_request_cell
 from registry.versions import load_detector
-
-GENERATOR_CODE = '''
-import torch
-from torch import nn
-
-
-class Tiny(nn.Module):
-    """A generator this project has never seen: latent 64 reshaped inside, upsample + conv + tanh."""
-
-    def __init__(self, width=8):
-        super().__init__()
-        self.fc = nn.Linear(64, width * 8 * 8)
-        self.width = width
-        self.body = nn.Sequential(nn.ReLU(), nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
-                                  nn.Upsample(scale_factor=2))
-        self.out = nn.Conv2d(width, 1, 3, padding=1)
-
-    def forward(self, z):
-        h = self.body(self.fc(z).view(-1, self.width, 8, 8))
-        return torch.tanh(self.out(h))
-
-
-def make(width=8):
-    torch.manual_seed(3)
-    return Tiny(width)
-'''
-
-
-@pytest.fixture(scope="module")
-def user_generator(tmp_path_factory):
-    import torch
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("usergen")
-    code = root / "tiny_gen.py"
-    code.write_text(GENERATOR_CODE)
-    namespace: dict = {}
-    exec(compile(GENERATOR_CODE, str(code), "exec"), namespace)
-    module = namespace["make"]()
-    save_file(module.state_dict(), str(root / "tiny.safetensors"))
-    torch.save(module.state_dict(), root / "tiny.pt")
-    return f"{code}:make", root / "tiny.safetensors"
-
-
-@pytest.fixture(scope="module")
-def real_folder(tmp_path_factory, fashion_test):
-    root = tmp_path_factory.mktemp("real")
-    for i, img in enumerate(fashion_test[:260]):
-        sub = root / f"class{i % 3}"
-        sub.mkdir(exist_ok=True)
-        (sub / f"{i:04d}.png").write_bytes(encode_item(img))
-    return root
-
-
-def small_config(spec, weights, real, **overrides) -> OnboardConfig:
-    values = dict(name="tiny-gen", generator=spec, weights=str(weights), latent_shape=(64,), real=str(real),
-                  num_samples=150, num_validation=100, num_test=60, deep_sad_epochs=4, fnr=(0.05, 0.1))
-    return OnboardConfig(**{**values, **overrides})
 
 
 def count_inversions(monkeypatch) -> list[int]:

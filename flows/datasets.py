@@ -1,0 +1,67 @@
+"""Getting Fashion-MNIST onto a fresh machine for the demo: local copies first, then fetch into a cache."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+from pathlib import Path
+
+from flipad.data import (
+    DataError,
+    fashion_mnist_cache,
+    fashion_mnist_candidates,
+    find_fashion_mnist,
+)
+
+__all__ = ["ensure_fashion_mnist"]
+
+logger = logging.getLogger(__name__)
+
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+PUBLIC_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def _from_debian(cache: Path) -> None:
+    """``apt-get download`` the Debian package (no root needed) and unpack its files with ``dpkg -x``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["apt-get", "download", DEBIAN_PACKAGE], cwd=tmp, check=True, capture_output=True, timeout=600)
+        (deb,) = Path(tmp).glob("*.deb")
+        subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "root")], check=True, capture_output=True, timeout=600)
+        found = next((Path(tmp) / "root").rglob("train-images-idx3-ubyte.gz")).parent
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in FILES:
+            shutil.copyfile(found / name, cache / name)
+
+
+def _from_public(cache: Path) -> None:
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        tmp = cache / f".{name}.part"
+        with urllib.request.urlopen(PUBLIC_URL + name, timeout=60) as response, open(tmp, "wb") as out:
+            shutil.copyfileobj(response, out)
+        tmp.replace(cache / name)
+
+
+def ensure_fashion_mnist() -> Path:
+    """The Fashion-MNIST folder: found locally, else fetched (Debian package where apt exists, else the
+    public download) into ``~/.cache/flipad/fashion-mnist``. Raises ``DataError`` listing what was tried."""
+    try:
+        return find_fashion_mnist()
+    except DataError:
+        pass
+    tried = [f"looked in {', '.join(map(str, fashion_mnist_candidates()))}"]
+    cache = fashion_mnist_cache()
+    fetchers = ([("apt-get download " + DEBIAN_PACKAGE, _from_debian)] if shutil.which("apt-get") and shutil.which("dpkg") else [])
+    fetchers.append((f"download from {PUBLIC_URL}", _from_public))
+    for what, fetch in fetchers:
+        logger.warning("Fashion-MNIST not found locally; trying %s", what)
+        try:
+            fetch(cache)
+            return find_fashion_mnist(cache)
+        except (OSError, subprocess.SubprocessError, StopIteration, ValueError, DataError) as exc:
+            tried.append(f"{what}: {exc}")
+    raise DataError("Fashion-MNIST is not available; " + "; ".join(tried) + ". Set FLIPAD_DATA to a folder with its IDX files")
