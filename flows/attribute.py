@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flipad.scoring import ItemResult
+from monitoring.drift import DRIFT_SHARE, check_drift
 from registry.runs import load_reference, log_monitoring_run
 from registry.store import connect
 from registry.versions import (
@@ -57,7 +58,7 @@ class AttributeConfig(BaseModel):
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); default AWS or AWS_ENDPOINT_URL")
     max_item_bytes: int = Field(32 * 2**20, ge=1)
     monitor: bool = True
-    drift_share: float = Field(0.5, gt=0, le=1)
+    drift_share: float = Field(DRIFT_SHARE, gt=0, le=1, description="share of monitored columns that must drift")
     webhook: str | None = Field(None, description="URL that receives a JSON POST when drift is detected")
 
 
@@ -141,8 +142,6 @@ def batch_id(batch: list[tuple[ObjectRef, list[int]]], detectors: list[ResolvedV
 
 def _monitor(config: AttributeConfig, detector: ResolvedVersion, rows: pd.DataFrame, results) -> tuple[dict, str]:
     """Drift of this run's rows for one detector against its onboarding reference; report stored next to the results."""
-    from monitoring.drift import check_drift
-
     reference = load_reference(detector.run_id, sources=(OWN, "real"))
     drift = check_drift(reference, rows, drift_share=config.drift_share)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -3,7 +3,7 @@
 The reference is the detector's held-out evaluation data (the generator's own samples and real
 data), one row per item: ``score``, ``is_generated``, the inversion's ``residual`` and
 ``sparsity``, and ``pixel_mean``/``pixel_std``. A stream drifts when at least ``drift_share``
-of those columns drift by Evidently's per-column tests (K-S / Z-test up to 1,000 rows,
+(default 0.3: two of six) of those columns drift by Evidently's per-column tests (K-S / Z-test up to 1,000 rows,
 Wasserstein / Jensen-Shannon above). Scores move with the stream's mix of generated and real
 items as well as with a shifted input distribution; both are worth an alert.
 """
@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["DriftResult", "MONITORED_COLUMNS", "check_drift"]
+__all__ = ["DRIFT_SHARE", "DriftResult", "MONITORED_COLUMNS", "check_drift"]
 
 NUMERIC = ["score", "residual", "sparsity", "pixel_mean", "pixel_std"]
 MONITORED_COLUMNS = [*NUMERIC, "is_generated"]
+# Two of the six columns: with per-column tests at the 5% level a single column drifts by chance
+# about a quarter of the time on a same-distribution stream, two rarely; a JPEG-recompressed
+# stream moved score and is_generated only (p < 1e-6 both) in tests/test_attribute.py.
+DRIFT_SHARE = 0.3
 
 
 @dataclass
@@ -62,7 +66,7 @@ def _usable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def check_drift(reference: pd.DataFrame, current: pd.DataFrame, drift_share: float = 0.5) -> DriftResult:
+def check_drift(reference: pd.DataFrame, current: pd.DataFrame, drift_share: float = DRIFT_SHARE) -> DriftResult:
     """Compare ``current`` rows (successfully scored items) with ``reference`` rows over the monitored columns."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset

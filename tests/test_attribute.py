@@ -147,7 +147,7 @@ def test_dask_cluster_gives_the_same_rows(registered, tracking, tmp_path, fashio
             env=env, capture_output=True, text=True, timeout=400,
         )
     assert run.returncode == 0, run.stderr[-3000:]
-    dask = pd.read_csv(tmp_path / "dask.csv", keep_default_na=False)
+    dask = pd.read_csv(tmp_path / "dask.csv", keep_default_na=False, dtype={"version": str})
     key = ["uri", "model", "version"]
     merged = local.rows.merge(dask, on=key, suffixes=("", "_dask"))
     assert len(merged) == len(local.rows) == 61
