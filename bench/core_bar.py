@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flipad import FlipadDetector, GeneratorAdapter  # noqa: E402
 from flipad.data import load_fashion_mnist  # noqa: E402
 from flipad.evaluation import evaluate_pairs  # noqa: E402
+from flipad.features import FeatureConfig  # noqa: E402
 from flipad.training import train_gan  # noqa: E402
 
 
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=1000)
     parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
     parser.add_argument("--targets", nargs="*", default=list(TARGETS))
+    parser.add_argument("--bounded", action="store_true", help="constrain the inversion to the penultimate range")
+    parser.add_argument("--censored", action="store_true", help="saturated pixels as inequalities")
     args = parser.parse_args(argv)
+    features = FeatureConfig(bounded=args.bounded, censored=args.censored)
+    print(f"features: {features}")
     torch.set_num_threads(2)
     train_real = load_fashion_mnist("train", 32, limit=20_000)
     test_real = load_fashion_mnist("test", 32, limit=args.test)
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'target':20s} {'other source':20s} {'bal. acc @FNR .005':>18s} {'AUC':>6s} {'fit s':>6s}")
     for name in args.targets:
         start = time.perf_counter()
-        det = FlipadDetector(adapters[name], n_generated=args.samples, progress=False)
+        det = FlipadDetector(adapters[name], features=features, n_generated=args.samples, progress=False)
         det.fit(real=train_real[-args.samples :])
         fit_s = time.perf_counter() - start
         others = {"real": test_real, **{o: s for o, s in test_sets.items() if o != name}}

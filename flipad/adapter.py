@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .activations import OutputActivation
 from .data import check_sample_shape, quantize
 from .device import resolve_device
-from .inversion import InversionResult, LassoOptions, solve_lasso
+from .inversion import Constraints, InversionResult, LassoOptions, solve_lasso
 from .layers import LinearMap
 from .tracing import trace_generator
 
@@ -209,6 +209,30 @@ class GeneratorAdapter:
         with torch.no_grad():
             return y - self.linear_map.forward(anchor) - self.linear_map.bias_map(self.device)
 
+    def constraints(self, samples_in_range: torch.Tensor, bounded: bool, censored: bool) -> tuple[torch.Tensor, Constraints | None]:
+        """The lasso target and, if asked, its constraints: the box on ``d`` implied by the module
+        before the final layer (``bounded``) and one-sided terms for saturated outputs (``censored``,
+        whose targets move to the edge of the end quantisation bin, ``1/510`` of the range inward)."""
+        act = self.activation
+        if not censored or act.name == "identity":
+            target = self.residual_target(samples_in_range)
+            below = above = None
+        else:
+            span = act.high - act.low
+            below = (samples_in_range <= act.low + 1e-6 * span).to(self.device)
+            above = (samples_in_range >= act.high - 1e-6 * span).to(self.device)
+            edge = samples_in_range.clamp(act.low + span / 510, act.high - span / 510)
+            target = self.residual_target(edge)
+        d_min = d_max = None
+        if bounded:
+            low, high = self.penultimate_bounds
+            anchor = self.anchor.to(self.device)
+            d_min = None if low is None else low - anchor
+            d_max = None if high is None else high - anchor
+        if below is None and d_min is None and d_max is None:
+            return target, None
+        return target, Constraints(d_min, d_max, below, above)
+
     def invert(
         self,
         samples: np.ndarray | torch.Tensor,
@@ -216,6 +240,8 @@ class GeneratorAdapter:
         return_result: bool = False,
         progress: bool = False,
         warn_on_cap: bool = True,
+        bounded: bool = False,
+        censored: bool = False,
         **options,
     ) -> torch.Tensor | InversionResult:
         """Recover the penultimate activation ``z_bar + d*`` of each sample.
@@ -223,7 +249,9 @@ class GeneratorAdapter:
         ``d*`` solves the anchored lasso ``min 0.5 ||s^-1(x) - A(z_bar + d) - b||^2 + alpha ||d||_1``
         exactly as the paper states it. Keyword ``options`` go to :class:`LassoOptions`
         (tolerance, iteration cap, method, batch size). With ``return_result`` the per-sample
-        diagnostics come back too (:class:`InversionResult`). Samples that hit the iteration cap
+        diagnostics come back too (:class:`InversionResult`). ``bounded`` constrains ``z_bar + d``
+        to the range the module before the final layer produces (ReLU: non-negative), ``censored``
+        treats saturated outputs as inequalities (see :meth:`constraints`). Samples that hit the iteration cap
         are logged at warning level (``warn_on_cap=False``: at debug level, for callers whose cap
         is a deliberate budget).
         """
@@ -232,8 +260,8 @@ class GeneratorAdapter:
         batch = opts.batch_for(self.linear_map.num_inputs, self.device)
         results = []
         for start in tqdm(range(0, len(samples_t), batch), desc="invert", disable=not progress):
-            target = self.residual_target(samples_t[start : start + batch])
-            results.append(solve_lasso(self.linear_map, target, alpha, opts))
+            target, constraints = self.constraints(samples_t[start : start + batch], bounded, censored)
+            results.append(solve_lasso(self.linear_map, target, alpha, opts, constraints))
         result = InversionResult.concat(results, self.anchor)
         if result.hit_cap.any():
             logger.log(

@@ -34,7 +34,8 @@ class FeatureConfig:
     """Which features to compute and how.
 
     ``pool`` max-pools image activations by that factor; ``crop`` centre-crops them to that
-    size; ``channels`` keeps only those channels. ``inversion`` holds keyword options for
+    size; ``channels`` keeps only those channels. ``bounded``/``censored`` solve the constrained,
+    censored inversion (see :meth:`GeneratorAdapter.constraints`) instead of the paper's lasso. ``inversion`` holds keyword options for
     :class:`~flipad.inversion.LassoOptions`.
     """
 
@@ -45,6 +46,8 @@ class FeatureConfig:
     channels: tuple[int, ...] | None = None
     raw_size: int = 32
     scale_eps: float = 0.05
+    bounded: bool = False
+    censored: bool = False
     inversion: dict = field(default_factory=lambda: dict(DETECTOR_INVERSION))
 
     def __post_init__(self):
@@ -77,7 +80,7 @@ class FeatureExtractor:
         if kind == "flipad":
             result = self.adapter.invert(
                 samples, alpha=self.config.alpha, return_result=True, progress=progress, warn_on_cap=False,
-                **self.config.inversion,
+                bounded=self.config.bounded, censored=self.config.censored, **self.config.inversion,
             )  # the detector's cap is a deliberate budget (DETECTOR_INVERSION), not a failure
             self.last_inversion = result
             return self._reshape_activations(result.activations)

@@ -13,6 +13,13 @@ remaining ones run faster. ``method="paper"`` reproduces the paper's solver (fix
 
 Every sample comes back with diagnostics: iterations, converged flag, objective, a certified
 duality-gap bound and the relative residual.
+
+Optional :class:`Constraints` turn it into the constrained, censored problem the open-world
+setting needs: a box on ``z_bar + d`` (e.g. non-negative after a ReLU; the proximal map becomes
+soft-thresholding followed by clipping, exact for separable 1-D terms) and one-sided data terms
+for saturated outputs (a pixel quantised to the range's end only says the pre-activation is
+beyond the bin edge: its residual is ``max(0, A d - r)`` or ``min(0, A d - r)``). The problem
+stays convex with the same ``L``; the duality-gap certificate is then not computed (NaN).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 
 from .layers import LinearMap
 
-__all__ = ["LassoOptions", "InversionResult", "solve_lasso", "lasso_objective", "duality_gap", "soft_threshold"]
+__all__ = ["Constraints", "data_residual", "LassoOptions", "InversionResult", "solve_lasso", "lasso_objective", "duality_gap", "soft_threshold"]
 
 # Working-buffer budget per batch. On CPU small batches stay in cache (64-128 samples of a
 # 8,192-unknown layer ran 1.3x faster per sample than 1,024); a GPU wants large batches.
@@ -118,6 +125,41 @@ class InversionResult:
         }
 
 
+@dataclass(frozen=True)
+class Constraints:
+    """Box bounds on ``d`` (broadcast over samples) and censored data terms (per sample, target-shaped).
+
+    ``below``: the pre-activation is at or below its target (output saturated at the low end);
+    ``above``: at or above it (saturated at the high end).
+    """
+
+    d_min: torch.Tensor | None = None
+    d_max: torch.Tensor | None = None
+    below: torch.Tensor | None = None
+    above: torch.Tensor | None = None
+
+    def subset(self, index: torch.Tensor) -> Constraints:
+        """The constraints of the samples ``index`` (box bounds are shared)."""
+        pick = lambda m: None if m is None else m[index]  # noqa: E731
+        return Constraints(self.d_min, self.d_max, pick(self.below), pick(self.above))
+
+    def project(self, d: torch.Tensor) -> torch.Tensor:
+        if self.d_min is not None or self.d_max is not None:
+            return torch.clamp(d, min=self.d_min, max=self.d_max)
+        return d
+
+
+def data_residual(op: LinearMap, target: torch.Tensor, d: torch.Tensor, constraints: Constraints | None = None) -> torch.Tensor:
+    """``A d - target``, with censored entries contributing only when they violate their side."""
+    res = op.forward(d) - target
+    if constraints is not None:
+        if constraints.below is not None:
+            res = torch.where(constraints.below, res.clamp_min(0), res)
+        if constraints.above is not None:
+            res = torch.where(constraints.above, res.clamp_max(0), res)
+    return res
+
+
 def soft_threshold(v: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """The proximal map of ``threshold * ||.||_1``."""
     return torch.sign(v) * torch.clamp(v.abs() - threshold, min=0)
@@ -127,9 +169,11 @@ def _flat_sum(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(1)
 
 
-def lasso_objective(op: LinearMap, target: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-sample ``0.5 ||target - A d||^2 + alpha ||d||_1``."""
-    res = target - op.forward(d)
+def lasso_objective(
+    op: LinearMap, target: torch.Tensor, d: torch.Tensor, alpha: float, constraints: Constraints | None = None
+) -> torch.Tensor:
+    """Per-sample ``0.5 ||target - A d||^2 + alpha ||d||_1`` (censored terms one-sided)."""
+    res = data_residual(op, target, d, constraints)
     return 0.5 * _flat_sum(res**2) + alpha * _flat_sum(d.abs())
 
 
@@ -159,9 +203,14 @@ def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def solve_lasso(
-    op: LinearMap, target: torch.Tensor, alpha: float, options: LassoOptions | None = None
+    op: LinearMap,
+    target: torch.Tensor,
+    alpha: float,
+    options: LassoOptions | None = None,
+    constraints: Constraints | None = None,
 ) -> InversionResult:
-    """Solve the lasso for every row of ``target`` (shape (N, *op.output_shape)), on its device."""
+    """Solve the lasso for every row of ``target`` (shape (N, *op.output_shape)), on its device,
+    under ``constraints`` when given (box on ``d``, censored data terms)."""
     opts = options or LassoOptions()
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
@@ -179,12 +228,13 @@ def solve_lasso(
             early = min(opts.stage_iters, opts.max_iter // (2 * max(1, len(alphas) - 1)))
             budget = opts.max_iter - int(iterations.max()) if final else early
             if opts.method == "paper":
-                _paper_fista(op, target, d, stage_alpha, step, budget, opts.tol, iterations, converged)
+                _paper_fista(op, target, d, stage_alpha, step, budget, opts.tol, iterations, converged, constraints)
             else:
-                _fista_stage(op, target, d, stage_alpha, step, budget, opts, iterations, converged, final)
-        objective = lasso_objective(op, target, d, alpha)
-        gap = duality_gap(op, target, d, alpha)
-        residual = (target - op.forward(d)).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-30)
+                _fista_stage(op, target, d, stage_alpha, step, budget, opts, iterations, converged, final, constraints)
+        objective = lasso_objective(op, target, d, alpha, constraints)
+        gap = duality_gap(op, target, d, alpha) if constraints is None else torch.full((n,), float("nan"), device=device)
+        res = data_residual(op, target, d, constraints)
+        residual = res.flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-30)
     return InversionResult(
         activations=d,
         deviations=d,
@@ -197,11 +247,20 @@ def solve_lasso(
 
 
 def _fista_step(
-    op: LinearMap, r: torch.Tensor, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, step: float, alpha: float
+    op: LinearMap,
+    r: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    step: float,
+    alpha: float,
+    constraints: Constraints | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One FISTA step from the extrapolated point ``y``: returns the new iterate, extrapolation and momentum."""
-    grad = op.adjoint(op.forward(y) - r)
+    grad = op.adjoint(data_residual(op, r, y, constraints))
     x_new = soft_threshold(y - step * grad, step * alpha)
+    if constraints is not None:
+        x_new = constraints.project(x_new)
     t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
     y_new = x_new + _expand((t - 1) / t_new, x_new) * (x_new - x)
     return x_new, y_new, t_new
@@ -218,6 +277,7 @@ def _fista_stage(
     iterations: torch.Tensor,
     converged: torch.Tensor,
     final: bool,
+    constraints: Constraints | None = None,
 ) -> None:
     """FISTA on the samples not yet converged, updating ``d``, ``iterations``, ``converged`` in place.
 
@@ -228,19 +288,20 @@ def _fista_stage(
     """
     active = torch.nonzero(~converged).flatten()
     x, y, r = d[active].clone(), d[active].clone(), target[active]
+    c = constraints.subset(active) if constraints is not None else None
     t = torch.ones(len(active), device=d.device, dtype=d.dtype)
-    previous = lasso_objective(op, r, x, alpha)
+    previous = lasso_objective(op, r, x, alpha, c)
     best, best_obj = x.clone(), previous.clone()
     history = [best_obj]
     checks = max(1, opts.window // opts.check_every)
     for k in range(1, budget + 1):
         if len(active) == 0:
             break
-        x, y, t = _fista_step(op, r, x, y, t, step, alpha)
+        x, y, t = _fista_step(op, r, x, y, t, step, alpha, c)
         iterations[active] += 1
         if k % opts.check_every:
             continue
-        obj = lasso_objective(op, r, x, alpha)
+        obj = lasso_objective(op, r, x, alpha, c)
         went_up = obj > previous
         y[went_up], t[went_up] = x[went_up], 1.0
         previous = obj
@@ -257,6 +318,7 @@ def _fista_stage(
             converged[active[done]] = True
             keep = ~done
             active, x, y, r, t = active[keep], x[keep], y[keep], r[keep], t[keep]
+            c = c.subset(keep) if c is not None else None
             previous, best, best_obj = previous[keep], best[keep], best_obj[keep]
             history = [h[keep] for h in history]
     d[active] = best
@@ -272,12 +334,13 @@ def _paper_fista(
     tol: float,
     iterations: torch.Tensor,
     converged: torch.Tensor,
+    constraints: Constraints | None = None,
 ) -> None:
     """The paper's solver: fixed step, stop when the batch maximum of the mean |change| < tol."""
     x, y = d.clone(), d.clone()
     t = torch.ones(len(d), device=d.device, dtype=d.dtype)
     for _ in range(budget):
-        x_new, y, t = _fista_step(op, target, x, y, t, step, alpha)
+        x_new, y, t = _fista_step(op, target, x, y, t, step, alpha, constraints)
         change = (x_new - x).abs().flatten(1).mean(1).max()
         x = x_new
         iterations += 1

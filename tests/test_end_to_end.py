@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -31,18 +32,23 @@ def test_detector_separates_own_samples_from_real_images(trained_generator, fash
 
 
 @pytest.mark.slow
-def test_cli_demo_runs_and_reports_accuracy(tmp_path):
+def test_cli_demo_runs_on_the_embedded_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the embedded MLflow store lands in the working directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = CliRunner().invoke(
         app,
-        ["demo", "--workdir", str(tmp_path), "--num-samples", "150", "--num-test", "100", "--train-steps", "40"],
+        ["demo", "--workdir", "work", "--num-samples", "150", "--num-test", "60", "--num-stream", "20",
+         "--train-steps", "40"],
     )
     assert result.exit_code == 0, result.output
-    rows = re.findall(r"^(real \(Fashion-MNIST test\)|same architecture, other seed)\s+([0-9.]+)\s+([0-9.]+)$",
-                      result.output, flags=re.M)
-    assert len(rows) == 2, result.output
-    for _, acc, auc in rows:
-        assert 0.0 <= float(acc) <= 1.0 and 0.0 <= float(auc) <= 1.0
-    assert (tmp_path / "detector" / "config.json").is_file()
+    assert "onboarded fashion-dcgan version 1 (champion)" in result.output
+    table = dict(re.findall(r"^(own|real|other-generator|broken)\s+(\d+\s+\d+\s+\d+)", result.output, flags=re.M))
+    assert set(table) == {"own", "real", "other-generator", "broken"}, result.output
+    counts = {k: [int(v) for v in row.split()] for k, row in table.items()}  # items, attributed, errors
+    assert counts["broken"] == [1, 0, 1] and all(counts[k][0] == 20 and counts[k][2] == 0 for k in ("own", "real"))
+    rows = pd.read_csv(tmp_path / "work" / "results.csv", keep_default_na=False)
+    assert len(rows) == 61 and (tmp_path / "mlflow.db").is_file()
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve() / 'mlflow.db'}" in result.output
 
 
 def test_cli_help_lists_the_demo():

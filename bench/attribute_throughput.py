@@ -1,0 +1,108 @@
+"""End-to-end throughput of ``attribute_stream``: from listing objects to committed results.
+
+Registers a detector for the demo architecture (DCGAN 32x32 grayscale, width 32; the demo's
+cached weights when present, else a seeded initialisation: the inversion budget, not the weights,
+sets the cost) in a temporary embedded MLflow store, then scores the same N images from a local
+folder and from an S3 bucket served by moto on 127.0.0.1 (real boto3 calls), and prints images
+per second for each. Runs on CUDA when present (``--device``).
+
+    python bench/attribute_throughput.py [--items 1000] [--batch-size 256] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="flipad-bench-"))
+    os.chdir(work)
+    os.environ.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                      MLFLOW_DISABLE_TELEMETRY="true", PREFECT_LOGGING_LEVEL="WARNING")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    import boto3
+    import numpy as np
+    import torch
+    from moto.server import ThreadedMotoServer
+    from safetensors.torch import save_file
+
+    from flipad.architectures import DCGANGenerator
+    from flipad.data import encode_item, load_fashion_mnist
+    from flipad.device import resolve_device
+    from flows.attribute import AttributeConfig, attribute_stream
+    from flows.demo import DEMO_GENERATOR
+    from flows.onboard import OnboardConfig, onboard_generator
+
+    device = resolve_device(args.device)
+    cached = sorted(Path(__file__).resolve().parent.parent.glob(".flipad/demo/generator-seed0-*.safetensors"))
+    if cached:
+        weights = cached[-1]
+    else:
+        torch.manual_seed(0)
+        weights = work / "generator.safetensors"
+        save_file(DCGANGenerator(**DEMO_GENERATOR).state_dict(), str(weights))
+    real = load_fashion_mnist("train", 32, limit=600)
+    np.save(work / "real.npy", real)
+    start = time.perf_counter()
+    onboarded = onboard_generator(OnboardConfig(
+        name="bench", generator="dcgan", weights=str(weights), generator_kwargs=DEMO_GENERATOR, real=str(work / "real.npy"),
+        num_samples=300, num_validation=200, num_test=100, deep_sad_epochs=5, device=str(device),
+    ))
+    print(f"onboarded a detector in {time.perf_counter() - start:.1f} s (weights: {weights.name})")
+
+    half = args.items // 2
+    images = [*onboarded.detector.adapter.generate(half, seed=123), *load_fashion_mnist("test", 32, limit=args.items - half)]
+    payloads = [encode_item(x) for x in images]
+    folder = work / "stream"
+    folder.mkdir()
+    for i, data in enumerate(payloads):
+        (folder / f"{i:06d}.png").write_bytes(data)
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket="bench")
+    for i, data in enumerate(payloads):
+        s3.put_object(Bucket="bench", Key=f"in/{i:06d}.png", Body=data)
+
+    print(f"device {device}, {len(payloads)} PNG images of 32x32, batch size {args.batch_size}")
+    runs = {
+        "folder -> csv": AttributeConfig(models=("bench",), input=str(folder), output=str(work / "out.csv"),
+                                         batch_size=args.batch_size, monitor=False),
+        "s3 -> s3 (moto)": AttributeConfig(models=("bench",), input="s3://bench/in/", output="s3://bench/out/",
+                                           batch_size=args.batch_size, endpoint_url=endpoint, monitor=False),
+    }
+    for name, config in runs.items():
+        result = attribute_stream(config)
+        assert result.new_rows == len(payloads), result.new_rows
+        print(f"{name:18s} {result.new_rows} items in {result.seconds:6.1f} s = {result.new_rows / result.seconds:7.1f} images/s")
+        again = attribute_stream(config)
+        print(f"{name:18s} rerun (nothing new): {again.seconds:.1f} s, {again.new_rows} new rows")
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
