@@ -27,6 +27,7 @@ from flipad import FlipadDetector, GeneratorAdapter  # noqa: E402
 from flipad.data import load_fashion_mnist  # noqa: E402
 from flipad.evaluation import evaluate_pairs  # noqa: E402
 from flipad.features import FeatureConfig  # noqa: E402
+from flipad.negatives import perturbed_samples  # noqa: E402
 from flipad.training import train_gan  # noqa: E402
 
 
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="*", default=list(TARGETS))
     parser.add_argument("--bounded", action="store_true", help="constrain the inversion to the penultimate range")
     parser.add_argument("--censored", action="store_true", help="saturated pixels as inequalities")
+    parser.add_argument("--perturbed", type=int, default=0, help="extra negatives from perturbed copies of the target")
+    parser.add_argument("--perturb-scale", type=float, default=0.2)
     args = parser.parse_args(argv)
     features = FeatureConfig(bounded=args.bounded, censored=args.censored)
     print(f"features: {features}")
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.targets:
         start = time.perf_counter()
         det = FlipadDetector(adapters[name], features=features, n_generated=args.samples, progress=False)
-        det.fit(real=train_real[-args.samples :])
+        negatives = perturbed_samples(adapters[name], args.perturbed, args.perturb_scale) if args.perturbed else None
+        det.fit(real=train_real[-args.samples :], negatives=negatives)
         fit_s = time.perf_counter() - start
         others = {"real": test_real, **{o: s for o, s in test_sets.items() if o != name}}
         for pair in evaluate_pairs(det, test_sets[name], others):
