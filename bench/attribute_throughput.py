@@ -12,6 +12,7 @@ per second for each. Runs on CUDA when present (``--device``).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -78,6 +79,7 @@ def main() -> None:
     for i, data in enumerate(payloads):
         (folder / f"{i:06d}.png").write_bytes(data)
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()

@@ -54,6 +54,7 @@ def onboard(
     num_test: int = typer.Option(500, help="Held-out items per source for the evaluation."),
     option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
     epochs: int = typer.Option(50, help="Deep SAD epochs."),
+    constrained: bool = typer.Option(False, help="Bounded + censored inversion (better against look-alike generators)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     promote: str = typer.Option("auto", help="auto (champion if at least as good), always or never."),
 ) -> None:
@@ -73,7 +74,7 @@ def onboard(
             name=name, generator=generator, weights=str(weights) if weights else None,
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
-            deep_sad_epochs=epochs, device=device, promote=promote,
+            deep_sad_epochs=epochs, constrained=constrained, device=device, promote=promote,
         )
         result = onboard_generator(config)
     except ValidationError as exc:

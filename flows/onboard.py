@@ -62,6 +62,7 @@ class OnboardConfig(BaseModel):
     num_test: int = Field(500, ge=10, description="held-out items per source")
     fnr: tuple[float, ...] = (0.005, 0.01, 0.05)
     features: Literal["flipad", "raw", "dct"] = "flipad"
+    constrained: bool = Field(False, description="bounded + censored inversion (open-world; see docs/benchmarks.md)")
     deep_sad_epochs: int = Field(50, ge=1)
     device: str = "auto"
     promote: Literal["auto", "always", "never"] = "auto"
@@ -288,7 +289,7 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
         negatives_train[label], samples[label] = load_split(path, shape, config.num_samples, config.num_test, config.seed + k)
     timings["time_sample_and_load_s"] = time.perf_counter() - start
 
-    feature_config = FeatureConfig(kind=config.features)
+    feature_config = FeatureConfig(kind=config.features, bounded=config.constrained, censored=config.constrained)
     start = time.perf_counter()
     states = {name: compute_features(adapter, feature_config, data, name, return_state=True) for name, data in samples.items()}
     negative_states = {name: compute_features(adapter, feature_config, data, f"{name} (train)", return_state=True)
