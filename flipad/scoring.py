@@ -9,6 +9,7 @@ import numpy as np
 
 from .data import DataError, decode_item, pixel_stats
 from .detector import FlipadDetector
+from .features import FeatureExtractor
 
 __all__ = ["ItemResult", "score_items"]
 
@@ -52,8 +53,11 @@ def score_items(detector: FlipadDetector, items: Sequence[bytes]) -> list[ItemRe
         groups.setdefault(arr.dtype == np.uint8, []).append((i, arr))
     for members in groups.values():  # 8-bit pixels and output-range floats are scored apart
         batch = np.stack([arr for _, arr in members])
-        features = detector.extractor(batch)
-        inversion = detector.extractor_.last_inversion
+        # a private extractor per call: the flow scores batches in threads, and the inversion
+        # diagnostics it keeps must be this batch's
+        extractor = FeatureExtractor(detector.adapter, detector.feature_config)
+        features = extractor(batch)
+        inversion = extractor.last_inversion
         scores = -detector.score_features(features).double().numpy()
         residual = inversion.residual.double().numpy() if inversion is not None else np.full(len(batch), NAN)
         sparsity = inversion.sparsity.numpy() if inversion is not None else np.full(len(batch), NAN)
