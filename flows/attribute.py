@@ -145,12 +145,13 @@ def _monitor(config: AttributeConfig, detector: ResolvedVersion, rows: pd.DataFr
     reference = load_reference(detector.run_id, sources=(OWN, "real"))
     drift = check_drift(reference, rows, drift_share=config.drift_share)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    where = results.put(f"drift-{detector.name}-v{detector.version}-{stamp}.html", drift.html().encode())
+    html = drift.html()
+    where = results.put(f"drift-{detector.name}-v{detector.version}-{stamp}.html", html.encode())
     summary = drift.summary()
     metrics = {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share, "items": float(drift.n_current),
                "attributed_fraction": drift.attributed_fraction,
                **{f"drift_value_{c}": v["value"] for c, v in drift.columns.items()}}
-    log_monitoring_run(detector.name, detector.version, metrics, {**summary, "report": where}, drift.html())
+    log_monitoring_run(detector.name, detector.version, metrics, {**summary, "report": where}, html)
     table = "\n".join(f"| {c} | {v['method']} | {v['value']:.4g} | {'yes' if v['drifted'] else 'no'} |" for c, v in drift.columns.items())
     create_markdown_artifact(
         key=f"drift-{detector.name}".lower().replace("_", "-").replace(".", "-"),

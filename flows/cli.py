@@ -28,6 +28,11 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _invalid(exc) -> str:
+    """A pydantic ValidationError as one line: ``field: message; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
 def _options(values: list[str]) -> dict:
     out = {}
     for item in values:
@@ -78,7 +83,7 @@ def onboard(
         )
         result = onboard_generator(config)
     except ValidationError as exc:
-        _fail(ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+        _fail(ValueError(_invalid(exc)))
     except (GeneratorLoadError, DataError, NotInvertibleError, TrackingUnavailableError, ValueError, LookupError) as exc:
         _fail(exc)
     typer.echo(result.results.to_string(index=False))
@@ -120,7 +125,7 @@ def attribute(
                 cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}))
         result = flow_fn(config)
     except ValidationError as exc:
-        _fail(ValueError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())))
+        _fail(ValueError(_invalid(exc)))
     except (TrackingUnavailableError, StorageError, LookupError, RuntimeError, ValueError) as exc:
         _fail(exc)
     typer.echo(f"{result.new_rows} new rows from {result.listed} listed items in {result.batches} batches "
