@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flipad.scoring import ItemResult
 from monitoring.drift import DRIFT_SHARE, check_drift
+from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run
 from registry.store import connect
 from registry.versions import (
@@ -36,7 +37,7 @@ from registry.versions import (
 )
 
 from .onboard import OWN
-from .storage import ObjectRef, open_results, open_source
+from .storage import ObjectRef, open_results, open_source, safe_file_name
 
 __all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "RESULT_COLUMNS"]
 
@@ -146,7 +147,7 @@ def _monitor(config: AttributeConfig, detector: ResolvedVersion, rows: pd.DataFr
     drift = check_drift(reference, rows, drift_share=config.drift_share)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     html = drift.html()
-    where = results.put(f"drift-{detector.name}-v{detector.version}-{stamp}.html", html.encode())
+    where = results.put(safe_file_name(f"drift-{detector.name}-v{detector.version}-{stamp}.html"), html.encode())
     summary = drift.summary()
     metrics = {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share, "items": float(drift.n_current),
                "attributed_fraction": drift.attributed_fraction,
@@ -174,7 +175,7 @@ def _post_alert(url: str, body: dict) -> None:
     try:
         urllib.request.urlopen(request, timeout=10).close()
     except OSError as exc:  # the alert is best effort; the warning above is already logged
-        logger.warning("drift webhook %s failed: %s", url, exc)
+        logger.warning("drift webhook %s failed: %s", redact_url(url), exc)
 
 
 @flow(name="attribute-stream")

@@ -62,6 +62,8 @@ def onboard(
     constrained: bool = typer.Option(False, help="Bounded + censored inversion (better against look-alike generators)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     promote: str = typer.Option("auto", help="auto (champion if at least as good), always or never."),
+    deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
+                                          "(e.g. onboard-generator/onboard-generator) instead of in this process."),
 ) -> None:
     """Train, evaluate and register a detector for one generator (MLflow + Prefect)."""
     from pydantic import ValidationError
@@ -70,21 +72,32 @@ def onboard(
     from flipad.generators import GeneratorLoadError, parse_latent_shape
     from flipad.tracing import NotInvertibleError
     from registry.store import TrackingUnavailableError, connect
+    from registry.versions import list_versions
 
     try:
         connect()  # fail before Prefect starts anything
         from flows.onboard import OnboardConfig, onboard_generator
+        from flows.submit import DeploymentRunError, absolute_generator, absolute_location, run_through_deployment
 
+        if deployment:  # the worker resolves paths from its own working directory
+            generator, real = absolute_generator(generator), absolute_location(real)
+            weights, negatives = (weights and weights.resolve()), [absolute_location(n) for n in negatives]
         config = OnboardConfig(
             name=name, generator=generator, weights=str(weights) if weights else None,
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
             deep_sad_epochs=epochs, constrained=constrained, device=device, promote=promote,
         )
+        if deployment:
+            run = run_through_deployment(deployment, config)
+            typer.echo(f"flow run {run.name} ({run.id}) of {deployment} completed on a worker")
+            _print_versions(list_versions(name))
+            return
         result = onboard_generator(config)
     except ValidationError as exc:
         _fail(ValueError(_invalid(exc)))
-    except (GeneratorLoadError, DataError, NotInvertibleError, TrackingUnavailableError, ValueError, LookupError) as exc:
+    except (GeneratorLoadError, DataError, NotInvertibleError, TrackingUnavailableError, DeploymentRunError,
+            ValueError, LookupError) as exc:
         _fail(exc)
     typer.echo(result.results.to_string(index=False))
     typer.echo(
@@ -104,6 +117,8 @@ def attribute(
     workers: int = typer.Option(0, help="Score on a local Dask cluster with this many worker processes (0: in-process)."),
     monitor: bool = typer.Option(True, help="Drift report against the onboarding reference."),
     webhook: str | None = typer.Option(None, help="POST a JSON alert here when drift is detected."),
+    deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
+                                          "(e.g. attribute-stream/attribute-stream-hourly) instead of in this process."),
 ) -> None:
     """Score new items of a folder or S3 prefix with registered detectors (exactly once per item version)."""
     from pydantic import ValidationError
@@ -114,9 +129,18 @@ def attribute(
         connect()
         from flows.attribute import AttributeConfig, attribute_stream
         from flows.storage import StorageError
+        from flows.submit import DeploymentRunError, absolute_location, run_through_deployment
 
+        if deployment:
+            if workers:
+                raise ValueError("--workers applies to runs in this process; a deployment's work pool decides where it runs")
+            input, output = absolute_location(input), absolute_location(output)
         config = AttributeConfig(models=tuple(model), input=input, output=output, batch_size=batch_size,
                                  endpoint_url=endpoint_url, monitor=monitor, webhook=webhook)
+        if deployment:
+            run = run_through_deployment(deployment, config)
+            typer.echo(f"flow run {run.name} ({run.id}) of {deployment} completed on a worker; results in {output}")
+            return
         flow_fn = attribute_stream
         if workers:
             from prefect_dask import DaskTaskRunner
@@ -126,13 +150,68 @@ def attribute(
         result = flow_fn(config)
     except ValidationError as exc:
         _fail(ValueError(_invalid(exc)))
-    except (TrackingUnavailableError, StorageError, LookupError, RuntimeError, ValueError) as exc:
+    except (TrackingUnavailableError, StorageError, DeploymentRunError, LookupError, RuntimeError, ValueError) as exc:
         _fail(exc)
     typer.echo(f"{result.new_rows} new rows from {result.listed} listed items in {result.batches} batches "
                f"({result.seconds:.1f} s); {len(result.rows)} rows in {output}")
     for name, verdict in result.drift.items():
         state = "DRIFT" if verdict["drifted"] else "no drift"
         typer.echo(f"{name}: {state} ({verdict['drift_share']:.0%} of monitored columns); report {result.reports[name]}")
+
+
+stack_app = typer.Typer(no_args_is_help=True, help="The production topology on this machine: MLflow + S3 + Prefect server + workers.")
+app.add_typer(stack_app, name="stack")
+STACK_DIR = typer.Option(Path(".flipad/stack"), "--dir", help="Where the stack keeps its state, databases and logs.")
+
+
+@stack_app.command("up")
+def stack_up(
+    directory: Path = STACK_DIR,
+    host: str = typer.Option("127.0.0.1", help="Interface the servers bind to (keep loopback unless you firewall it)."),
+    s3_port: int = typer.Option(9000, help="S3-compatible object store (moto server)."),
+    mlflow_port: int = typer.Option(5000, help="MLflow tracking server and UI."),
+    prefect_port: int = typer.Option(4200, help="Prefect server, API and UI."),
+    deploy: bool = typer.Option(True, help="Register the deployments of deploy/prefect.yaml."),
+) -> None:
+    """Start the stack (servers, buckets, work pools, workers, deployments); write the environment to source."""
+    from flows.stack import StackError, StackPorts, up
+
+    try:
+        env = up(directory, host, StackPorts(s3=s3_port, mlflow=mlflow_port, prefect=prefect_port), deploy=deploy)
+    except StackError as exc:
+        _fail(exc)
+    typer.echo(f"stack up: MLflow UI {env['MLFLOW_TRACKING_URI']}, Prefect UI {env['PREFECT_API_URL'].removesuffix('/api')}, "
+               f"S3 {env['AWS_ENDPOINT_URL']}\nuse it from this shell: source {directory / 'stack.env'}")
+
+
+@stack_app.command("down")
+def stack_down(directory: Path = STACK_DIR) -> None:
+    """Stop every process the stack started (by PID), workers first."""
+    from flows.stack import StackError, down
+
+    try:
+        stopped = down(directory)
+    except StackError as exc:
+        _fail(exc)
+    typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack_app.command("status")
+def stack_status(directory: Path = STACK_DIR) -> None:
+    """Which of the stack's processes run, with their URLs and logs; exit code 1 unless all are up."""
+    from flows.stack import StackError, status
+
+    try:
+        services = status(directory)
+    except StackError as exc:
+        _fail(exc)
+    if not services:
+        typer.echo(f"no stack in {directory}; run 'flipad stack up'")
+        raise typer.Exit(1)
+    for s in services:
+        typer.echo(f"{s.name:18s} {'up' if s.up else 'DOWN':5s} pid {s.pid:<8d} {s.url or '':28s} {s.log}")
+    if not all(s.up for s in services):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -151,6 +230,10 @@ def models(name: str | None = typer.Argument(None, help="A registered model; all
     if not rows:
         typer.echo("no registered detectors yet; run 'flipad onboard' or 'flipad demo'")
         return
+    _print_versions(rows)
+
+
+def _print_versions(rows: list[dict]) -> None:
     typer.echo(f"{'name':20s} {'version':>7s} {'aliases':20s} {'bal.acc':>8s}  generator")
     for r in rows:
         acc = "" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.4f}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pandas as pd
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-__all__ = ["ObjectRef", "StorageError", "open_source", "open_results", "S3_CONFIG"]
+__all__ = ["ObjectRef", "StorageError", "open_source", "open_results", "safe_file_name", "S3_CONFIG"]
 
 S3_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 4, "mode": "standard"})
 RESULT_KEY = ["uri", "etag", "model", "version"]
@@ -178,7 +179,7 @@ class Results:
         data = io.BytesIO()
         if self.s3:
             rows.to_parquet(data, index=False)
-            self.put(f"{self.prefix}results.parquet", data.getvalue())
+            self.put("results.parquet", data.getvalue())
         else:
             if self.path.suffix.lower() == ".csv":
                 data.write(rows.to_csv(index=False).encode())
@@ -188,9 +189,15 @@ class Results:
         return rows
 
     def put(self, name: str, data: bytes) -> str:
-        """Store a side file (a report) next to the results; returns where it went."""
+        """Store a side file (a report) next to the results; returns where it went.
+
+        ``name`` must be a plain file name (see :func:`safe_file_name`): nothing written here can
+        land outside the results' folder or prefix.
+        """
+        if name != safe_file_name(name):
+            raise StorageError(f"{name!r} is not a plain file name; side files stay next to the results")
         if self.s3:
-            key = name if name.startswith(self.prefix) else f"{self.prefix}{name}"
+            key = f"{self.prefix}{name}"
             try:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
             except (BotoCoreError, ClientError) as exc:
@@ -199,6 +206,12 @@ class Results:
         target = self.path.with_name(name)
         _atomic_write(target, data)
         return str(target)
+
+
+def safe_file_name(text: str, max_length: int = 200) -> str:
+    """``text`` as a plain file name: letters, digits, ``.``, ``_``, ``-`` only, never ``.``/``..`` or hidden."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:max_length].lstrip(".")
+    return name or "_"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -26,6 +26,7 @@ from flipad.generators import GeneratorSource
 
 from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell
+from .redact import redact_params
 
 __all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "REFERENCE_ARTIFACT"]
 
@@ -81,7 +82,7 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
     threshold = -record.detector.threshold()
     with mlflow.start_run(run_name=f"onboard-{record.name}", tags=record.tags) as run:
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v)
-                           for k, v in record.params.items()})
+                           for k, v in redact_params(record.params).items()})
         mlflow.log_metrics(record.metrics)
         own = record.scores[record.own_source]
         others = {k: v for k, v in record.scores.items() if k != record.own_source}
@@ -125,6 +126,6 @@ def log_monitoring_run(name: str, version: str, metrics: dict[str, float], summa
     mlflow.set_experiment(f"{experiment_name(name)}/monitoring")
     with mlflow.start_run(run_name=f"attribute-{name}-v{version}", tags={"model": name, "version": version}) as run:
         mlflow.log_metrics(metrics)
-        mlflow.log_dict(summary, "drift/summary.json")
+        mlflow.log_dict(redact_params(summary), "drift/summary.json")
         mlflow.log_text(report_html, "drift/report.html")
     return run.info.run_id

@@ -3,64 +3,29 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from flows.processes import free_port, log_tail, spawn, stop, wait_http
+
+__all__ = ["BIN", "free_port", "process", "mlflow_server", "prefect_server"]
 
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group by PID, SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
 @contextmanager
 def process(cmd: list[str], health: str, timeout: float, log: Path, env: dict | None = None):
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+    """A server subprocess for the duration of a test: healthy on entry, stopped by PID on exit."""
+    handle = spawn(log.stem, cmd, log, {**os.environ, **(env or {})})
+    try:
         try:
-            try:
-                wait_http(health, timeout, proc)
-            except (RuntimeError, TimeoutError) as exc:
-                tail = log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{exc}; log tail:\n{tail}") from exc
-            yield proc
-        finally:
-            stop(proc)
+            wait_http(health, timeout, handle)
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}; log tail:\n{log_tail(handle, 3000)}") from exc
+        yield handle
+    finally:
+        stop(handle)
 
 
 @contextmanager
