@@ -71,13 +71,18 @@ def onboard(
     from flipad.data import DataError
     from flipad.generators import GeneratorLoadError, parse_latent_shape
     from flipad.tracing import NotInvertibleError
-    from registry.store import TrackingUnavailableError, connect
+    from registry.store import TrackingUnavailableError, connect, ui_command
     from registry.versions import list_versions
 
     try:
-        connect()  # fail before Prefect starts anything
+        uri = connect()  # fail before Prefect starts anything
         from flows.onboard import OnboardConfig, onboard_generator
-        from flows.submit import DeploymentRunError, absolute_generator, absolute_location, run_through_deployment
+        from flows.submit import (
+            DeploymentRunError,
+            absolute_generator,
+            absolute_location,
+            run_through_deployment,
+        )
 
         if deployment:  # the worker resolves paths from its own working directory
             generator, real = absolute_generator(generator), absolute_location(real)
@@ -92,6 +97,7 @@ def onboard(
             run = run_through_deployment(deployment, config)
             typer.echo(f"flow run {run.name} ({run.id}) of {deployment} completed on a worker")
             _print_versions(list_versions(name))
+            typer.echo(f"versions and runs in the MLflow UI: {ui_command(uri)} (model {name})")
             return
         result = onboard_generator(config)
     except ValidationError as exc:
@@ -129,7 +135,11 @@ def attribute(
         connect()
         from flows.attribute import AttributeConfig, attribute_stream
         from flows.storage import StorageError
-        from flows.submit import DeploymentRunError, absolute_location, run_through_deployment
+        from flows.submit import (
+            DeploymentRunError,
+            absolute_location,
+            run_through_deployment,
+        )
 
         if deployment:
             if workers:

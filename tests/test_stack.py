@@ -100,7 +100,10 @@ def test_stack_onboard_and_attribute_through_workers(tmp_path, user_generator, r
         assert attributed.returncode == 0, attributed.stdout + attributed.stderr
 
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+        )
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
