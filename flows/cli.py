@@ -71,6 +71,7 @@ def onboard(
     from flipad.data import DataError
     from flipad.generators import GeneratorLoadError, parse_latent_shape
     from flipad.tracing import NotInvertibleError
+    from flows.submit import DeploymentRunError, absolute_generator, absolute_location, run_through_deployment
     from registry.store import TrackingUnavailableError, connect, ui_command
     from registry.versions import list_versions
 
@@ -129,12 +130,13 @@ def attribute(
     """Score new items of a folder or S3 prefix with registered detectors (exactly once per item version)."""
     from pydantic import ValidationError
 
+    from flows.storage import StorageError
+    from flows.submit import DeploymentRunError, absolute_location, run_through_deployment
     from registry.store import TrackingUnavailableError, connect
 
     try:
         connect()
         from flows.attribute import AttributeConfig, attribute_stream
-        from flows.storage import StorageError
         from flows.submit import (
             DeploymentRunError,
             absolute_location,

@@ -146,3 +146,13 @@ def test_stack_up_on_a_busy_port_fails_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "stack" / STATE_FILE).exists()
     result = flipad("stack", "down", "--dir", str(tmp_path / "stack"))
     assert result.returncode == 0 and "nothing was running" in result.stdout
+
+
+def test_deployment_runs_and_attribution_fail_in_one_line_without_their_servers(tmp_path):
+    no_prefect = flipad("attribute", "--model", "m", "--input", str(tmp_path), "--output", str(tmp_path / "r.csv"),
+                        "--deployment", "attribute-stream/attribute-stream-hourly",
+                        env={"PREFECT_API_URL": "", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert no_prefect.returncode == 1 and no_prefect.stderr.startswith("error: --deployment needs a Prefect server")
+    no_mlflow = flipad("attribute", "--model", "m", "--input", str(tmp_path), "--output", str(tmp_path / "r.csv"),
+                       env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert no_mlflow.returncode == 1 and "unreachable" in no_mlflow.stderr and len(no_mlflow.stderr.splitlines()) == 1
