@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from .adapter import GeneratorAdapter
 from .calibration import CalibratedDetector, check_fnr
 from .detector import VALIDATION_SEED_OFFSET, FlipadDetector
+from .persist import read_saved, write_saved
 from .reconstruction import ReconstructionConfig, ReconstructionLossDetector
 from .tracing import NotInvertibleError
 
@@ -120,12 +122,15 @@ class AttributionDetector(CalibratedDetector):
         median, mad = self.scales_[family]
         return (scores.double().clamp_min(1e-30).log() - median) / mad
 
-    def _combined(self, samples: np.ndarray | torch.Tensor, skip_rejected: bool) -> torch.Tensor:
+    def _combined(self, samples: np.ndarray | torch.Tensor, skip_rejected: bool,
+                  flipad_scores: torch.Tensor | None = None) -> torch.Tensor:
         recon = self.reconstruction_
         if self.flipad_ is None:
             self.last_searched_fraction_ = 1.0
             return self._standardise("reconstruction", recon.anomaly_scores(samples))
-        combined = self._standardise("flipad", self.flipad_.anomaly_scores(samples))
+        if flipad_scores is None:
+            flipad_scores = self.flipad_.anomaly_scores(samples)
+        combined = self._standardise("flipad", flipad_scores)
         # items FLIPAD already rejects at every threshold keep its score: the search cannot change them
         need = torch.ones_like(combined, dtype=torch.bool)
         if skip_rejected:
@@ -136,7 +141,47 @@ class AttributionDetector(CalibratedDetector):
         self.last_searched_fraction_ = float(need.double().mean())
         return combined
 
-    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The larger of the two families' standardised log anomaly scores (higher = less like the generator)."""
+    def anomaly_scores(self, samples: np.ndarray | torch.Tensor, flipad_scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The larger of the two families' standardised log anomaly scores (higher = less like the generator).
+
+        ``flipad_scores``: FLIPAD's anomaly scores of the same samples when the caller already has
+        them (computed from its own features), so they are not computed twice.
+        """
         self._check_fitted()
-        return self._combined(samples, skip_rejected=True)
+        return self._combined(samples, skip_rejected=True, flipad_scores=flipad_scores)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one sample of the generator."""
+        return self.reconstruction_.output_shape
+
+    def save(self, path: str | Path) -> Path:
+        """Write both families (``flipad/`` when fitted, ``reconstruction/``) and the joint calibration into ``path``."""
+        self._check_fitted()
+        folder = Path(path)
+        if self.flipad_ is not None:
+            self.flipad_.save(folder / "flipad")
+        self.reconstruction_.save(folder / "reconstruction")
+        config = {"fnr": list(self.fnr), "n_validation": self.n_validation, "n_calibration": self.n_calibration,
+                  "seed": self.seed, "scales": {k: list(v) for k, v in self.scales_.items()},
+                  "flipad_refusal": self.flipad_refusal_, "fit_info": self.fit_info_}
+        return write_saved(folder, "attribution", config, {"validation_scores": self.validation_scores_})
+
+    @classmethod
+    def load(cls, path: str | Path, module: nn.Module, device: str = "auto") -> AttributionDetector:
+        """Load a detector saved by :meth:`save` for the same generator (checked by weight hash)."""
+        folder = Path(path)
+        config, tensors = read_saved(folder, "attribution")
+        reconstruction = ReconstructionLossDetector.load(folder / "reconstruction", module, device)
+        det = cls(module, reconstruction.latent_shape_, config["fnr"], config["n_validation"], config["n_calibration"],
+                  reconstruction=reconstruction.config, device=device, seed=config["seed"], progress=False)
+        det.reconstruction_, det.flipad_, det.flipad_refusal_ = reconstruction, None, config["flipad_refusal"]
+        if (folder / "flipad").is_dir():
+            flipad_config, _ = read_saved(folder / "flipad", "flipad")
+            adapter = GeneratorAdapter.from_module(module, reconstruction.latent_shape_, final_layer=flipad_config["final_layer"],
+                                                   activation=flipad_config["activation"], device=device, seed=config["seed"])
+            det.flipad_ = FlipadDetector.load(folder / "flipad", adapter, device)
+        det.scales_ = {k: (float(v[0]), float(v[1])) for k, v in config["scales"].items()}
+        det._calibrate(tensors["validation_scores"])
+        det.fit_info_ = config["fit_info"]
+        return det

@@ -9,7 +9,6 @@ threshold per tolerable FNR on held-out validation samples of the generator.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -18,19 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from .adapter import GeneratorAdapter
 from .calibration import CalibratedDetector, NotFittedError, check_fnr
 from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
 from .device import resolve_device
 from .features import FeatureConfig, FeatureExtractor, FeatureScaler
+from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["FlipadDetector", "NotFittedError", "stack_negatives"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 TRAIN_SEED_OFFSET = 1000
 VALIDATION_SEED_OFFSET = 2000
 
@@ -163,15 +161,17 @@ class FlipadDetector(CalibratedDetector):
         self._check_fitted()
         return self.trainer_.distances(self.network_, self.center_, self.scaler_(features))
 
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one sample of the generator."""
+        return tuple(self.adapter.output_shape)
+
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
         """Write ``config.json`` and ``tensors.safetensors`` into the folder ``path`` (no pickles)."""
         self._check_fitted()
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         config = {
-            "format_version": FORMAT_VERSION,
             "generator_sha256": self.adapter.fingerprint,
             "final_layer": self.adapter.final_layer_name,
             "activation": self.adapter.activation.name,
@@ -192,29 +192,13 @@ class FlipadDetector(CalibratedDetector):
             validation_scores=self.validation_scores_.cpu(),
             anchor=self.adapter.anchor.cpu(),
         )
-        tmp_tensors, tmp_config = folder / "tensors.safetensors.tmp", folder / "config.json.tmp"
-        save_file(tensors, str(tmp_tensors))
-        tmp_config.write_text(json.dumps(config, indent=2))
-        tmp_tensors.replace(folder / "tensors.safetensors")
-        tmp_config.replace(folder / "config.json")
-        return folder
+        return write_saved(path, "flipad", config, tensors)
 
     @classmethod
     def load(cls, path: str | Path, adapter: GeneratorAdapter, device: str = "auto") -> FlipadDetector:
         """Load a detector saved by :meth:`save` for the same generator (checked by weight hash)."""
-        folder = Path(path)
-        try:
-            config = json.loads((folder / "config.json").read_text())
-            tensors = load_file(str(folder / "tensors.safetensors"))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{folder} does not hold a saved FlipadDetector ({exc})") from exc
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{folder}: unsupported detector format {config.get('format_version')}")
-        if config["generator_sha256"] != adapter.fingerprint:
-            raise ValueError(
-                f"{folder} was fitted for generator sha256 {config['generator_sha256'][:12]}..., "
-                f"but the adapter wraps {adapter.fingerprint[:12]}...; load it with the same weights"
-            )
+        config, tensors = read_saved(path, "flipad")
+        check_generator(path, config["generator_sha256"], adapter.fingerprint)
         deep_sad = DeepSADConfig(**{**config["deep_sad"], "lr_milestones": tuple(config["deep_sad"]["lr_milestones"])})
         det = cls(adapter, FeatureConfig.from_dict(config["features"]), config["fnr"], deep_sad=deep_sad,
                   device=device, seed=config["seed"], progress=False)

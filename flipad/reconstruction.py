@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from .adapter import weights_fingerprint
 from .calibration import CalibratedDetector, check_fnr
 from .data import check_sample_shape, quantize
 from .device import resolve_device
+from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["ReconstructionConfig", "ReconstructionLossDetector", "reconstruction_losses"]
 
@@ -199,3 +201,29 @@ class ReconstructionLossDetector(CalibratedDetector):
         """Best reconstruction MSE per sample (small = the generator can make it)."""
         self._check_fitted()
         return self._losses(samples)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one sample of the generator."""
+        self._check_fitted()
+        return self.output_shape_
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``tensors.safetensors`` into the folder ``path`` (no pickles)."""
+        self._check_fitted()
+        config = {"generator_sha256": self.fingerprint_, "latent_shape": list(self.latent_shape_),
+                  "output_shape": list(self.output_shape_), "output_range": list(self.range_), "fnr": list(self.fnr),
+                  "n_validation": self.n_validation, "search": asdict(self.config), "fit_info": self.fit_info_}
+        return write_saved(path, "reconstruction", config, {"validation_scores": self.validation_scores_})
+
+    @classmethod
+    def load(cls, path: str | Path, module: nn.Module, device: str = "auto") -> ReconstructionLossDetector:
+        """Load a detector saved by :meth:`save` for the same generator (checked by weight hash)."""
+        config, tensors = read_saved(path, "reconstruction")
+        det = cls(module, config["latent_shape"], config["fnr"], config["n_validation"],
+                  ReconstructionConfig(**config["search"]), tuple(config["output_range"]), device, progress=False)
+        det._prepare()
+        check_generator(path, config["generator_sha256"], det.fingerprint_)
+        det._calibrate(tensors["validation_scores"])
+        det.fit_info_ = config["fit_info"]
+        return det

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import SkipToOutput
+from helpers import SkipToOutput, VectorLatentGenerator
 
 from flipad import (
     AttributionDetector,
@@ -106,3 +106,45 @@ def test_combined_verdict_falls_back_to_reconstruction_for_skip_generators(fashi
     own = det.reconstruction_.generate(50, seed=2)
     (pair,) = evaluate_pairs(det, own, {"real": resize_images(fashion_test[:50], 8)})
     assert pair.balanced_accuracy >= 0.9, pair
+
+
+@pytest.mark.parametrize("kind", ["attribution", "reconstruction", "attribution-reconstruction-only"])
+def test_detectors_round_trip_through_bundles_and_score_items(kind, tmp_path, fashion_test):
+    from flipad.bundle import detector_kind, load_bundle, save_bundle
+    from flipad.data import encode_item
+    from flipad.generators import GeneratorSource
+    from flipad.scoring import score_items
+
+    torch.manual_seed(0)
+    if kind == "attribution":
+        module = VectorLatentGenerator().eval()
+        module.latent_shape = (16,)
+        real = resize_images(fashion_test[:150], 16)
+        det = AttributionDetector(module, fnr=(0.05,), n_validation=60, n_calibration=60, reconstruction=FAST,
+                                  flipad_options=dict(n_generated=150, deep_sad=DeepSADConfig(epochs=2, lr_milestones=(1,))),
+                                  progress=False).fit(real=real)
+    elif kind == "reconstruction":
+        module = SkipToOutput().eval()
+        det = ReconstructionLossDetector(module, fnr=(0.05,), n_validation=40, config=FAST, progress=False).fit()
+    else:
+        module = SkipToOutput().eval()
+        det = AttributionDetector(module, fnr=(0.05,), n_validation=40, n_calibration=40, reconstruction=FAST,
+                                  progress=False).fit()
+    code = tmp_path / "gen.py"  # the bundle rebuilds the generator from a user's factory file
+    code.write_text("from helpers import SkipToOutput, VectorLatentGenerator\n"
+                    "def make():\n    return " + ("VectorLatentGenerator()" if kind == "attribution" else "SkipToOutput()") + "\n")
+    search = det.reconstruction_ if hasattr(det, "reconstruction_") else det
+    source = GeneratorSource(f"{code}:make", {}, search.latent_shape_)
+    folder = save_bundle(tmp_path / "bundle", det, source)
+    loaded = load_bundle(folder, device="cpu")
+    assert detector_kind(loaded) == detector_kind(det) and loaded.thresholds_ == det.thresholds_
+    own = search.generate(8, seed=21)
+    np.testing.assert_allclose(loaded.score_samples(own), det.score_samples(own), rtol=1e-5, atol=1e-6)
+    results = score_items(loaded, [encode_item(x) for x in own] + [b"broken"])
+    np.testing.assert_allclose([r.score for r in results[:-1]], det.score_samples(own), rtol=1e-5, atol=1e-6)
+    assert results[-1].error and results[-1].score is None
+    has_flipad = kind == "attribution"
+    assert np.isfinite(results[0].residual) == has_flipad and np.isfinite(results[0].pixel_mean)
+    with pytest.raises(ValueError, match="fitted for generator sha256"):
+        other = (VectorLatentGenerator() if has_flipad else SkipToOutput()).eval()
+        type(det).load(folder / "detector", other, device="cpu")
