@@ -80,36 +80,75 @@ class AttributionDetector(CalibratedDetector):
         validation: np.ndarray | None = None,
     ) -> AttributionDetector:
         """Fit FLIPAD (if the generator allows it) and the reconstruction family, then calibrate the verdict."""
-        self.reconstruction_ = ReconstructionLossDetector(
-            self.module, self.latent_shape, fnr=self.fnr, n_validation=self.n_validation,
-            config=self.reconstruction, device=self.device, progress=self.progress,
-        )
-        self.reconstruction_._prepare()
+        search = self._new_reconstruction()
         if validation is None:
-            validation = self.reconstruction_.generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
-        self.reconstruction_.fit(validation=validation)
-        self.flipad_, self.flipad_refusal_ = None, None
+            validation = search.generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
+        flipad, refusal = None, None
         try:
             adapter = GeneratorAdapter.from_module(self.module, self.latent_shape, device=self.device, seed=self.seed)
         except NotInvertibleError as exc:
-            self.flipad_refusal_ = str(exc)
+            refusal = str(exc)
             logger.warning("FLIPAD cannot invert this generator (%s); using reconstruction loss alone", exc)
         else:
             options = {"fnr": self.fnr, "device": self.device, "seed": self.seed, "progress": self.progress}
             options.update(self.flipad_options or {})
-            self.flipad_ = FlipadDetector(adapter, **options).fit(generated, real, negatives, validation)
+            flipad = FlipadDetector(adapter, **options).fit(generated, real, negatives, validation)
+        return self.fit_families(flipad, validation, flipad_refusal=refusal)
+
+    def _new_reconstruction(self) -> ReconstructionLossDetector:
+        search = ReconstructionLossDetector(
+            self.module, self.latent_shape, fnr=self.fnr, n_validation=self.n_validation,
+            config=self.reconstruction, device=self.device, progress=self.progress,
+        )
+        search._prepare()
+        return search
+
+    def fit_families(
+        self,
+        flipad: FlipadDetector | None,
+        validation: np.ndarray,
+        flipad_refusal: str | None = None,
+        calibration: np.ndarray | None = None,
+        flipad_calibration_scores: torch.Tensor | None = None,
+    ) -> AttributionDetector:
+        """Complete the verdict around a fitted FLIPAD detector (``None``: reconstruction alone).
+
+        ``validation`` must be the held-out generator samples FLIPAD's thresholds were set on: the
+        reconstruction family is calibrated on them too, and both families are standardised
+        against them. The joint thresholds are then set on ``calibration`` (further generator
+        samples, drawn when not given); ``flipad_calibration_scores`` saves recomputing FLIPAD's
+        scores of those. Returns self.
+        """
+        self.reconstruction_ = self._new_reconstruction()
+        self.reconstruction_.fit(validation=validation)
+        self.flipad_, self.flipad_refusal_ = flipad, flipad_refusal
         self.scales_ = {"reconstruction": self._standardiser(self.reconstruction_.validation_scores_)}
-        if self.flipad_ is not None:
-            self.scales_["flipad"] = self._standardiser(self.flipad_.validation_scores_)
-        calibration = self.reconstruction_.generate(self.n_calibration, seed=CALIBRATION_SEED_OFFSET + self.seed)
-        self._calibrate(self._combined(calibration, skip_rejected=False))
+        if flipad is not None:
+            self.scales_["flipad"] = self._standardiser(flipad.validation_scores_)
+        if calibration is None:
+            calibration = self.reconstruction_.generate(self.n_calibration, seed=CALIBRATION_SEED_OFFSET + self.seed)
+        self._calibrate(self._combined(calibration, skip_rejected=False, flipad_scores=flipad_calibration_scores))
         self.fit_info_ = {
-            "families": ["flipad", "reconstruction"] if self.flipad_ else ["reconstruction"],
-            "flipad_refusal": self.flipad_refusal_,
+            "families": ["flipad", "reconstruction"] if flipad else ["reconstruction"],
+            "flipad_refusal": flipad_refusal,
             "n_validation": len(validation),
             "n_calibration": len(calibration),
         }
         return self
+
+    def family_scores(self, samples: np.ndarray | torch.Tensor, flipad_scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each family's own anomaly scores and the exact combined score (the latent search on every item).
+
+        For evaluation: :meth:`anomaly_scores` skips the search where it cannot change the verdict.
+        """
+        self._check_fitted()
+        out = {"reconstruction": self.reconstruction_.anomaly_scores(samples)}
+        combined = self._standardise("reconstruction", out["reconstruction"])
+        if self.flipad_ is not None:
+            out["flipad"] = self.flipad_.anomaly_scores(samples) if flipad_scores is None else flipad_scores
+            combined = torch.maximum(combined, self._standardise("flipad", out["flipad"]))
+        out["combined"] = combined
+        return out
 
     @staticmethod
     def _standardiser(validation_scores: torch.Tensor) -> tuple[float, float]:

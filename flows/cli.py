@@ -60,6 +60,7 @@ def onboard(
     option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
     epochs: int = typer.Option(50, help="Deep SAD epochs."),
     constrained: bool = typer.Option(False, help="Bounded + censored inversion (better against look-alike generators)."),
+    detector: str = typer.Option("flipad", help="flipad, or combined: FLIPAD + reconstruction loss, one calibrated verdict."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     promote: str = typer.Option("auto", help="auto (champion if at least as good), always or never."),
     deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
@@ -92,7 +93,7 @@ def onboard(
             name=name, generator=generator, weights=str(weights) if weights else None,
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
-            deep_sad_epochs=epochs, constrained=constrained, device=device, promote=promote,
+            deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device, promote=promote,
         )
         if deployment:
             run = run_through_deployment(deployment, config)

@@ -13,7 +13,7 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,13 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import flipad
 from flipad.adapter import GeneratorAdapter
+from flipad.bundle import Detector, detector_kind
 from flipad.calibration import fnr_upper_bound
+from flipad.combined import CALIBRATION_SEED_OFFSET, AttributionDetector
 from flipad.data import encode_item, load_dataset, pixel_stats
 from flipad.deepsad import DeepSADConfig
 from flipad.detector import TRAIN_SEED_OFFSET, VALIDATION_SEED_OFFSET, FlipadDetector
 from flipad.evaluation import evaluate_scores
 from flipad.features import FeatureConfig, FeatureExtractor
 from flipad.generators import GeneratorSource
+from flipad.reconstruction import ReconstructionConfig
 from registry.runs import OnboardingRecord, log_run
 from registry.store import connect, ui_command
 from registry.versions import Registration, register_version
@@ -64,6 +67,10 @@ class OnboardConfig(BaseModel):
     features: Literal["flipad", "raw", "dct"] = "flipad"
     constrained: bool = Field(False, description="bounded + censored inversion (open-world; see docs/benchmarks.md)")
     deep_sad_epochs: int = Field(50, ge=1)
+    detector: Literal["flipad", "combined"] = Field(
+        "flipad", description="flipad, or combined: FLIPAD + reconstruction loss, one calibrated verdict (slower)")
+    search_steps: int = Field(300, ge=10, description="combined: Adam steps of the latent search per item")
+    search_starts: int = Field(3, ge=1, description="combined: random starts of the latent search per item")
     device: str = "auto"
     promote: Literal["auto", "always", "never"] = "auto"
     seed: int = 0
@@ -93,7 +100,7 @@ class OnboardResult:
     metrics: dict[str, float]
     results: pd.DataFrame
     cached_feature_sets: int
-    detector: FlipadDetector
+    detector: Detector
 
 
 def sha256_array(array: np.ndarray) -> str:
@@ -187,14 +194,72 @@ def train_detector(
     )
 
 
+@task(name="calibrate-combined", tags=["inversion"], persist_result=False, retries=1)
+def calibrate_combined(
+    adapter: GeneratorAdapter, config: OnboardConfig, flipad_detector: FlipadDetector, validation: np.ndarray,
+    calibration: np.ndarray, calibration_features: FeatureSet,
+) -> AttributionDetector:
+    """The combined verdict around the trained FLIPAD detector: the reconstruction family's latent
+    search on the validation samples, then the joint thresholds on the calibration samples."""
+    search = ReconstructionConfig(steps=config.search_steps, starts=config.search_starts, seed=config.seed)
+    detector = AttributionDetector(adapter.module, adapter.latent_shape, fnr=config.fnr, n_validation=len(validation),
+                                   n_calibration=len(calibration), reconstruction=search, device=config.device,
+                                   seed=config.seed, progress=False)
+    return detector.fit_families(flipad_detector, validation, calibration=calibration,
+                                 flipad_calibration_scores=flipad_detector.score_features(calibration_features.features))
+
+
 def _key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
 
 
-def evaluate(detector: FlipadDetector, test: dict[str, FeatureSet]) -> tuple[dict[str, float], pd.DataFrame, dict[str, np.ndarray]]:
-    """Metrics per other source and FNR, the empirical FNR on the held-out generator samples with a
-    95% Clopper-Pearson bound, and the per-source results table. Scores: higher = more typical."""
-    anomaly = {name: detector.score_features(fs.features).double().numpy() for name, fs in test.items()}
+def family_anomaly(detector: Detector, test: dict[str, FeatureSet], samples: dict[str, np.ndarray],
+                   feature_config: FeatureConfig, adapter: GeneratorAdapter) -> dict[str, dict[str, np.ndarray]]:
+    """Anomaly scores per family ("combined" is the verdict's own; FLIPAD alone: "flipad") and source.
+
+    Features computed by this run are reused whenever the detector's FLIPAD part would compute
+    the same ones (same generator, anchor and feature configuration).
+    """
+    flipad_part = detector if isinstance(detector, FlipadDetector) else detector.flipad_
+    reuse = flipad_part is not None and (
+        flipad_part.feature_config == feature_config
+        and flipad_part.adapter.fingerprint == adapter.fingerprint
+        and torch.equal(flipad_part.adapter.anchor.cpu(), adapter.anchor.cpu())
+    )
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, fs in test.items():
+        flipad_scores = flipad_part.score_features(fs.features) if reuse else None
+        if isinstance(detector, FlipadDetector):
+            scores = {"flipad": flipad_scores if reuse else detector.anomaly_scores(samples[name])}
+        else:
+            scores = detector.family_scores(samples[name], flipad_scores=flipad_scores)
+        for family, values in scores.items():
+            out.setdefault(family, {})[name] = values.double().numpy()
+    return out
+
+
+def _verdict(detector: Detector) -> str:
+    return "flipad" if isinstance(detector, FlipadDetector) else "combined"
+
+
+def evaluate(detector: Detector, anomaly: dict[str, dict[str, np.ndarray]]) -> tuple[dict[str, float], pd.DataFrame, dict[str, np.ndarray]]:
+    """Metrics per other source and FNR of the verdict (unprefixed) and of each family of a combined
+    detector (``flipad.``/``reconstruction.``), the empirical FNR on the held-out generator samples with
+    a 95% Clopper-Pearson bound, and the per-source results table. Scores: higher = more typical."""
+    verdict = _verdict(detector)
+    metrics: dict[str, float] = {}
+    table = None
+    for family, per_source in anomaly.items():
+        part = detector if family == verdict else getattr(detector, f"{family}_")
+        prefix = "" if family == verdict else f"{family}."
+        family_metrics, pairs = _pair_metrics(part, per_source)
+        metrics.update({prefix + k: v for k, v in family_metrics.items()})
+        if family == verdict:
+            table = pd.DataFrame([p.to_dict() for p in pairs])
+    return metrics, table, {name: -scores for name, scores in anomaly[verdict].items()}
+
+
+def _pair_metrics(detector, anomaly: dict[str, np.ndarray]) -> tuple[dict[str, float], list]:
     own = anomaly[OWN]
     pairs = evaluate_scores(detector.thresholds_, own, {k: v for k, v in anomaly.items() if k != OWN})
     metrics: dict[str, float] = {}
@@ -211,29 +276,19 @@ def evaluate(detector: FlipadDetector, test: dict[str, FeatureSet]) -> tuple[dic
         metrics[f"validation_fnr_upper95_fnr{fnr:g}"] = detector.fnr_upper_bounds_[fnr]
     first = detector.fnr[0]
     metrics["primary_balanced_accuracy"] = float(np.mean([p.balanced_accuracy for p in pairs if p.fnr_target == first]))
-    table = pd.DataFrame([p.to_dict() for p in pairs])
-    return metrics, table, {name: -scores for name, scores in anomaly.items()}
+    return metrics, pairs
 
 
 def primary_metric(
-    detector: FlipadDetector,
+    detector: Detector,
     feature_config: FeatureConfig,
     adapter: GeneratorAdapter,
     test: dict[str, FeatureSet],
     samples: dict[str, np.ndarray],
 ) -> float:
-    """``primary_balanced_accuracy`` of any detector on this run's held-out sets; the cached features
-    are reused when the detector would compute the same ones (same generator, anchor and config)."""
-    same = (
-        detector.feature_config == feature_config
-        and detector.adapter.fingerprint == adapter.fingerprint
-        and torch.equal(detector.adapter.anchor.cpu(), adapter.anchor.cpu())
-    )
+    """``primary_balanced_accuracy`` of any detector (FLIPAD or combined) on this run's held-out sets."""
+    anomaly = family_anomaly(detector, test, samples, feature_config, adapter)[_verdict(detector)]
     first = detector.fnr[0]
-    anomaly = {
-        name: (detector.score_features(fs.features) if same else detector.anomaly_scores(samples[name])).double().numpy()
-        for name, fs in test.items()
-    }
     others = {k: v for k, v in anomaly.items() if k != OWN}
     return float(np.mean([p.balanced_accuracy for p in evaluate_scores({first: detector.thresholds_[first]}, anomaly[OWN], others)]))
 
@@ -304,22 +359,30 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
     start = time.perf_counter()
     detector = train_detector(adapter, config, features["train"], negative_features, features["validation"])
     timings["time_deep_sad_s"] = time.perf_counter() - start
+    if config.detector == "combined":
+        start = time.perf_counter()
+        calibration = draw_samples(adapter, config.num_validation, CALIBRATION_SEED_OFFSET + config.seed)
+        calibration_features = compute_features(adapter, feature_config, calibration, "calibration")
+        detector = calibrate_combined(adapter, config, detector, samples["validation"], calibration, calibration_features)
+        timings["time_combined_calibration_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     test = {name: fs for name, fs in features.items() if name not in ("train", "validation")}
     test_samples = {name: samples[name] for name in test}
-    metrics, table, scores = evaluate(detector, test)
+    metrics, table, scores = evaluate(detector, family_anomaly(detector, test, test_samples, feature_config, adapter))
     metrics.update(_summary([*features.values(), *negative_features]))
     timings["time_evaluate_s"] = time.perf_counter() - start
     metrics.update(timings)
 
+    flipad_part = detector if isinstance(detector, FlipadDetector) else detector.flipad_
     activation_means = {name: fs.features.mean(0).numpy() for name, fs in test.items()} if config.features == "flipad" else {}
     record = OnboardingRecord(
         name=config.name,
         detector=detector,
         source=source,
         params={**config.model_dump(exclude={"generator_kwargs"}), **{f"generator_kwargs.{k}": v for k, v in config.generator_kwargs.items()},
-                "feature_config": feature_config.to_dict(), "deep_sad": detector.trainer_.config.__dict__,
+                "feature_config": feature_config.to_dict(), "deep_sad": flipad_part.trainer_.config.__dict__,
+                **({"reconstruction_search": asdict(detector.reconstruction_.config)} if config.detector == "combined" else {}),
                 "final_layer": adapter.final_layer_name, "activation": adapter.activation.name,
                 "output_shape": list(shape), "latent_shape_traced": list(adapter.latent_shape)},
         metrics=metrics,
@@ -329,7 +392,7 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
         mean_activations=activation_means,
         reference=_reference(scores, -detector.threshold(), test, test_samples),
         input_example=[encode_item(samples[OWN][i]) for i in range(min(2, config.num_test))],
-        tags={"generator_sha256": adapter.fingerprint, "flipad_version": flipad.__version__, "git_commit": _git_commit(),
+        tags={"generator_sha256": adapter.fingerprint, "detector_kind": detector_kind(detector), "flipad_version": flipad.__version__, "git_commit": _git_commit(),
               **{f"data_sha256.{_key(name)}": sha256_array(data) for name, data in samples.items()}},
     )
     logged = log_run(record)
@@ -340,7 +403,7 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
         lambda champion: primary_metric(champion, feature_config, adapter, test, test_samples),
         promote=config.promote,
         tags={**record.tags, "run_id": logged.run_id},
-        description=(f"FLIPAD detector for {config.generator} (sha256 {adapter.fingerprint[:12]}); held-out balanced "
+        description=(f"{'FLIPAD' if config.detector == 'flipad' else 'Combined (FLIPAD + reconstruction loss)'} detector for {config.generator} (sha256 {adapter.fingerprint[:12]}); held-out balanced "
                      f"accuracy {metrics['primary_balanced_accuracy']:.4f} at FNR {config.fnr[0]}"),
     )
     return OnboardResult(

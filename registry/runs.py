@@ -20,8 +20,7 @@ from mlflow.types import ColSpec, Schema
 
 import flipad
 import registry
-from flipad.bundle import save_bundle
-from flipad.detector import FlipadDetector
+from flipad.bundle import Detector, save_bundle
 from flipad.generators import GeneratorSource
 
 from .plots import mean_activation_figure, roc_figure, score_histograms
@@ -44,7 +43,7 @@ class OnboardingRecord:
     """Everything one onboarding run logs. ``scores`` are per source, higher = more typical."""
 
     name: str
-    detector: FlipadDetector
+    detector: Detector
     source: GeneratorSource
     params: dict[str, Any]
     metrics: dict[str, float]

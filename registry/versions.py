@@ -10,7 +10,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flipad.detector import FlipadDetector
+from flipad.bundle import Detector
 
 __all__ = ["CHAMPION", "CHALLENGER", "Registration", "ResolvedVersion", "register_version", "resolve_version", "load_model", "load_detector", "list_versions", "parse_model_ref"]
 
@@ -78,7 +78,7 @@ def load_model(name: str, which: str = f"@{CHAMPION}"):
     return mlflow.pyfunc.load_model(model_uri(name, version)).unwrap_python_model(), version
 
 
-def load_detector(name: str, which: str = f"@{CHAMPION}") -> tuple[FlipadDetector, str]:
+def load_detector(name: str, which: str = f"@{CHAMPION}") -> tuple[Detector, str]:
     """The fitted detector registered as ``name`` (alias or version) and its version number."""
     python_model, version = load_model(name, which)
     return python_model.detector, version
@@ -88,7 +88,7 @@ def register_version(
     name: str,
     model_uri: str,
     metric: float,
-    evaluate_champion: Callable[[FlipadDetector], float],
+    evaluate_champion: Callable[[Detector], float],
     promote: str = "auto",
     tags: dict[str, str] | None = None,
     description: str = "",

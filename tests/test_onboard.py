@@ -147,3 +147,32 @@ def test_cli_onboard_serve_and_errors(tracking, user_generator, real_folder, tmp
     )
     assert unreachable.returncode == 1 and "unreachable" in unreachable.stderr.strip().splitlines()[-1]
     assert not MlflowClient().search_registered_models(filter_string="name='broken-gen'")
+
+
+@pytest.mark.slow
+def test_combined_detector_is_onboarded_registered_and_served(tracking, user_generator, real_folder):
+    from flipad import AttributionDetector, FlipadDetector
+
+    spec, weights = user_generator
+    # a FLIPAD champion exists first: promoting the combined version re-scores it on the same held-out sets
+    flipad_only = onboard_generator(small_config(spec, weights, real_folder, name="tiny-combined", seed=3))
+    combined = onboard_generator(small_config(spec, weights, real_folder, name="tiny-combined", seed=3,
+                                              detector="combined", promote="always", search_steps=100, search_starts=2))
+    assert isinstance(flipad_only.detector, FlipadDetector) and isinstance(combined.detector, AttributionDetector)
+    assert (combined.version, combined.alias) == ("2", "champion")
+    metrics = MlflowClient().get_run(combined.run_id).data.metrics
+    for prefix in ("", "flipad.", "reconstruction."):
+        assert 0.0 <= metrics[f"{prefix}primary_balanced_accuracy"] <= 1.0
+        assert 0.0 <= metrics[f"{prefix}heldout_fnr_fnr0.05"] <= 1.0
+    assert metrics["primary_balanced_accuracy"] >= 0.9, metrics  # the verdict vs real images
+    assert metrics["time_combined_calibration_s"] > 0
+    # the FLIPAD family of the combined run is the FLIPAD-only run's detector (same seed, same cached features)
+    assert metrics["flipad.primary_balanced_accuracy"] == pytest.approx(flipad_only.metrics["primary_balanced_accuracy"])
+    assert MlflowClient().get_model_version("tiny-combined", "2").tags["detector_kind"] == "attribution"
+
+    served, version = load_detector("tiny-combined")
+    assert version == "2" and isinstance(served, AttributionDetector) and served.fit_info_["families"] == ["flipad", "reconstruction"]
+    own = combined.detector.reconstruction_.generate(6, seed=TEST_SEED_OFFSET + 3)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-combined@champion")
+    out = pyfunc.predict(pd.DataFrame({"image": [to_request_cell(encode_item(x)) for x in own]}))
+    np.testing.assert_allclose(out["score"].to_numpy(float), combined.detector.score_samples(own), rtol=1e-4, atol=1e-6)
