@@ -177,6 +177,16 @@ app.add_typer(stack_app, name="stack")
 STACK_DIR = typer.Option(Path(".flipad/stack"), "--dir", help="Where the stack keeps its state, databases and logs.")
 
 
+def _stack(action: str, *args):
+    """``flows.stack.<action>(*args)``, its StackError as one line and exit code 1."""
+    from flows import stack
+
+    try:
+        return getattr(stack, action)(*args)
+    except stack.StackError as exc:
+        _fail(exc)
+
+
 @stack_app.command("up")
 def stack_up(
     directory: Path = STACK_DIR,
@@ -187,12 +197,9 @@ def stack_up(
     deploy: bool = typer.Option(True, help="Register the deployments of deploy/prefect.yaml."),
 ) -> None:
     """Start the stack (servers, buckets, work pools, workers, deployments); write the environment to source."""
-    from flows.stack import StackError, StackPorts, up
+    from flows.stack import StackPorts
 
-    try:
-        env = up(directory, host, StackPorts(s3=s3_port, mlflow=mlflow_port, prefect=prefect_port), deploy=deploy)
-    except StackError as exc:
-        _fail(exc)
+    env = _stack("up", directory, host, StackPorts(s3=s3_port, mlflow=mlflow_port, prefect=prefect_port), deploy)
     typer.echo(f"stack up: MLflow UI {env['MLFLOW_TRACKING_URI']}, Prefect UI {env['PREFECT_API_URL'].removesuffix('/api')}, "
                f"S3 {env['AWS_ENDPOINT_URL']}\nuse it from this shell: source {directory / 'stack.env'}")
 
@@ -200,24 +207,14 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(directory: Path = STACK_DIR) -> None:
     """Stop every process the stack started (by PID), workers first."""
-    from flows.stack import StackError, down
-
-    try:
-        stopped = down(directory)
-    except StackError as exc:
-        _fail(exc)
+    stopped = _stack("down", directory)
     typer.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @stack_app.command("status")
 def stack_status(directory: Path = STACK_DIR) -> None:
     """Which of the stack's processes run, with their URLs and logs; exit code 1 unless all are up."""
-    from flows.stack import StackError, status
-
-    try:
-        services = status(directory)
-    except StackError as exc:
-        _fail(exc)
+    services = _stack("status", directory)
     if not services:
         typer.echo(f"no stack in {directory}; run 'flipad stack up'")
         raise typer.Exit(1)
