@@ -2,10 +2,14 @@
 
 FLIPAD (final-layer inversion + Deep SAD) is fast; the reconstruction-loss search is slow but
 needs no final-layer structure and separates look-alike generators. Each family's anomaly score
-is put on a common scale by a robust standardisation of its logarithm against a first held-out
-set of the generator's samples, ``(log a - median) / MAD``; the combined score is the larger of
-the two, so an item is attributed only if both families find it typical. (Empirical p-values
-would floor at ``1 / (n + 1)`` and could not reject anything beyond the held-out range.)
+is put on a common scale against a first held-out set of the generator's samples, aligned at the
+operating point: ``(log a - log q) / (log q - log m)`` with ``q`` the family's own threshold at
+the first FNR target (its ``1 - fnr`` quantile) and ``m`` its median, so 0 means "at this
+family's own threshold" in both. The combined score is the larger of the two: an item is
+attributed only if both families find it typical. (A median/MAD scale, measured first, let the
+family with the heavier own-sample tail set the joint threshold alone: look-alike generators
+rejected by the reconstruction family at 0.92-0.96 balanced accuracy were then accepted at
+0.67-0.75. Empirical p-values floor at ``1 / (n + 1)`` and tie beyond the held-out range.)
 The thresholds of that combined score are then set on a *second* held-out set, so the stated
 FNR holds for the verdict as a whole. Generators FLIPAD refuses (skip connections into the
 output, non-invertible activations) use the reconstruction family alone.
@@ -150,16 +154,16 @@ class AttributionDetector(CalibratedDetector):
         out["combined"] = combined
         return out
 
-    @staticmethod
-    def _standardiser(validation_scores: torch.Tensor) -> tuple[float, float]:
+    def _standardiser(self, validation_scores: torch.Tensor) -> tuple[float, float]:
+        """(centre, scale) of a family's log anomaly scores: its own threshold at the first FNR, and
+        the distance from its median to that threshold."""
         logs = validation_scores.double().clamp_min(1e-30).log()
-        median = float(logs.median())
-        mad = float((logs - median).abs().median())
-        return median, max(mad, 1e-12)
+        threshold = float(torch.quantile(logs, 1 - self.fnr[0]))
+        return threshold, max(threshold - float(logs.median()), 1e-12)
 
     def _standardise(self, family: str, scores: torch.Tensor) -> torch.Tensor:
-        median, mad = self.scales_[family]
-        return (scores.double().clamp_min(1e-30).log() - median) / mad
+        centre, scale = self.scales_[family]
+        return (scores.double().clamp_min(1e-30).log() - centre) / scale
 
     def _combined(self, samples: np.ndarray | torch.Tensor, skip_rejected: bool,
                   flipad_scores: torch.Tensor | None = None) -> torch.Tensor:
