@@ -82,7 +82,7 @@ def test_save_and_load_round_trip(tmp_path, own_and_other):
     assert loaded.thresholds_ == det.thresholds_
     with pytest.raises(ValueError, match="was fitted for generator"):
         FlipadDetector.load(tmp_path / "det", other)
-    with pytest.raises(ValueError, match="does not hold a saved FlipadDetector"):
+    with pytest.raises(ValueError, match="does not hold a saved flipad detector"):
         FlipadDetector.load(tmp_path, own)
 
 
