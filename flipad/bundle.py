@@ -26,7 +26,7 @@ from .detector import FlipadDetector
 from .generators import GeneratorSource
 from .reconstruction import ReconstructionLossDetector
 
-__all__ = ["Detector", "save_bundle", "load_bundle", "detector_kind", "generator_module"]
+__all__ = ["Detector", "save_bundle", "load_bundle", "detector_kind", "flipad_family", "generator_module"]
 
 Detector = FlipadDetector | AttributionDetector | ReconstructionLossDetector
 KINDS = {"flipad": FlipadDetector, "attribution": AttributionDetector, "reconstruction": ReconstructionLossDetector}
@@ -43,6 +43,11 @@ def detector_kind(detector: Detector) -> str:
 def generator_module(detector: Detector) -> nn.Module:
     """The generator module a fitted detector wraps."""
     return detector.adapter.module if isinstance(detector, FlipadDetector) else detector.module
+
+
+def flipad_family(detector: Detector) -> FlipadDetector | None:
+    """The FLIPAD part of a detector: itself, a combined verdict's ``flipad_``, or None."""
+    return detector if isinstance(detector, FlipadDetector) else getattr(detector, "flipad_", None)
 
 
 def save_bundle(folder: str | Path, detector: Detector, source: GeneratorSource) -> Path:

@@ -84,9 +84,8 @@ class AttributionDetector(CalibratedDetector):
         validation: np.ndarray | None = None,
     ) -> AttributionDetector:
         """Fit FLIPAD (if the generator allows it) and the reconstruction family, then calibrate the verdict."""
-        search = self._new_reconstruction()
         if validation is None:
-            validation = search.generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
+            validation = self._new_reconstruction().generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
         flipad, refusal = None, None
         try:
             adapter = GeneratorAdapter.from_module(self.module, self.latent_shape, device=self.device, seed=self.seed)

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import Detector
+from .bundle import Detector, flipad_family
 from .data import DataError, decode_item, pixel_stats
-from .detector import FlipadDetector
 from .features import FeatureExtractor
 
 __all__ = ["ItemResult", "score_items"]
@@ -68,7 +67,7 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
 
 def _scores(detector: Detector, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores (higher = more typical) and the FLIPAD inversion's residual and sparsity (NaN without FLIPAD)."""
-    flipad = detector if isinstance(detector, FlipadDetector) else getattr(detector, "flipad_", None)
+    flipad = flipad_family(detector)
     if flipad is None:
         nan = np.full(len(batch), NAN)
         return detector.score_samples(batch), nan, nan

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import flipad
 from flipad.adapter import GeneratorAdapter
-from flipad.bundle import Detector, detector_kind
+from flipad.bundle import Detector, detector_kind, flipad_family
 from flipad.calibration import fnr_upper_bound
 from flipad.combined import CALIBRATION_SEED_OFFSET, AttributionDetector
 from flipad.data import encode_item, load_dataset, pixel_stats
@@ -220,7 +220,7 @@ def family_anomaly(detector: Detector, test: dict[str, FeatureSet], samples: dic
     Features computed by this run are reused whenever the detector's FLIPAD part would compute
     the same ones (same generator, anchor and feature configuration).
     """
-    flipad_part = detector if isinstance(detector, FlipadDetector) else detector.flipad_
+    flipad_part = flipad_family(detector)
     reuse = flipad_part is not None and (
         flipad_part.feature_config == feature_config
         and flipad_part.adapter.fingerprint == adapter.fingerprint
@@ -374,7 +374,7 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
     timings["time_evaluate_s"] = time.perf_counter() - start
     metrics.update(timings)
 
-    flipad_part = detector if isinstance(detector, FlipadDetector) else detector.flipad_
+    flipad_part = flipad_family(detector)
     activation_means = {name: fs.features.mean(0).numpy() for name, fs in test.items()} if config.features == "flipad" else {}
     record = OnboardingRecord(
         name=config.name,
