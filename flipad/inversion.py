@@ -1,10 +1,13 @@
-"""Exact final-layer inversion: the anchored lasso, solved per sample with batched FISTA.
+"""Exact final-layer inversion: the anchored lasso, solved per sample.
 
 For targets ``r = s^-1(x) - A z_bar - b`` the solver returns, per sample,
 
-    d* = argmin_d 0.5 ||r - A d||^2 + alpha ||d||_1
+    d* = argmin_d 0.5 ||r - A d||^2 + alpha ||d||_1.
 
-with the step ``1/L`` (``L`` the largest eigenvalue of ``A^T A``, by power iteration, cached
+Two solvers. ``method="interior"`` (:mod:`flipad.interior`): a log-barrier interior-point method
+whose Newton steps are solved exactly through a banded system in the outputs, on the CPU; it
+reaches a certified duality gap of 1e-4 in ~20-25 Newton steps. ``method="fista"``: batched FISTA
+on any device, with the step ``1/L`` (``L`` the largest eigenvalue of ``A^T A``, by power iteration, cached
 per layer), continuation on ``alpha`` (solve a sequence of problems with ``alpha`` shrinking
 geometrically to the target, each warm-started from the last), and a per-sample stopping rule
 on the relative decrease of the objective. Converged samples leave the batch, so the
@@ -26,8 +29,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .interior import MAX_PROBE_ENTRIES, barrier_lasso, blocks, output_system
 from .layers import LinearMap
 
 __all__ = ["Constraints", "data_residual", "LassoOptions", "InversionResult", "solve_lasso", "lasso_objective", "duality_gap", "soft_threshold"]
@@ -37,11 +42,18 @@ __all__ = ["Constraints", "data_residual", "LassoOptions", "InversionResult", "s
 MEMORY_BUDGET_BYTES = {"cpu": 32 * 2**20, "cuda": 2 * 2**30}
 
 
+METHODS = ("auto", "interior", "fista", "paper")
+
+
 @dataclass(frozen=True)
 class LassoOptions:
     """Solver settings. The defaults need no tuning for a new generator.
 
-    - ``method``: "fista" (1/L step, continuation, per-sample stopping) or "paper".
+    - ``method``: "auto" (interior where it applies, else fista), "interior" (barrier method,
+      Newton steps solved exactly; CPU, no constraints), "fista" (1/L step, continuation,
+      per-sample stopping) or "paper".
+    - ``gap_tol``/``max_newton``: interior: stop a sample when its certified relative duality
+      gap is at most ``gap_tol``; at most ``max_newton`` Newton steps.
     - ``tol``: stop a sample when its best objective decreased by less than ``tol`` (relative)
       over the last ``window`` iterations of the final stage, checked every ``check_every``
       ("paper": the batch maximum of the mean |change|).
@@ -53,7 +65,9 @@ class LassoOptions:
     - ``batch_size``: samples solved together; None sizes batches to a memory budget.
     """
 
-    method: str = "fista"
+    method: str = "auto"
+    gap_tol: float = 1e-4
+    max_newton: int = 100
     tol: float = 3e-6
     max_iter: int = 3000
     continuation_stages: int = 6
@@ -65,8 +79,8 @@ class LassoOptions:
     batch_size: int | None = None
 
     def __post_init__(self):
-        if self.method not in ("fista", "paper"):
-            raise ValueError(f"unknown lasso method {self.method!r}; use 'fista' or 'paper'")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown lasso method {self.method!r}; use one of {METHODS}")
         if self.max_iter < 1 or self.tol <= 0 or self.continuation_stages < 1:
             raise ValueError("max_iter and continuation_stages must be >= 1 and tol > 0")
 
@@ -91,7 +105,7 @@ class InversionResult:
 
     activations: torch.Tensor  # anchor + d*, (N, *penultimate_shape)
     deviations: torch.Tensor  # d*
-    iterations: torch.Tensor  # int, per sample
+    iterations: torch.Tensor  # int, per sample (Newton steps for the interior-point method)
     converged: torch.Tensor  # bool: the stopping rule held before the cap
     objective: torch.Tensor  # 0.5 ||r - A d||^2 + alpha ||d||_1
     gap: torch.Tensor  # certified bound on (objective - optimum) / objective, from a dual point
@@ -214,6 +228,8 @@ def solve_lasso(
     opts = options or LassoOptions()
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}")
+    if _use_interior(op, target, opts, constraints):
+        return _solve_interior(op, target, alpha, opts)
     device = target.device
     n = len(target)
     step = opts.step if opts.step is not None else 1.0 / op.lipschitz(device)
@@ -243,6 +259,49 @@ def solve_lasso(
         objective=objective.cpu(),
         gap=gap.cpu(),
         residual=residual.cpu(),
+    )
+
+
+def _use_interior(op: LinearMap, target: torch.Tensor, opts: LassoOptions, constraints: Constraints | None) -> bool:
+    if opts.method not in ("auto", "interior"):
+        return False
+    applies = constraints is None and target.device.type == "cpu"
+    if opts.method == "auto":
+        system = output_system(op) if applies else None
+        return system is not None and system.pays
+    if not applies:
+        raise ValueError("method='interior' solves the plain lasso on the CPU; use method='fista' for constraints or CUDA")
+    if output_system(op) is None:
+        raise ValueError(f"method='interior' needs a layer with an explicit adjoint and at most "
+                         f"{MAX_PROBE_ENTRIES:,} input x output entries; use method='fista'")
+    return True
+
+
+def _solve_interior(op: LinearMap, target: torch.Tensor, alpha: float, opts: LassoOptions) -> InversionResult:
+    """The barrier method on blocks of samples, then one proximal-gradient step, which zeroes the
+    coordinates the barrier keeps strictly inside and never increases the objective."""
+    system = output_system(op)
+    n = len(target)
+    flat = target.detach().to(torch.float64).reshape(n, -1).numpy()
+    parts = [barrier_lasso(op, system, flat[b], alpha, opts.gap_tol, opts.max_newton) for b in blocks(n, system)]
+    x, steps, converged, dual = (np.concatenate(p) for p in zip(*parts))
+    with torch.no_grad():
+        d = torch.from_numpy(x).view(n, *op.input_shape)
+        target64 = target.to(torch.float64)
+        step = 1.0 / op.lipschitz(target.device)
+        d = soft_threshold(d - step * op.adjoint(op.forward(d) - target64), step * alpha).to(target.dtype)
+        objective = lasso_objective(op, target, d, alpha)
+        dual_t = torch.from_numpy(dual).to(objective.dtype)
+        gap = ((objective - dual_t) / objective.clamp_min(1e-30)).clamp_min(0)
+        residual = (target - op.forward(d)).flatten(1).norm(dim=1) / target.flatten(1).norm(dim=1).clamp_min(1e-30)
+    return InversionResult(
+        activations=d,
+        deviations=d,
+        iterations=torch.from_numpy(steps),
+        converged=torch.from_numpy(converged) | (gap.cpu() <= opts.gap_tol),
+        objective=objective,
+        gap=gap,
+        residual=residual,
     )
 
 

@@ -12,7 +12,7 @@ from flipad.calibration import empirical_p_values, fnr_upper_bound
 from flipad.deepsad import DeepSADConfig
 
 FAST_SAD = DeepSADConfig(epochs=4, lr_milestones=(3,))
-FAST_INVERSION = {"max_iter": 150, "continuation_stages": 2, "stage_iters": 50}
+FAST_INVERSION = {"method": "fista", "max_iter": 150, "continuation_stages": 2, "stage_iters": 50}
 
 
 def _adapter(seed: int) -> GeneratorAdapter:
