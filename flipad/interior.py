@@ -51,6 +51,7 @@ ASSEMBLY_GROUP = 8
 LINE_SEARCH_STEPS = 60
 BARRIER_GROWTH = 2.0  # the factor on t of Kim et al.
 ARMIJO = 0.01
+BOUNDARY_FRACTION = 0.99  # the line search starts at this fraction of the step to the boundary
 
 _SYSTEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -219,7 +220,7 @@ def barrier_lasso(
             a_dx = forward(dx)
             phi = primal - lam * np.abs(xa).sum(1) + lam * ua.sum(1) - (np.log(ua + xa) + np.log(ua - xa)).sum(1) / t[idx]
             slope = (g_x * dx).sum(1) + (g_u * du).sum(1)
-            s = np.ones(len(idx))
+            s = np.minimum(1.0, BOUNDARY_FRACTION * np.minimum(_max_step(ua + xa, du + dx), _max_step(ua - xa, du - dx)))
             pending = np.ones(len(idx), dtype=bool)
             for _ in range(LINE_SEARCH_STEPS):
                 new_x, new_u = xa + s[:, None] * dx, ua + s[:, None] * du
@@ -237,6 +238,12 @@ def barrier_lasso(
             step_taken[idx] = s
             active[idx[pending]] = False  # no descent left in float64: stop, not converged
     return x, steps, converged, dual_best / 2.0
+
+
+def _max_step(slack: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Per row, the largest ``s`` keeping ``slack + s direction > 0`` (inf if nothing shrinks)."""
+    ratio = np.where(direction < 0, -slack / np.where(direction < 0, direction, -1.0), np.inf)
+    return ratio.min(1)
 
 
 def blocks(count: int, system: OutputSystem) -> list[slice]:
