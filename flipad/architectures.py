@@ -21,6 +21,7 @@ __all__ = [
     "EBGANGenerator",
     "MLPGenerator",
     "DCGANDiscriminator",
+    "EBGANDiscriminator",
     "BUILTIN_GENERATORS",
 ]
 
@@ -169,21 +170,41 @@ class MLPGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """DCGAN discriminator (logits), used to train the built-in generators."""
+    """DCGAN discriminator (logits), used to train the built-in generators. ``batch_norm=False``
+    gives the WGAN-GP critic (the gradient penalty is per sample, batch statistics would mix them)."""
 
-    def __init__(self, channels: int = 3, image_size: int = 64, width: int = 64):
+    def __init__(self, channels: int = 3, image_size: int = 64, width: int = 64, batch_norm: bool = True):
         super().__init__()
         downs = _num_doublings(image_size, 4)
         layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         ch = width
         for _ in range(downs - 1):
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True)]
+            norm = [nn.BatchNorm2d(ch * 2)] if batch_norm else []
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), *norm, nn.LeakyReLU(0.2, True)]
             ch *= 2
         layers.append(nn.Conv2d(ch, 1, 4, 1, 0, bias=False))
         self.main = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x).flatten()
+
+
+class EBGANDiscriminator(nn.Module):
+    """EBGAN's energy: the per-sample mean squared error of a small convolutional autoencoder."""
+
+    def __init__(self, channels: int = 3, width: int = 32):
+        super().__init__()
+        self.encode = nn.Sequential(
+            nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(width, width * 2, 4, 2, 1), nn.BatchNorm2d(width * 2), nn.LeakyReLU(0.2, True),
+        )
+        self.decode = nn.Sequential(
+            nn.ConvTranspose2d(width * 2, width, 4, 2, 1), nn.BatchNorm2d(width), nn.ReLU(True),
+            nn.ConvTranspose2d(width, channels, 4, 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((self.decode(self.encode(x)) - x) ** 2).flatten(1).mean(1)
 
 
 BUILTIN_GENERATORS: dict[str, Callable[..., nn.Module]] = {

@@ -35,6 +35,7 @@ import scipy.linalg
 import scipy.sparse
 import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
+from threadpoolctl import threadpool_limits
 
 from .layers import LinearMap
 
@@ -78,8 +79,15 @@ class OutputSystem:
 
     def solve(self, weights: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         """Per sample ``k``: ``(I/2 + A diag(weights[k]) A^T)^-1 rhs[k]`` (arrays (B, n) and (B, m))."""
-        u, m = self.bandwidth, self.num_outputs
         out = np.empty_like(rhs)
+        # one BLAS thread: a band this narrow gains nothing from more, and spinning BLAS
+        # threads slow the solve ~7x when other work holds the cores (measured)
+        with threadpool_limits(1, user_api="blas"):
+            self._solve_groups(weights, rhs, out)
+        return out
+
+    def _solve_groups(self, weights: np.ndarray, rhs: np.ndarray, out: np.ndarray) -> None:
+        u, m = self.bandwidth, self.num_outputs
         for start in range(0, len(rhs), ASSEMBLY_GROUP):
             # a few samples per sparse product: the index is read once, the transpose stays in cache
             bands = np.ascontiguousarray((self.pairs @ weights[start : start + ASSEMBLY_GROUP].T).T)
@@ -89,7 +97,6 @@ class OutputSystem:
                 out[k, self.order] = scipy.linalg.solveh_banded(
                     band, rhs[k, self.order], overwrite_ab=True, overwrite_b=False, check_finite=False
                 )
-        return out
 
 
 def output_system(op: LinearMap) -> OutputSystem | None:
@@ -205,28 +212,21 @@ def barrier_lasso(
                 break
             keep = active[idx]
             idx, z, xa, ua, grad_data = idx[keep], z[keep], xa[keep], ua[keep], grad_data[keep]
-            gap_k, primal = gap[idx] * np.maximum(primal[keep], 1e-300), primal[keep]
-            grow = step_taken[idx] >= 0.5
-            t[idx] = np.where(grow, np.maximum(np.minimum(2.0 * n * BARRIER_GROWTH / gap_k, BARRIER_GROWTH * t[idx]), t[idx]), t[idx])
-            ti = t[idx][:, None]
-            q1, q2 = 1.0 / (ua + xa), 1.0 / (ua - xa)
-            d1, d2 = (q1 * q1 + q2 * q2) / ti, (q1 * q1 - q2 * q2) / ti
-            g_x = grad_data - (q1 - q2) / ti
-            g_u = lam - (q1 + q2) / ti
-            weights = ti * (ua * ua + xa * xa) / 2.0  # (d1 - d2^2 / d1)^-1 without cancellation
-            rhs = (-g_x + d2 * g_u / d1) * weights
-            dx = rhs - weights * adjoint(system.solve(weights, forward(rhs)))
-            du = -(g_u + d2 * dx) / d1
+            primal = primal[keep]
+            absolute_gap = gap[idx] * np.maximum(primal, 1e-300)
+            # Kim et al.'s update: t grows towards 2n mu / gap after a step that was not cut short
+            grown = np.maximum(np.minimum(2.0 * n * BARRIER_GROWTH / absolute_gap, BARRIER_GROWTH * t[idx]), t[idx])
+            t[idx] = np.where(step_taken[idx] >= 0.5, grown, t[idx])
+            dx, du, g_x, g_u = _newton_direction(system, forward, adjoint, grad_data, xa, ua, t[idx], lam)
             a_dx = forward(dx)
-            phi = primal - lam * np.abs(xa).sum(1) + lam * ua.sum(1) - (np.log(ua + xa) + np.log(ua - xa)).sum(1) / t[idx]
+            phi = primal - lam * np.abs(xa).sum(1) + _bound_terms(xa, ua, t[idx], lam)
             slope = (g_x * dx).sum(1) + (g_u * du).sum(1)
             s = np.minimum(1.0, BOUNDARY_FRACTION * np.minimum(_max_step(ua + xa, du + dx), _max_step(ua - xa, du - dx)))
             pending = np.ones(len(idx), dtype=bool)
-            for _ in range(LINE_SEARCH_STEPS):
-                new_x, new_u = xa + s[:, None] * dx, ua + s[:, None] * du
-                new_z = z + s[:, None] * a_dx
+            for _ in range(LINE_SEARCH_STEPS):  # backtracking (Armijo) on the barrier objective
+                new_x, new_u, new_z = xa + s[:, None] * dx, ua + s[:, None] * du, z + s[:, None] * a_dx
                 feasible = ((new_u + new_x) > 0).all(1) & ((new_u - new_x) > 0).all(1)
-                new_phi = (new_z * new_z).sum(1) + lam * new_u.sum(1) - (np.log(new_u + new_x) + np.log(new_u - new_x)).sum(1) / t[idx]
+                new_phi = (new_z * new_z).sum(1) + _bound_terms(new_x, new_u, t[idx], lam)
                 accept = pending & feasible & (new_phi - phi <= ARMIJO * s * slope)
                 rows = idx[accept]
                 x[rows], bound[rows], residual[rows] = new_x[accept], new_u[accept], new_z[accept]
@@ -238,6 +238,31 @@ def barrier_lasso(
             step_taken[idx] = s
             active[idx[pending]] = False  # no descent left in float64: stop, not converged
     return x, steps, converged, dual_best / 2.0
+
+
+def _bound_terms(x: np.ndarray, u: np.ndarray, t: np.ndarray, lam: float) -> np.ndarray:
+    """Per row, ``lam sum(u) - sum(log(u + x) + log(u - x)) / t``: the barrier objective but the data term."""
+    return lam * u.sum(1) - (np.log(u + x) + np.log(u - x)).sum(1) / t
+
+
+def _newton_direction(system: OutputSystem, forward, adjoint, grad_data: np.ndarray, x: np.ndarray, u: np.ndarray,
+                      t: np.ndarray, lam: float) -> tuple[np.ndarray, ...]:
+    """The Newton step ``(dx, du)`` of the barrier objective and its gradient ``(g_x, g_u)``.
+
+    The Hessian is ``[[2 A^T A + D1, D2], [D2, D1]]`` with diagonal ``D1, D2``; eliminating ``du``
+    leaves ``(2 A^T A + D) dx = b`` with ``D = D1 - D2^2 / D1``, solved through the output system
+    (Woodbury: ``D^-1 - D^-1 A^T (I/2 + A D^-1 A^T)^-1 A D^-1``).
+    """
+    ti = t[:, None]
+    q1, q2 = 1.0 / (u + x), 1.0 / (u - x)
+    d1, d2 = (q1 * q1 + q2 * q2) / ti, (q1 * q1 - q2 * q2) / ti
+    g_x = grad_data - (q1 - q2) / ti
+    g_u = lam - (q1 + q2) / ti
+    weights = ti * (u * u + x * x) / 2.0  # D^-1 = (d1 - d2^2 / d1)^-1, written without cancellation
+    rhs = (-g_x + d2 * g_u / d1) * weights
+    dx = rhs - weights * adjoint(system.solve(weights, forward(rhs)))
+    du = -(g_u + d2 * dx) / d1
+    return dx, du, g_x, g_u
 
 
 def _max_step(slack: np.ndarray, direction: np.ndarray) -> np.ndarray:

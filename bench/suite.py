@@ -1,0 +1,341 @@
+"""The paper's protocol on the generator zoo, in one command; rewrites its part of docs/benchmarks.md.
+
+    python bench/suite.py [--size cpu|full|smoke] [--doc docs/benchmarks.md] [--out .flipad/suite]
+
+1. The zoo (``bench/zoo.py``): DCGAN, WGAN-GP, LSGAN and EBGAN generators, two seeds each, on
+   Fashion-MNIST (trained on the first run, cached afterwards) and their 8-bit PNG sample sets.
+2. Attribution (the paper's Tables 1 and 2): for each family's seed-0 generator as the target,
+   detectors on FLIPAD, RAWPAD and DCTPAD features trained on the target's train PNGs against
+   real images (the only negatives), thresholded at FNR 0.005 on its val PNGs, and evaluated on
+   its test PNGs against held-out real images, each other family's seed-0 generator and the same
+   family's seed-1 generator: balanced accuracy at FNR 0.005 and AUC, mean and spread over
+   ``repeats`` Deep SAD seeds (features computed once).
+3. Robustness (the paper's Table 3, test-only setting): the same detectors on the target's and
+   the real test images under JPEG, blur, centre crop + resize and Gaussian noise.
+4. Speed: the inversion solvers on the DCGAN target (``bench/inversion_speed.py``'s comparison)
+   and samples per second of inversion, Deep SAD training, onboarding and attribution.
+
+Results go to ``<out>/results.json`` and plots to ``docs/benchmarks/`` (ROC curves, balanced
+accuracy against perturbation strength); the section between the suite's markers in the doc is
+replaced, the rest of the doc is kept. ``--size smoke`` runs in seconds (the CI test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from inversion_speed import compare_solvers  # noqa: E402
+from perturb import PERTURBATIONS, perturb  # noqa: E402
+from zoo import FAMILIES, SEEDS, ZOO_SIZES, generator_name, train_zoo  # noqa: E402
+
+from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter  # noqa: E402
+from flipad.data import load_fashion_mnist, load_images  # noqa: E402
+from flipad.deepsad import DeepSADConfig  # noqa: E402
+from flipad.evaluation import evaluate_scores  # noqa: E402
+from flipad.features import FeatureExtractor  # noqa: E402
+
+KINDS = {"flipad": "FLIPAD", "raw": "RAWPAD", "dct": "DCTPAD"}
+BEGIN, END = "<!-- bench/suite.py: begin -->", "<!-- bench/suite.py: end -->"
+FNR = 0.005
+
+
+@dataclass(frozen=True)
+class SuiteSize:
+    zoo: str
+    train: int  # generator PNGs and real images to train on
+    val: int
+    test: int  # per source
+    epochs: int  # Deep SAD
+    repeats: int
+    robustness_test: int
+    speed_samples: int
+
+
+SUITE_SIZES = {
+    "smoke": SuiteSize(zoo="smoke", train=8, val=8, test=8, epochs=1, repeats=1, robustness_test=8, speed_samples=2),
+    "cpu": SuiteSize(zoo="cpu", train=500, val=300, test=200, epochs=30, repeats=2, robustness_test=200, speed_samples=50),
+    "full": SuiteSize(zoo="full", train=2000, val=1000, test=1000, epochs=50, repeats=3, robustness_test=1000, speed_samples=1000),
+}
+
+
+def zoo_split_sizes(size: SuiteSize) -> dict[str, int]:
+    return {"train": size.train, "val": size.val, "test": max(size.test, size.robustness_test)}
+
+
+def load_split(cache: Path, name: str, split: str, count: int) -> np.ndarray:
+    images = load_images(cache / "samples" / name / split, channels=1)
+    if len(images) < count:
+        raise SystemExit(f"{cache / 'samples' / name / split} holds {len(images)} PNGs, the suite needs {count}")
+    return images[:count]
+
+
+def features_of(adapter: GeneratorAdapter, kind: str, sets: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], float]:
+    """Unscaled features of every set (one extraction over all of them) and the seconds per image."""
+    extractor = FeatureExtractor(adapter, FeatureConfig(kind=kind))
+    images = np.concatenate(list(sets.values()))
+    start = time.perf_counter()
+    features = extractor(images)
+    seconds = time.perf_counter() - start
+    bounds = np.cumsum([0, *(len(x) for x in sets.values())])
+    return {name: features[a:b] for name, a, b in zip(sets, bounds[:-1], bounds[1:])}, seconds / len(images)
+
+
+def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSize, real_train, real_test, device: str) -> dict:
+    """Attribution and robustness rows of one target, for every feature kind."""
+    family = name.rsplit("-s", 1)[0]
+    sources = {"real": real_test}
+    for other in FAMILIES:
+        if other != family:
+            sources[generator_name(other, 0)] = load_split(cache, generator_name(other, 0), "test", size.test)
+    sources[generator_name(family, 1) + " (same family)"] = load_split(cache, generator_name(family, 1), "test", size.test)
+    own = {split: load_split(cache, name, split, count) for split, count in zoo_split_sizes(size).items()}
+    sets = {"train": own["train"], "real_train": real_train, "val": own["val"], "own": own["test"][: size.test], **sources}
+    perturbed = {}
+    for label in PERTURBATIONS:
+        perturbed[f"own|{label}"] = perturb(own["test"][: size.robustness_test], label)
+        perturbed[f"real|{label}"] = perturb(real_test[: size.robustness_test], label)
+    result = {"target": name, "kinds": {}}
+    for kind in KINDS:
+        feats, per_image_s = features_of(adapter, kind, {**sets, **perturbed})
+        runs = []
+        for repeat in range(size.repeats):
+            det = FlipadDetector(adapter, features=kind, fnr=(FNR,), deep_sad=DeepSADConfig(epochs=size.epochs, seed=repeat),
+                                 device=device, progress=False)
+            start = time.perf_counter()
+            det.fit_features(feats["train"], feats["real_train"], feats["val"])
+            fit_s = time.perf_counter() - start
+            scores = {k: det.score_features(v).cpu().numpy() for k, v in feats.items() if k not in ("train", "real_train", "val")}
+            pairs = evaluate_scores(det.thresholds_, scores["own"], {s: scores[s] for s in sources})
+            robust = {}
+            for label in PERTURBATIONS:
+                (pair,) = evaluate_scores(det.thresholds_, scores[f"own|{label}"], {"real": scores[f"real|{label}"]})
+                robust[label] = {"balanced_accuracy": pair.balanced_accuracy, "auc": pair.auc}
+            runs.append({
+                "deep_sad_s": fit_s,
+                "pairs": [p.to_dict() for p in pairs],
+                "robustness": robust,
+                "roc": {s: _roc(scores["own"], scores[s]) for s in sources} if repeat == 0 else None,
+            })
+        result["kinds"][kind] = {"feature_s_per_image": per_image_s, "runs": runs}
+    return result
+
+
+def _roc(own: np.ndarray, other: np.ndarray) -> dict[str, list[float]]:
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(own)), np.zeros(len(other))], -np.r_[own, other])
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+    return {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}
+
+
+def summarise(results: list[dict]) -> dict:
+    """Mean and standard deviation over repeats: per (target, kind, source) and per kind overall."""
+    table, overall, robust = [], {k: [] for k in KINDS}, {}
+    for res in results:
+        for kind, data in res["kinds"].items():
+            by_source: dict[str, list[tuple[float, float]]] = {}
+            for run in data["runs"]:
+                for pair in run["pairs"]:
+                    by_source.setdefault(pair["source"], []).append((pair["balanced_accuracy"], pair["auc"]))
+                for label, value in run["robustness"].items():
+                    robust.setdefault((kind, label), []).append(value["balanced_accuracy"])
+            for source, values in by_source.items():
+                acc = np.array([v[0] for v in values])
+                auc = np.array([v[1] for v in values])
+                table.append({"target": res["target"], "kind": kind, "source": source, "acc_mean": float(acc.mean()),
+                              "acc_std": float(acc.std()), "auc_mean": float(auc.mean())})
+                overall[kind].append(float(acc.mean()))
+    return {
+        "table": table,
+        "overall": {k: float(np.mean(v)) if v else float("nan") for k, v in overall.items()},
+        "robustness": {f"{k}|{label}": float(np.mean(v)) for (k, label), v in robust.items()},
+    }
+
+
+def throughput(results: list[dict], size: SuiteSize) -> dict[str, float]:
+    """Samples per second of the stages, from the FLIPAD runs' timings."""
+    feature_s = np.mean([r["kinds"]["flipad"]["feature_s_per_image"] for r in results])
+    deep_sad_s = np.mean([run["deep_sad_s"] for r in results for run in r["kinds"]["flipad"]["runs"]])
+    train_items = 2 * size.train
+    onboarding_s = feature_s * (train_items + size.val) + deep_sad_s
+    return {
+        "inversion_per_s": 1.0 / feature_s,
+        "deep_sad_training_per_s": train_items / deep_sad_s,
+        "onboarding_s": onboarding_s,
+        "onboarding_per_s": (train_items + size.val) / onboarding_s,
+        "attribution_per_s": 1.0 / feature_s,  # scoring is the inversion plus one network pass
+    }
+
+
+def write_plots(results: list[dict], summary: dict, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for kind, data in res["kinds"].items():
+            roc = data["runs"][0]["roc"]
+            fpr = np.concatenate([roc[s]["fpr"] for s in roc])
+            tpr = np.concatenate([roc[s]["tpr"] for s in roc])
+            order = np.argsort(fpr, kind="stable")
+            ax.plot(fpr[order], tpr[order], label=KINDS[kind], lw=1)
+        ax.set_title(res["target"])
+        ax.set_xlabel("false positive rate (other sources)")
+        ax.set_ylabel("true positive rate")
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "roc.png", dpi=90)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, group in zip(axes, ("jpeg", "blur", "crop", "noise")):
+        labels = [k for k, v in PERTURBATIONS.items() if v[0] == group]
+        strengths = [PERTURBATIONS[k][1] for k in labels]
+        for kind in KINDS:
+            ax.plot(strengths, [summary["robustness"][f"{kind}|{k}"] for k in labels], marker="o", label=KINDS[kind])
+        ax.set_title(group)
+        ax.set_xlabel("strength")
+        ax.set_ylabel("balanced accuracy vs real")
+        ax.set_ylim(0.4, 1.02)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "robustness.png", dpi=90)
+    plt.close(fig)
+    return ["roc.png", "robustness.png"]
+
+
+def markdown(size_name: str, size: SuiteSize, results: list[dict], summary: dict, speed: list, rates: dict,
+             plots: list[str], plot_dir: str, meta: dict) -> str:
+    zoo = ZOO_SIZES[size.zoo]
+    lines = [
+        BEGIN,
+        f"## Benchmark suite ({size_name} size)",
+        "",
+        f"Written by `python bench/suite.py --size {size_name}` on {meta['date']} ({meta['machine']}, {meta['threads']} threads, "
+        f"torch {meta['torch']}, numpy {meta['numpy']}); {meta['seconds']:.0f} s, zoo training excluded ({meta['zoo_s']:.0f} s this run).",
+        "",
+        f"Zoo: {', '.join(FAMILIES)} x seeds {list(SEEDS)}, {zoo.image_size}x{zoo.image_size} grayscale, latent {zoo.latent_dim}, "
+        f"width {zoo.width}, {zoo.train_steps} training steps. Detectors: {size.train} generator + {size.train} real training images "
+        f"(real images are the only negatives), {size.val} validation images for the FNR {FNR} threshold, Deep SAD {size.epochs} "
+        f"epochs, {size.repeats} seed(s); {size.test} test images per source.",
+        "",
+        "### Attribution: balanced accuracy at FNR 0.005 (mean ± std over Deep SAD seeds; AUC in brackets)",
+        "",
+        "| target | other source | " + " | ".join(KINDS.values()) + " |",
+        "|---|---|" + "---|" * len(KINDS),
+    ]
+    rows: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in summary["table"]:
+        rows.setdefault((row["target"], row["source"]), {})[row["kind"]] = row
+    for (target, source), by_kind in rows.items():
+        cells = [f"{by_kind[k]['acc_mean']:.3f} ± {by_kind[k]['acc_std']:.3f} ({by_kind[k]['auc_mean']:.3f})" for k in KINDS]
+        lines.append(f"| {target} | {source} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | all | " + " | ".join(f"**{summary['overall'][k]:.3f}**" for k in KINDS) + " |")
+    lines += [
+        "",
+        "### Robustness, test-only (perturbed test images of the target vs perturbed real; mean over targets and seeds)",
+        "",
+        "| perturbation | " + " | ".join(KINDS.values()) + " |",
+        "|---|" + "---|" * len(KINDS),
+    ]
+    for label in PERTURBATIONS:
+        lines.append(f"| {label} | " + " | ".join(f"{summary['robustness'][f'{k}|{label}']:.3f}" for k in KINDS) + " |")
+    lines += [
+        "",
+        f"### Speed (inversion of {size.speed_samples} test images of {results[0]['target']}, alpha 5e-4, same run)",
+        "",
+        "| solver | median gap | p90 gap | median iterations | wall s | speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in speed:
+        lines.append(f"| {row.solver} | {row.median_gap:.2e} | {row.p90_gap:.2e} | {row.median_iterations:.0f} | "
+                     f"{row.seconds:.2f} | {row.speed_up:.2f}x |")
+    lines += [
+        "",
+        f"Detector features (FISTA, 600 iterations): {rates['inversion_per_s']:.1f} images/s; Deep SAD training "
+        f"{rates['deep_sad_training_per_s']:.0f} samples/s; onboarding one target ({2 * size.train + size.val} images through "
+        f"features and Deep SAD) {rates['onboarding_s']:.0f} s = {rates['onboarding_per_s']:.1f} images/s; attribution "
+        f"{rates['attribution_per_s']:.1f} items/s.",
+        "",
+        *[f"![{p}]({plot_dir}/{p})" for p in plots],
+        "",
+        "Not in this suite yet: the immunised robustness setting (perturbed training images), the full-generator "
+        "reconstruction baseline (see `bench/core_bar.py --family reconstruction` above), convergence plots.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(doc: Path, block: str) -> None:
+    """Replace the suite's section of ``doc`` (appended when the doc has none)."""
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=tuple(SUITE_SIZES), default="cpu")
+    parser.add_argument("--full", action="store_const", const="full", dest="size", help="the paper-sized protocol (GPU)")
+    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--out", type=Path, default=Path(".flipad/suite"))
+    parser.add_argument("--zoo-cache", type=Path, help="default: .flipad/zoo/<zoo size>")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    size = SUITE_SIZES[args.size]
+    cache = args.zoo_cache or Path(".flipad/zoo") / size.zoo
+    start = time.perf_counter()
+    adapters = train_zoo(size.zoo, cache, args.device, zoo_split_sizes(size))
+    zoo_s = time.perf_counter() - start
+    start = time.perf_counter()
+    image_size = ZOO_SIZES[size.zoo].image_size
+    real_train = load_fashion_mnist("train", image_size)[-size.train :]  # the GANs train on the split's start
+    real_test = load_fashion_mnist("test", image_size, limit=max(size.test, size.robustness_test))
+    targets = [generator_name(f, 0) for f in FAMILIES]
+    results = []
+    for name in targets:
+        print(f"target {name}", flush=True)
+        results.append(run_target(name, adapters[name], cache, size, real_train, real_test[: size.test], args.device))
+    summary = summarise(results)
+    speed_images = load_split(cache, targets[0], "test", size.speed_samples)
+    speed, _ = compare_solvers(adapters[targets[0]], speed_images)
+    rates = throughput(results, size)
+    seconds = time.perf_counter() - start
+    plot_dir = args.doc.parent / "benchmarks"
+    plots = write_plots(results, summary, plot_dir)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "numpy": np.__version__, "seconds": seconds, "zoo_s": zoo_s}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(
+        {"size": asdict(size), "meta": meta, "results": results, "summary": summary, "rates": rates,
+         "speed": [asdict(r) for r in speed]}, indent=1))
+    update_doc(args.doc, markdown(args.size, size, results, summary, speed, rates, plots,
+                                  plot_dir.relative_to(args.doc.parent).as_posix(), meta))
+    print(f"mean balanced accuracy at FNR {FNR}: " + ", ".join(f"{KINDS[k]} {v:.3f}" for k, v in summary["overall"].items()))
+    print(f"wrote {args.doc} and {args.out / 'results.json'} in {seconds:.0f} s (zoo {zoo_s:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
