@@ -2,6 +2,7 @@
 
     python bench/core_bar.py [--train-steps 1500] [--samples 2000] [--test 1000]
                              [--family flipad|reconstruction|combined] [--calibration 1000]
+                             [--solver fista|auto] [--gap-tol 1e-3]
 
 Three 32x32 grayscale generators, latent vector 64 reshaped inside the module, written here as a
 user would (not the built-ins): final ConvTranspose2d + tanh, upsampling + final Conv2d + tanh,
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flipad import AttributionDetector, FlipadDetector, GeneratorAdapter, ReconstructionLossDetector  # noqa: E402
 from flipad.data import load_fashion_mnist  # noqa: E402
 from flipad.evaluation import evaluate_pairs, evaluate_scores  # noqa: E402
-from flipad.features import FeatureConfig  # noqa: E402
+from flipad.features import DETECTOR_INVERSION, FeatureConfig  # noqa: E402
 from flipad.negatives import perturbed_samples  # noqa: E402
 from flipad.training import train_gan  # noqa: E402
 
@@ -86,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="*", default=list(TARGETS))
     parser.add_argument("--bounded", action="store_true", help="constrain the inversion to the penultimate range")
     parser.add_argument("--censored", action="store_true", help="saturated pixels as inequalities")
+    parser.add_argument("--solver", choices=("fista", "auto"), default="fista",
+                        help="the features' inversion: the detector default (FISTA, 600 iterations) or invert()'s auto")
+    parser.add_argument("--gap-tol", type=float, default=1e-3, help="with --solver auto: the interior method's gap")
     parser.add_argument("--perturbed", type=int, default=0, help="extra negatives from perturbed copies of the target")
     parser.add_argument("--perturb-scale", type=float, default=0.2)
     parser.add_argument("--family", choices=("flipad", "reconstruction", "combined"), default="flipad")
     parser.add_argument("--calibration", type=int, default=1000, help="held-out generator samples per calibration set")
     args = parser.parse_args(argv)
-    features = FeatureConfig(bounded=args.bounded, censored=args.censored)
+    inversion = {"method": "auto", "gap_tol": args.gap_tol} if args.solver == "auto" else DETECTOR_INVERSION
+    features = FeatureConfig(bounded=args.bounded, censored=args.censored, inversion=dict(inversion))
     print(f"features: {features}")
     torch.set_num_threads(2)
     train_real = load_fashion_mnist("train", 32, limit=20_000)

@@ -65,7 +65,7 @@ class SuiteSize:
 
 SUITE_SIZES = {
     "smoke": SuiteSize(zoo="smoke", train=8, val=8, test=8, epochs=1, repeats=1, robustness_test=8, speed_samples=2),
-    "cpu": SuiteSize(zoo="cpu", train=500, val=300, test=200, epochs=30, repeats=2, robustness_test=200, speed_samples=50),
+    "cpu": SuiteSize(zoo="cpu", train=500, val=300, test=200, epochs=30, repeats=2, robustness_test=100, speed_samples=50),
     "full": SuiteSize(zoo="full", train=2000, val=1000, test=1000, epochs=50, repeats=3, robustness_test=1000, speed_samples=1000),
 }
 

@@ -58,7 +58,7 @@ class ZooSize:
 
 ZOO_SIZES = {
     "smoke": ZooSize(image_size=32, width=8, latent_dim=16, train_steps=2, critic_steps=1, train_images=256, samples_per_split=8),
-    "cpu": ZooSize(image_size=32, width=16, latent_dim=64, train_steps=1000, critic_steps=2, train_images=20_000, samples_per_split=200),
+    "cpu": ZooSize(image_size=32, width=16, latent_dim=64, train_steps=500, critic_steps=2, train_images=20_000, samples_per_split=200),
     "full": ZooSize(image_size=64, width=64, latent_dim=100, train_steps=10_000, critic_steps=5, train_images=60_000, samples_per_split=1000),
 }
 
