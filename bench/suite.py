@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_curve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -133,8 +134,6 @@ def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSiz
 
 
 def _roc(own: np.ndarray, other: np.ndarray) -> dict[str, list[float]]:
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, _ = roc_curve(np.r_[np.ones(len(own)), np.zeros(len(other))], -np.r_[own, other])
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
     return {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}

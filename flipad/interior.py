@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 
 from .layers import LinearMap
 
-__all__ = ["OutputSystem", "output_system", "barrier_lasso"]
+__all__ = ["OutputSystem", "output_system", "barrier_lasso", "blocks"]
 
 # A Newton step may cost at most this many FISTA iterations (2 nnz(A) multiply-adds each):
 # ~25 steps x 100 = 2,500 iterations, fewer than FISTA needs for a gap of 1e-4 (3,000 left a
