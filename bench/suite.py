@@ -287,7 +287,8 @@ def markdown(size_name: str, size: SuiteSize, results: list[dict], summary: dict
         f"## Benchmark suite ({size_name} size)",
         "",
         f"Written by `python bench/suite.py --size {size_name}` on {meta['date']} ({meta['machine']}, {meta['threads']} threads, "
-        f"torch {meta['torch']}, numpy {meta['numpy']}); {meta['seconds']:.0f} s, zoo training excluded ({meta['zoo_s']:.0f} s this run).",
+        f"torch {meta['torch']}, numpy {meta['numpy']}); {meta['seconds']:.0f} s, zoo training excluded ({meta['zoo_s']:.0f} s this run). "
+        "Per target: " + ", ".join(f"{t} {sec:.0f} s" for t, sec in meta["target_s"].items()) + f"; speed and convergence {meta['speed_s']:.0f} s.",
         "",
         f"Zoo: {', '.join(FAMILIES)} x seeds {list(SEEDS)}, {zoo.image_size}x{zoo.image_size} grayscale, latent {zoo.latent_dim}, "
         f"width {zoo.width}, {zoo.train_steps} training steps. Detectors: {size.train} generator + {size.train} real training images "
@@ -395,18 +396,23 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in targets:
         print(f"target {name}", flush=True)
+        target_start = time.perf_counter()
         results.append(run_target(name, adapters[name], cache, size, real_train, real_test[: size.test], args.device))
+        results[-1]["seconds"] = time.perf_counter() - target_start
     summary = summarise(results)
+    speed_start = time.perf_counter()
     speed_images = load_split(cache, targets[0], "test", size.speed_samples)
     comparison = compare_solvers(adapters[targets[0]], speed_images)
     speed = comparison.rows
     convergence = convergence_curves(adapters[targets[0]], speed_images, comparison.optimum)
+    speed_s = time.perf_counter() - speed_start
     rates = throughput(results, size)
     seconds = time.perf_counter() - start
     plot_dir = args.doc.parent / "benchmarks"
     plots = write_plots(results, summary, convergence, plot_dir)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numpy": np.__version__, "seconds": seconds, "zoo_s": zoo_s}
+            "torch": torch.__version__, "numpy": np.__version__, "seconds": seconds, "zoo_s": zoo_s,
+            "target_s": {r["target"]: r["seconds"] for r in results}, "speed_s": speed_s}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
         {"size": asdict(size), "meta": meta, "results": results, "summary": summary, "rates": rates,

@@ -60,6 +60,8 @@ def test_suite_smoke_run_writes_tables_results_and_plots(tmp_path):
     assert [r["solver"] for r in results["speed"]] == ["paper", "invert() default", "fista"]
     assert all(math.isfinite(r["seconds"]) and r["seconds"] > 0 and r["median_gap"] >= 0 for r in results["speed"])
     assert all(math.isfinite(v) and v > 0 for v in results["rates"].values())
+    assert list(results["meta"]["target_s"]) == targets and all(v > 0 for v in results["meta"]["target_s"].values())
+    assert 0 < results["meta"]["speed_s"] < results["meta"]["seconds"]
     smoke = suite.SUITE_SIZES["smoke"]
     assert set(results["summary"]["immunised"]) == {f"{k}|{label}" for k in suite.KINDS for label in smoke.immunised}
     assert all(0.0 <= v <= 1.0 for v in results["summary"]["immunised"].values())
@@ -79,10 +81,11 @@ def test_suite_smoke_run_writes_tables_results_and_plots(tmp_path):
     assert (doc.parent / "benchmarks" / "robustness.png").stat().st_size > 0
     assert (doc.parent / "benchmarks" / "convergence.png").stat().st_size > 0
 
-    assert suite.main(args) == 0  # a rerun replaces its section, once
+    block = text[text.index(suite.BEGIN) : text.index(suite.END) + len(suite.END)]
+    suite.update_doc(doc, block.replace("## Benchmark suite", "## Benchmark suite, rerun"))  # a rerun's section
     again = doc.read_text()
-    assert again.count(suite.BEGIN) == 1 and again.count(suite.END) == 1
-    assert "hand-written text that must survive" in again
+    assert again.count(suite.BEGIN) == 1 and again.count(suite.END) == 1 and "## Benchmark suite, rerun" in again
+    assert "hand-written text that must survive" in again and again.count("## Benchmark suite") == 1
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py") if "def main(" in p.read_text()))
