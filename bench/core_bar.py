@@ -33,10 +33,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flipad import AttributionDetector, FlipadDetector, GeneratorAdapter, ReconstructionLossDetector  # noqa: E402
-from flipad.data import load_fashion_mnist, quantize  # noqa: E402
+from flipad.data import load_fashion_mnist  # noqa: E402
 from flipad.evaluation import evaluate_pairs, evaluate_scores  # noqa: E402
 from flipad.features import DETECTOR_INVERSION, FeatureConfig  # noqa: E402
 from flipad.negatives import perturbed_samples  # noqa: E402
+from flipad.reconstruction import generate_samples  # noqa: E402
 from flipad.training import train_gan  # noqa: E402
 
 
@@ -81,10 +82,7 @@ def output_range(name: str) -> tuple[float, float]:
 
 def samples(name: str, module: nn.Module, n: int, seed: int) -> np.ndarray:
     """``n`` 8-bit samples of a target (the latents ``GeneratorAdapter.generate`` draws for ``seed``)."""
-    latents = torch.randn(n, *module.latent_shape, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        out = torch.cat([module(latents[i : i + 500]) for i in range(0, n, 500)])
-    return quantize(out, *output_range(name))
+    return generate_samples(module, module.latent_shape, n, seed, output_range(name))
 
 
 def trained(name: str, steps: int, real, cache: Path) -> nn.Module:

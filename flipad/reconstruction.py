@@ -27,7 +27,7 @@ from .data import check_sample_shape, quantize
 from .device import resolve_device
 from .persist import check_generator, read_saved, write_saved
 
-__all__ = ["ReconstructionConfig", "ReconstructionLossDetector", "reconstruction_losses"]
+__all__ = ["ReconstructionConfig", "ReconstructionLossDetector", "generate_samples", "reconstruction_losses"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,25 @@ def _output_range(module: nn.Module, latent_shape: Sequence[int], device: torch.
     with torch.no_grad():
         out = module(torch.randn(16, *latent_shape, generator=torch.Generator().manual_seed(0)).to(device))
     return (-1.0, 1.0) if float(out.min()) < -1e-3 else (0.0, 1.0)
+
+
+def generate_samples(
+    module: nn.Module,
+    latent_shape: Sequence[int],
+    n: int,
+    seed: int,
+    output_range: tuple[float, float],
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """``n`` samples of any generator from standard-normal latents drawn for ``seed`` (the latents
+    ``GeneratorAdapter.generate`` draws), images quantised to 8 bits within ``output_range``."""
+    latents = torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed))
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, n, 256):
+            chunks.append(module(latents[start : start + 256].to(device)).cpu())
+    samples = torch.cat(chunks)
+    return quantize(samples, *output_range) if samples.dim() == 4 else samples.numpy()
 
 
 def reconstruction_losses(
@@ -195,13 +214,7 @@ class ReconstructionLossDetector(CalibratedDetector):
 
     def generate(self, n: int, seed: int) -> np.ndarray:
         """``n`` samples of the generator, quantised to 8 bits for images."""
-        latents = torch.randn(n, *self.latent_shape_, generator=torch.Generator().manual_seed(seed))
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, n, 256):
-                chunks.append(self.module_(latents[start : start + 256].to(self.device_)).cpu())
-        samples = torch.cat(chunks)
-        return quantize(samples, *self.range_) if samples.dim() == 4 else samples.numpy()
+        return generate_samples(self.module_, self.latent_shape_, n, seed, self.range_, self.device_)
 
     def _to_range(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         check_sample_shape(samples, self.output_shape_)
