@@ -77,7 +77,7 @@ SUITE_SIZES = {
     "smoke": SuiteSize(zoo="smoke", train=8, val=8, test=8, epochs=1, repeats=1, robustness_test=8, speed_samples=2,
                        immunised=("jpeg q90",), reconstruction_val=4, reconstruction_test=3),
     "cpu": SuiteSize(zoo="cpu", train=500, val=300, test=200, epochs=30, repeats=2, robustness_test=100, speed_samples=50,
-                     immunised=("jpeg q90",), reconstruction_val=100, reconstruction_test=30),
+                     immunised=("jpeg q90",), reconstruction_val=60, reconstruction_test=20),
     "full": SuiteSize(zoo="full", train=2000, val=1000, test=1000, epochs=50, repeats=3, robustness_test=1000,
                       speed_samples=1000, immunised=tuple(PERTURBATIONS), reconstruction_val=1000, reconstruction_test=200),
 }
@@ -92,6 +92,25 @@ def load_split(cache: Path, name: str, split: str, count: int) -> np.ndarray:
     if len(images) < count:
         raise SystemExit(f"{cache / 'samples' / name / split} holds {len(images)} PNGs, the suite needs {count}")
     return images[:count]
+
+
+def other_generators(target: str) -> dict[str, str]:
+    """The zoo generators a target is tested against, by table label: each other family's seed 0 and
+    the same family's seed 1."""
+    family = target.rsplit("-s", 1)[0]
+    others = {generator_name(f, 0): generator_name(f, 0) for f in FAMILIES if f != family}
+    return {**others, f"{generator_name(family, 1)} (same family)": generator_name(family, 1)}
+
+
+def prepare(size: SuiteSize, cache: Path, device: str, counts: dict[str, int]) -> tuple[dict[str, GeneratorAdapter], np.ndarray, np.ndarray]:
+    """The zoo's adapters (trained and sampled if missing, ``counts`` PNGs per split), the real
+    training negatives (the end of Fashion-MNIST's train split; the GANs train on its start) and
+    the real test images."""
+    adapters = train_zoo(size.zoo, cache, device, counts)
+    image_size = ZOO_SIZES[size.zoo].image_size
+    real_train = load_fashion_mnist("train", image_size)[-size.train :]
+    real_test = load_fashion_mnist("test", image_size, limit=max(size.test, size.robustness_test))
+    return adapters, real_train, real_test
 
 
 def features_of(adapter: GeneratorAdapter, kind: str, sets: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], float]:
@@ -110,12 +129,7 @@ FIT_SETS = ("train", "real_train", "val")
 
 def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSize, real_train, real_test, device: str) -> dict:
     """Attribution and robustness rows of one target, for every feature kind and the reconstruction baseline."""
-    family = name.rsplit("-s", 1)[0]
-    sources = {"real": real_test}
-    for other in FAMILIES:
-        if other != family:
-            sources[generator_name(other, 0)] = load_split(cache, generator_name(other, 0), "test", size.test)
-    sources[generator_name(family, 1) + " (same family)"] = load_split(cache, generator_name(family, 1), "test", size.test)
+    sources = {"real": real_test, **{label: load_split(cache, g, "test", size.test) for label, g in other_generators(name).items()}}
     own = {split: load_split(cache, name, split, count) for split, count in zoo_split_sizes(size).items()}
     fit_sets = dict(zip(FIT_SETS, (own["train"], real_train, own["val"])))
     sets = {**fit_sets, "own": own["test"][: size.test], **sources}
@@ -360,12 +374,14 @@ def _robustness_table(title: str, labels, values: dict[str, float]) -> list[str]
     return lines + [f"| {label} | " + " | ".join(f"{values[f'{k}|{label}']:.3f}" for k in KINDS) + " |" for label in labels]
 
 
-def update_doc(doc: Path, block: str) -> None:
-    """Replace the suite's section of ``doc`` (appended when the doc has none)."""
+def update_doc(doc: Path, block: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Replace the section of ``doc`` between ``markers`` (the suite's by default) with ``block``,
+    which starts and ends with them; appended when the doc has no such section."""
+    begin, end = markers
     text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block.rstrip("\n") + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -386,12 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     size = SUITE_SIZES[args.size]
     cache = args.zoo_cache or Path(".flipad/zoo") / size.zoo
     start = time.perf_counter()
-    adapters = train_zoo(size.zoo, cache, args.device, zoo_split_sizes(size))
+    adapters, real_train, real_test = prepare(size, cache, args.device, zoo_split_sizes(size))
     zoo_s = time.perf_counter() - start
     start = time.perf_counter()
-    image_size = ZOO_SIZES[size.zoo].image_size
-    real_train = load_fashion_mnist("train", image_size)[-size.train :]  # the GANs train on the split's start
-    real_test = load_fashion_mnist("test", image_size, limit=max(size.test, size.robustness_test))
     targets = [generator_name(f, 0) for f in FAMILIES]
     results = []
     for name in targets:

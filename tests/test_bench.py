@@ -14,6 +14,7 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import known_sources  # noqa: E402
 import perturb  # noqa: E402
 import suite  # noqa: E402
 import zoo  # noqa: E402
@@ -86,6 +87,22 @@ def test_suite_smoke_run_writes_tables_results_and_plots(tmp_path):
     again = doc.read_text()
     assert again.count(suite.BEGIN) == 1 and again.count(suite.END) == 1 and "## Benchmark suite, rerun" in again
     assert "hand-written text that must survive" in again and again.count("## Benchmark suite") == 1
+
+    # the known-sources setting on the same zoo writes its own section beside the suite's
+    args = ["--size", "smoke", "--per-source", "4", "--doc", str(doc), "--out", str(tmp_path / "known"),
+            "--zoo-cache", str(tmp_path / "zoo")]
+    assert known_sources.main(args) == 0
+    known = json.loads((tmp_path / "known" / "results.json").read_text())
+    assert [r["target"] for r in known["results"]] == targets
+    for res in known["results"]:
+        assert set(res["kinds"]) == set(suite.KINDS)
+        for data in res["kinds"].values():
+            assert [p["source"] for p in data["pairs"]] == ["real", *suite.other_generators(res["target"])]
+            assert all(0.0 <= p["balanced_accuracy"] <= 1.0 and 0.0 <= p["auc"] <= 1.0 for p in data["pairs"])
+    text = doc.read_text()
+    assert text.count(known_sources.BEGIN) == 1 and "## Benchmark suite, rerun" in text
+    section = text[text.index(known_sources.BEGIN) :]
+    assert sum(line.startswith(f"| {t} |") for line in section.splitlines() for t in targets) == len(targets) * 5
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py") if "def main(" in p.read_text()))
