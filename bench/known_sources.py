@@ -15,7 +15,6 @@ and rewrites this script's own section of the doc.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -38,15 +37,17 @@ from suite import (  # noqa: E402
     other_generators,
     prepare,
     update_doc,
+    zoo_run_parser,
 )
 from zoo import FAMILIES, generator_name  # noqa: E402
 
+from flipad import GeneratorAdapter  # noqa: E402
 from flipad.evaluation import evaluate_scores  # noqa: E402
 
 BEGIN, END = "<!-- bench/known_sources.py: begin -->", "<!-- bench/known_sources.py: end -->"
 
 
-def run_target(name: str, adapter, cache: Path, size: SuiteSize, per_source: int, real_train: np.ndarray,
+def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSize, per_source: int, real_train: np.ndarray,
                real_test: np.ndarray, device: str) -> dict:
     """Pairs of one target for every feature kind, its detectors trained with the other generators known."""
     generators = other_generators(name)
@@ -92,14 +93,8 @@ def markdown(size_name: str, size: SuiteSize, per_source: int, results: list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=tuple(SUITE_SIZES), default="cpu")
+    parser = zoo_run_parser(__doc__, Path(".flipad/known-sources"))
     parser.add_argument("--per-source", type=int, default=500, help="train PNGs of each other generator among the negatives")
-    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--out", type=Path, default=Path(".flipad/known-sources"))
-    parser.add_argument("--zoo-cache", type=Path, help="default: .flipad/zoo/<zoo size>")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     if args.per_source < 1:
         parser.error("--per-source must be at least 1")

@@ -388,15 +388,21 @@ def update_doc(doc: Path, block: str, markers: tuple[str, str] = (BEGIN, END)) -
     doc.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def zoo_run_parser(description: str, out: Path) -> argparse.ArgumentParser:
+    """The command-line options a run on the zoo shares: size, doc, output folder, zoo cache, device, threads."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=tuple(SUITE_SIZES), default="cpu")
-    parser.add_argument("--full", action="store_const", const="full", dest="size", help="the paper-sized protocol (GPU)")
     parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--out", type=Path, default=Path(".flipad/suite"))
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--zoo-cache", type=Path, help="default: .flipad/zoo/<zoo size>")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = zoo_run_parser(__doc__, Path(".flipad/suite"))
+    parser.add_argument("--full", action="store_const", const="full", dest="size", help="the paper-sized protocol (GPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = SUITE_SIZES[args.size]
