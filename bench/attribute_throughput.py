@@ -47,8 +47,8 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
     from safetensors.torch import save_file
 
-    from flipad.architectures import DCGANGenerator
-    from flipad.data import encode_item, load_fashion_mnist
+    from flipad.generators.architectures import DCGANGenerator
+    from flipad.io.data import encode_item, load_fashion_mnist
     from flipad.device import resolve_device
     from flows.attribute import AttributeConfig, attribute_stream
     from flows.demo import DEMO_GENERATOR

@@ -33,12 +33,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flipad import AttributionDetector, FlipadDetector, GeneratorAdapter, ReconstructionLossDetector  # noqa: E402
-from flipad.data import load_fashion_mnist  # noqa: E402
-from flipad.evaluation import evaluate_pairs, evaluate_scores  # noqa: E402
-from flipad.features import DETECTOR_INVERSION, FeatureConfig  # noqa: E402
-from flipad.negatives import perturbed_samples  # noqa: E402
-from flipad.reconstruction import generate_samples  # noqa: E402
-from flipad.training import train_gan  # noqa: E402
+from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flipad.detectors.evaluation import evaluate_pairs, evaluate_scores  # noqa: E402
+from flipad.detectors.features import DETECTOR_INVERSION, FeatureConfig  # noqa: E402
+from flipad.detectors.negatives import perturbed_samples  # noqa: E402
+from flipad.detectors.reconstruction import generate_samples  # noqa: E402
+from flipad.generators.training import train_gan  # noqa: E402
 
 
 class VectorGenerator(nn.Module):

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flipad.deepsad import DeepSADConfig, DeepSADTrainer  # noqa: E402
+from flipad.detectors.deepsad import DeepSADConfig, DeepSADTrainer  # noqa: E402
 
 SHAPES = {"raw/dct 1x32x32": (1, 32, 32), "flipad 16x16x16": (16, 16, 16)}
 

@@ -42,7 +42,7 @@ from suite import (  # noqa: E402
 from zoo import FAMILIES, generator_name  # noqa: E402
 
 from flipad import GeneratorAdapter  # noqa: E402
-from flipad.evaluation import evaluate_scores  # noqa: E402
+from flipad.detectors.evaluation import evaluate_scores  # noqa: E402
 
 BEGIN, END = "<!-- bench/known_sources.py: begin -->", "<!-- bench/known_sources.py: end -->"
 

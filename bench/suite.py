@@ -41,15 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inversion_speed import CONVERGENCE_BUDGETS, compare_solvers, convergence_curves  # noqa: E402
-from perturb import PERTURBATIONS, perturb  # noqa: E402
+from flipad.io.perturb import PERTURBATIONS, perturb  # noqa: E402
 from zoo import FAMILIES, SEEDS, ZOO_SIZES, generator_name, train_zoo  # noqa: E402
 
 from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter  # noqa: E402
-from flipad.data import load_fashion_mnist, load_images  # noqa: E402
-from flipad.deepsad import DeepSADConfig  # noqa: E402
-from flipad.evaluation import evaluate_scores  # noqa: E402
-from flipad.features import FeatureExtractor  # noqa: E402
-from flipad.reconstruction import ReconstructionConfig, ReconstructionLossDetector  # noqa: E402
+from flipad.io.data import load_fashion_mnist, load_images  # noqa: E402
+from flipad.detectors.deepsad import DeepSADConfig  # noqa: E402
+from flipad.detectors.evaluation import evaluate_scores  # noqa: E402
+from flipad.detectors.features import FeatureExtractor  # noqa: E402
+from flipad.detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector  # noqa: E402
 
 KINDS = {"flipad": "FLIPAD", "raw": "RAWPAD", "dct": "DCTPAD"}
 BEGIN, END = "<!-- bench/suite.py: begin -->", "<!-- bench/suite.py: end -->"

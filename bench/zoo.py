@@ -3,7 +3,7 @@
     python bench/zoo.py [--size cpu|full|smoke] [--cache .flipad/zoo]
 
 Each generator is a built-in architecture (``flipad.architectures``) trained with its family's
-objective (``flipad.training.train_gan``): DCGAN (non-saturating loss), WGAN-GP (Wasserstein loss
+objective (``flipad.generators.training.train_gan``): DCGAN (non-saturating loss), WGAN-GP (Wasserstein loss
 with gradient penalty, 2 critic steps per generator step on CPU, 5 at the full size), LSGAN
 (least squares), EBGAN (autoencoder energy with a margin). Initialisation and training are seeded,
 so a checkpoint is reproduced bit for bit on the CPU from its family, seed and size (same torch
@@ -29,9 +29,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flipad import GeneratorAdapter  # noqa: E402
-from flipad.architectures import DCGANGenerator, EBGANGenerator, LSGANGenerator, WGANGPGenerator  # noqa: E402
-from flipad.data import load_fashion_mnist  # noqa: E402
-from flipad.training import train_gan  # noqa: E402
+from flipad.generators.architectures import DCGANGenerator, EBGANGenerator, LSGANGenerator, WGANGPGenerator  # noqa: E402
+from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flipad.generators.training import train_gan  # noqa: E402
 
 FAMILIES = {
     "dcgan": (DCGANGenerator, dict(loss="bce")),

@@ -4,15 +4,15 @@ The package holds the method only (torch, numpy, scikit-learn, Pillow); the MLOp
 layers live in ``registry/``, ``monitoring/`` and ``flows/``.
 """
 
-from .adapter import GeneratorAdapter
-from .calibration import NotFittedError
-from .combined import AttributionDetector
-from .detector import FlipadDetector
-from .features import FeatureConfig
-from .generators import load_generator
-from .inversion import InversionResult, LassoOptions
-from .reconstruction import ReconstructionConfig, ReconstructionLossDetector
-from .tracing import NotInvertibleError
+from .generators.adapter import GeneratorAdapter
+from .detectors.calibration import NotFittedError
+from .detectors.verdict import AttributionDetector
+from .detectors.flipad import FlipadDetector
+from .detectors.features import FeatureConfig
+from .generators.loading import load_generator
+from .inversion.lasso import InversionResult, LassoOptions
+from .detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector
+from .generators.tracing import NotInvertibleError
 
 __all__ = [
     "GeneratorAdapter",

@@ -24,7 +24,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from flipad.scoring import ItemResult
+from flipad.io.scoring import ItemResult
 from monitoring.drift import DRIFT_SHARE, check_drift
 from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run

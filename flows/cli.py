@@ -69,9 +69,9 @@ def onboard(
     """Train, evaluate and register a detector for one generator (MLflow + Prefect)."""
     from pydantic import ValidationError
 
-    from flipad.data import DataError
-    from flipad.generators import GeneratorLoadError, parse_latent_shape
-    from flipad.tracing import NotInvertibleError
+    from flipad.io.data import DataError
+    from flipad.generators.loading import GeneratorLoadError, parse_latent_shape
+    from flipad.generators.tracing import NotInvertibleError
     from flows.submit import DeploymentRunError, absolute_generator, absolute_location, run_through_deployment
     from registry.store import TrackingUnavailableError, connect, ui_command
     from registry.versions import list_versions
@@ -260,7 +260,7 @@ def demo(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The whole story on the embedded default: train, onboard (MLflow), attribute a mixed folder."""
-    from flipad.data import DataError
+    from flipad.io.data import DataError
     from registry.store import TrackingUnavailableError, connect
 
     try:

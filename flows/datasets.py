@@ -9,7 +9,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from flipad.data import (
+from flipad.io.data import (
     DataError,
     fashion_mnist_cache,
     fashion_mnist_candidates,

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 from safetensors.torch import load_file, save_file
 
-from flipad.adapter import GeneratorAdapter
-from flipad.architectures import DCGANGenerator
-from flipad.data import encode_item, load_fashion_mnist
-from flipad.training import train_gan
+from flipad.generators.adapter import GeneratorAdapter
+from flipad.generators.architectures import DCGANGenerator
+from flipad.io.data import encode_item, load_fashion_mnist
+from flipad.generators.training import train_gan
 
 from .attribute import AttributeConfig, attribute_stream
 from .datasets import ensure_fashion_mnist

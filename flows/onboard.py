@@ -25,17 +25,17 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field
 
 import flipad
-from flipad.adapter import GeneratorAdapter
-from flipad.bundle import Detector, detector_kind, flipad_family
-from flipad.calibration import fnr_upper_bound
-from flipad.combined import CALIBRATION_SEED_OFFSET, AttributionDetector
-from flipad.data import encode_item, load_dataset, pixel_stats
-from flipad.deepsad import DeepSADConfig
-from flipad.detector import TRAIN_SEED_OFFSET, VALIDATION_SEED_OFFSET, FlipadDetector
-from flipad.evaluation import evaluate_scores
-from flipad.features import FeatureConfig, FeatureExtractor
-from flipad.generators import GeneratorSource
-from flipad.reconstruction import ReconstructionConfig
+from flipad.generators.adapter import GeneratorAdapter
+from flipad.detectors.bundle import Detector, detector_kind, flipad_family
+from flipad.detectors.calibration import fnr_upper_bound
+from flipad.detectors.verdict import CALIBRATION_SEED_OFFSET, AttributionDetector
+from flipad.io.data import encode_item, load_dataset, pixel_stats
+from flipad.detectors.deepsad import DeepSADConfig
+from flipad.detectors.flipad import TRAIN_SEED_OFFSET, VALIDATION_SEED_OFFSET, FlipadDetector
+from flipad.detectors.evaluation import evaluate_scores
+from flipad.detectors.features import FeatureConfig, FeatureExtractor
+from flipad.generators.loading import GeneratorSource
+from flipad.detectors.reconstruction import ReconstructionConfig
 from registry.runs import OnboardingRecord, log_run
 from registry.store import connect, ui_command
 from registry.versions import Registration, register_version

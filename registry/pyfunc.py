@@ -15,8 +15,8 @@ import os
 import mlflow.pyfunc
 import pandas as pd
 
-from flipad.bundle import load_bundle
-from flipad.scoring import ItemResult, score_items
+from flipad.detectors.bundle import load_bundle
+from flipad.io.scoring import ItemResult, score_items
 
 __all__ = ["FlipadModel", "INPUT_COLUMN", "OUTPUT_COLUMNS", "to_request_cell"]
 

@@ -20,8 +20,8 @@ from mlflow.types import ColSpec, Schema
 
 import flipad
 import registry
-from flipad.bundle import Detector, save_bundle
-from flipad.generators import GeneratorSource
+from flipad.detectors.bundle import Detector, save_bundle
+from flipad.generators.loading import GeneratorSource
 
 from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell

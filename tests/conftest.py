@@ -10,9 +10,9 @@ import torch
 from helpers import GENERATOR_CODE, VectorLatentGenerator
 from torch import nn
 
-from flipad.architectures import DCGANGenerator
-from flipad.data import encode_item, load_fashion_mnist
-from flipad.training import train_gan
+from flipad.generators.architectures import DCGANGenerator
+from flipad.io.data import encode_item, load_fashion_mnist
+from flipad.generators.training import train_gan
 
 
 def pytest_collection_modifyitems(config, items):

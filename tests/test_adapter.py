@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from flipad import GeneratorAdapter, NotInvertibleError, load_generator
-from flipad.architectures import BUILTIN_GENERATORS
-from flipad.data import DataError
-from flipad.generators import GeneratorLoadError
+from flipad.generators.architectures import BUILTIN_GENERATORS
+from flipad.io.data import DataError
+from flipad.generators.loading import GeneratorLoadError
 
 SMALL = dict(latent_dim=16, channels=1, image_size=32, width=8)
 EXPECTED_FINAL = {
@@ -167,7 +167,7 @@ def test_load_generator_from_specs_and_weights(tmp_path):
     pt = tmp_path / "g.pt"
     torch.save(module.state_dict(), pt)
     for weights in (st, pt):
-        again = load_generator("flipad.architectures:DCGANGenerator", weights, **SMALL)
+        again = load_generator("flipad.generators.architectures:DCGANGenerator", weights, **SMALL)
         for key, value in module.state_dict().items():
             assert torch.equal(again.state_dict()[key], value)
     factory = tmp_path / "my_gen.py"

@@ -17,7 +17,7 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 from servers import free_port, prefect_server
 
-from flipad.data import encode_item
+from flipad.io.data import encode_item
 from flows.attribute import AttributeConfig, attribute_stream
 from flows.onboard import OWN, onboard_generator
 from flows.storage import StorageError

@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import known_sources  # noqa: E402
-import perturb  # noqa: E402
+import flipad.io.perturb as perturb  # noqa: E402
 import suite  # noqa: E402
 import zoo  # noqa: E402
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flipad.data import (
+from flipad.io.data import (
     DataError,
     decode_image,
     load_fashion_mnist,

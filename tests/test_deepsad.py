@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flipad.deepsad import (
+from flipad.detectors.deepsad import (
     ANOMALY,
     NORMAL,
     DeepSADConfig,
@@ -62,7 +62,7 @@ def test_training_is_deterministic_on_cpu():
 def test_center_coordinates_are_pushed_away_from_zero():
     x, labels = _blobs(n=50)
     trainer = DeepSADTrainer(DeepSADConfig(), CPU)
-    from flipad.deepsad import build_encoder
+    from flipad.detectors.deepsad import build_encoder
 
     center = trainer.init_center(build_encoder((8,)), x, labels)
     assert torch.all(center.abs() >= 0.1 - 1e-7)

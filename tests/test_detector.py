@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from helpers import VectorLatentGenerator
 
 from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter, NotFittedError
-from flipad.calibration import empirical_p_values, fnr_upper_bound
-from flipad.deepsad import DeepSADConfig
-from flipad.features import FeatureExtractor
+from flipad.detectors.calibration import empirical_p_values, fnr_upper_bound
+from flipad.detectors.deepsad import DeepSADConfig
+from flipad.detectors.features import FeatureExtractor
 
 FAST_SAD = DeepSADConfig(epochs=4, lr_milestones=(3,))
 FAST_INVERSION = {"method": "fista", "max_iter": 150, "continuation_stages": 2, "stage_iters": 50}

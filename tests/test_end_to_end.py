@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flipad import FlipadDetector, GeneratorAdapter
-from flipad.deepsad import DeepSADConfig
-from flipad.evaluation import evaluate_pairs
+from flipad.detectors.deepsad import DeepSADConfig
+from flipad.detectors.evaluation import evaluate_pairs
 from flows.cli import app
 
 

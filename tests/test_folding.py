@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from flipad import GeneratorAdapter
-from flipad.folding import fold_upsampling
+from flipad.generators.folding import fold_upsampling
 
 
 def _generator(upsample: nn.Module, conv: nn.Conv2d, channels: int = 3, size: int = 5) -> nn.Sequential:

@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from servers import BIN, free_port, process
 from typer.testing import CliRunner
 
-from flipad.data import encode_item
-from flipad.evaluation import evaluate_scores
-from flipad.features import FeatureExtractor
+from flipad.io.data import encode_item
+from flipad.detectors.evaluation import evaluate_scores
+from flipad.detectors.features import FeatureExtractor
 from flows.cli import app
 from flows.onboard import TEST_SEED_OFFSET, onboard_generator
 from registry.pyfunc import to_request_cell

@@ -15,12 +15,12 @@ from flipad import (
     NotInvertibleError,
     ReconstructionLossDetector,
 )
-from flipad.architectures import DCGANGenerator, LSGANGenerator
-from flipad.data import resize_images
-from flipad.deepsad import DeepSADConfig
-from flipad.evaluation import evaluate_pairs
-from flipad.reconstruction import ReconstructionConfig, _starts, generate_samples
-from flipad.training import train_gan
+from flipad.generators.architectures import DCGANGenerator, LSGANGenerator
+from flipad.io.data import resize_images
+from flipad.detectors.deepsad import DeepSADConfig
+from flipad.detectors.evaluation import evaluate_pairs
+from flipad.detectors.reconstruction import ReconstructionConfig, _starts, generate_samples
+from flipad.generators.training import train_gan
 
 FAST = ReconstructionConfig(steps=150, starts=2)
 
@@ -145,10 +145,10 @@ def test_combined_verdict_falls_back_to_reconstruction_for_skip_generators(fashi
 
 @pytest.mark.parametrize("kind", ["attribution", "reconstruction", "attribution-reconstruction-only"])
 def test_detectors_round_trip_through_bundles_and_score_items(kind, tmp_path, fashion_test):
-    from flipad.bundle import detector_kind, load_bundle, save_bundle
-    from flipad.data import encode_item
-    from flipad.generators import GeneratorSource
-    from flipad.scoring import score_items
+    from flipad.detectors.bundle import detector_kind, load_bundle, save_bundle
+    from flipad.io.data import encode_item
+    from flipad.generators.loading import GeneratorSource
+    from flipad.io.scoring import score_items
 
     torch.manual_seed(0)
     if kind == "attribution":

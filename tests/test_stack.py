@@ -15,9 +15,9 @@ import pytest
 from mlflow import MlflowClient
 from servers import BIN, free_port
 
-from flipad.adapter import GeneratorAdapter
-from flipad.data import encode_item
-from flipad.generators import GeneratorSource
+from flipad.generators.adapter import GeneratorAdapter
+from flipad.io.data import encode_item
+from flipad.generators.loading import GeneratorSource
 from flows.stack import BUCKETS, STATE_FILE, StackError, StackPorts, read_env, up
 
 NAME = "stack-gen"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter import GeneratorAdapter
+from ..generators.adapter import GeneratorAdapter
 
 __all__ = ["perturbed_copy", "perturbed_samples"]
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapter import weights_fingerprint
+from ..generators.adapter import weights_fingerprint
 from .calibration import CalibratedDetector, check_fnr
-from .data import check_sample_shape, quantize
-from .device import resolve_device
+from ..io.data import check_sample_shape, quantize
+from ..device import resolve_device
 from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["ReconstructionConfig", "ReconstructionLossDetector", "generate_samples", "reconstruction_losses"]

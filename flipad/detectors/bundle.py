@@ -20,10 +20,10 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import GeneratorAdapter
-from .combined import AttributionDetector
-from .detector import FlipadDetector
-from .generators import GeneratorSource
+from ..generators.adapter import GeneratorAdapter
+from .verdict import AttributionDetector
+from .flipad import FlipadDetector
+from ..generators.loading import GeneratorSource
 from .reconstruction import ReconstructionLossDetector
 
 __all__ = ["Detector", "save_bundle", "load_bundle", "detector_kind", "flipad_family", "generator_module"]

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter import GeneratorAdapter
+from ..generators.adapter import GeneratorAdapter
 from .calibration import CalibratedDetector, check_fnr
-from .detector import VALIDATION_SEED_OFFSET, FlipadDetector
+from .flipad import VALIDATION_SEED_OFFSET, FlipadDetector
 from .persist import read_saved, write_saved
 from .reconstruction import ReconstructionConfig, ReconstructionLossDetector
-from .tracing import NotInvertibleError
+from ..generators.tracing import NotInvertibleError
 
 __all__ = ["AttributionDetector"]
 

@@ -18,8 +18,8 @@ import scipy.fft
 import torch
 import torch.nn.functional as F
 
-from .adapter import GeneratorAdapter
-from .inversion import InversionResult
+from ..generators.adapter import GeneratorAdapter
+from ..inversion.lasso import InversionResult
 
 __all__ = ["FeatureConfig", "FeatureExtractor", "FeatureScaler", "FEATURE_KINDS"]
 
@@ -43,7 +43,7 @@ class FeatureConfig:
     the upsampling (:meth:`GeneratorAdapter.folded`), recovering the map before upsampling (the
     default; saved configs from before it existed load without it). ``bounded``/``censored`` solve the constrained,
     censored inversion (see :meth:`GeneratorAdapter.constraints`) instead of the paper's lasso.
-    ``inversion`` holds keyword options for :class:`~flipad.inversion.LassoOptions`; without a
+    ``inversion`` holds keyword options for :class:`~flipad.inversion.lasso.LassoOptions`; without a
     ``method`` it is FISTA, the solver the detector's features were measured with.
     """
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bundle import Detector, flipad_family
+from ..detectors.bundle import Detector, flipad_family
 from .data import DataError, decode_item, pixel_stats
-from .features import FeatureExtractor
+from ..detectors.features import FeatureExtractor
 
 __all__ = ["ItemResult", "score_items"]
 
@@ -73,7 +73,7 @@ def _scores(detector: Detector, batch: np.ndarray) -> tuple[np.ndarray, np.ndarr
         return detector.score_samples(batch), nan, nan
     # a private extractor per call: the flow scores batches in threads, and the inversion
     # diagnostics it keeps must be this batch's
-    extractor = FeatureExtractor(flipad.adapter, flipad.feature_config)
+    extractor = FeatureExtractor(flipad.generators.adapter, flipad.feature_config)
     flipad_scores = flipad.score_features(extractor(batch))
     inversion = extractor.last_inversion
     anomaly = flipad_scores if flipad is detector else detector.anomaly_scores(batch, flipad_scores=flipad_scores)

@@ -18,10 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import OutputActivation
-from .data import check_sample_shape, quantize
-from .device import resolve_device
+from ..io.data import check_sample_shape, quantize
+from ..device import resolve_device
 from .folding import fold_upsampling
-from .inversion import Constraints, InversionResult, LassoOptions, solve_lasso
+from ..inversion.lasso import Constraints, InversionResult, LassoOptions, solve_lasso
 from .layers import LinearMap
 from .tracing import trace_generator
 

@@ -42,7 +42,7 @@ __all__ = [
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FASHION_MNIST_DIRS = (
-    Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "fashion-mnist",
+    Path(__file__).resolve().parents[3] / "shared" / "datasets" / "fashion-mnist",
     Path("/usr/share/datasets/fashion-mnist"),
 )
 

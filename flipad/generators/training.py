@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import DCGANDiscriminator, EBGANDiscriminator
-from .device import resolve_device
+from ..device import resolve_device
 
 __all__ = ["train_gan", "images_to_range", "LOSSES"]
 

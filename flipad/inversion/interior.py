@@ -1,6 +1,6 @@
 """The anchored lasso by a log-barrier interior-point method with exact Newton steps.
 
-Same problem as :func:`flipad.inversion.solve_lasso`, per sample,
+Same problem as :func:`flipad.inversion.lasso.solve_lasso`, per sample,
 
     d* = argmin_d 0.5 ||r - A d||^2 + alpha ||d||_1,
 
@@ -37,7 +37,7 @@ import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from threadpoolctl import threadpool_limits
 
-from .layers import LinearMap
+from ..generators.layers import LinearMap
 
 __all__ = ["OutputSystem", "output_system", "barrier_lasso", "blocks"]
 

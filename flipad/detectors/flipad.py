@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import GeneratorAdapter
+from ..generators.adapter import GeneratorAdapter
 from .calibration import CalibratedDetector, NotFittedError, check_fnr
 from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
-from .device import resolve_device
+from ..device import resolve_device
 from .features import FeatureConfig, FeatureExtractor, FeatureScaler
 from .persist import check_generator, read_saved, write_saved
 

@@ -1,0 +1,1 @@
+"""Detector families (FLIPAD, reconstruction loss), the verdict that combines them, calibration and persistence."""
