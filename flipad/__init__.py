@@ -1,30 +1,42 @@
-"""flipad: single-model attribution of generative models by final-layer inversion (FLIPAD).
+"""flipad: single-model attribution of generative models ("was this made by *my* generator?").
 
-The package holds the method only (torch, numpy, scikit-learn, Pillow); the MLOps
-layers live in ``registry/``, ``monitoring/`` and ``flows/``.
+The package holds the method only (torch, numpy, scikit-learn, Pillow); the MLOps layers live
+in ``registry/``, ``monitoring/`` and ``flows/``. Subpackages: ``generators`` (architectures,
+loading, tracing, folding, the adapter), ``inversion`` (the final layer's lasso, the latent
+search), ``detectors`` (the families, the verdict, calibration, persistence) and ``io`` (data,
+decoding, perturbations, scoring raw items).
 """
 
-from .generators.adapter import GeneratorAdapter
+from .detectors.base import DETECTOR_KINDS, Detector, Scores, Seeds, Stages, detector_class, register_kind
+from .detectors.bundle import load_bundle, save_bundle
 from .detectors.calibration import NotFittedError
-from .detectors.verdict import AttributionDetector
-from .detectors.flipad import FlipadDetector
 from .detectors.features import FeatureConfig
-from .generators.loading import load_generator
-from .inversion.lasso import InversionResult, LassoOptions
+from .detectors.flipad import FlipadDetector
 from .detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector
-from .generators.tracing import NotInvertibleError
+from .detectors.verdict import AttributionDetector
+from .generators import GeneratorAdapter, GeneratorSource, NotInvertibleError, load_generator
+from .inversion import InversionResult, LassoOptions
 
 __all__ = [
-    "GeneratorAdapter",
+    "DETECTOR_KINDS",
     "AttributionDetector",
-    "FlipadDetector",
-    "NotFittedError",
+    "Detector",
     "FeatureConfig",
+    "FlipadDetector",
+    "GeneratorAdapter",
+    "GeneratorSource",
     "InversionResult",
     "LassoOptions",
+    "NotFittedError",
     "NotInvertibleError",
-    "load_generator",
     "ReconstructionConfig",
     "ReconstructionLossDetector",
+    "Scores",
+    "Seeds",
+    "Stages",
+    "detector_class",
+    "load_bundle",
+    "register_kind",
+    "save_bundle",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -24,7 +24,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from flipad.io.scoring import ItemResult
+from flipad.io.scoring import ITEM_COLUMNS, ItemResult
 from monitoring.drift import DRIFT_SHARE, check_drift
 from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run
@@ -43,8 +43,8 @@ __all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "RESULT_COL
 
 logger = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["uri", "model", "version", "score", "threshold", "is_generated", "error", "etag",
-                  "residual", "sparsity", "pixel_mean", "pixel_std", "scored_at"]
+# one row per (item, detector version): the item, the detector, what the detector said, when
+RESULT_COLUMNS = ["uri", "model", "version", *ITEM_COLUMNS, "etag", "scored_at"]
 
 
 class AttributeConfig(BaseModel):
@@ -99,12 +99,8 @@ def _error_row(ref: ObjectRef, detector: ResolvedVersion, error: str, threshold:
 
 
 def _row(ref: ObjectRef, detector: ResolvedVersion, result: ItemResult) -> dict:
-    return {
-        "uri": ref.uri, "model": detector.name, "version": detector.version, "score": result.score,
-        "threshold": result.threshold, "is_generated": result.is_generated, "error": result.error, "etag": ref.etag,
-        "residual": result.residual, "sparsity": result.sparsity, "pixel_mean": result.pixel_mean,
-        "pixel_std": result.pixel_std, "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {"uri": ref.uri, "model": detector.name, "version": detector.version, **result.as_row(), "etag": ref.etag,
+            "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 @task(name="score-batch", tags=["inversion"], retries=2, retry_delay_seconds=2, persist_result=False)

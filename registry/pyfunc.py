@@ -16,7 +16,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from flipad.detectors.bundle import load_bundle
-from flipad.io.scoring import ItemResult, score_items
+from flipad.io.scoring import ITEM_COLUMNS, ItemResult, score_items
 
 __all__ = ["FlipadModel", "INPUT_COLUMN", "OUTPUT_COLUMNS", "to_request_cell"]
 
@@ -61,12 +61,4 @@ class FlipadModel(mlflow.pyfunc.PythonModel):
         else:
             cells = list(model_input)
         results = self.score_bytes([_decode_cell(c) for c in cells])
-        return pd.DataFrame(
-            {
-                "score": [r.score for r in results],
-                "threshold": [r.threshold for r in results],
-                "is_generated": [r.is_generated for r in results],
-                "error": [r.error for r in results],
-            },
-            columns=OUTPUT_COLUMNS,
-        )
+        return pd.DataFrame([r.as_row() for r in results], columns=ITEM_COLUMNS)[OUTPUT_COLUMNS]

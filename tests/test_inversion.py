@@ -14,7 +14,7 @@ from flipad import GeneratorAdapter, LassoOptions
 from flipad.detectors.features import FeatureConfig
 from flipad.inversion.interior import output_system
 from flipad.inversion.lasso import data_residual, duality_gap, lasso_objective, solve_lasso
-from flipad.generators.layers import LinearMap
+from flipad.inversion.layers import LinearMap
 
 TIGHT_FISTA = LassoOptions(method="fista", tol=1e-13, max_iter=40_000, window=200, continuation_stages=4, stage_iters=500)
 TIGHT_INTERIOR = LassoOptions(method="interior", gap_tol=1e-10, max_newton=200)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from flipad.generators.layers import LinearMap
+from flipad.inversion.layers import LinearMap
 
 
 def _map_for(layer: nn.Module, input_shape):

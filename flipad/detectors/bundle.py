@@ -7,8 +7,8 @@ Layout of the folder (no pickles anywhere)::
     code/<file>.py          the factory's source, for ``file.py:factory`` specs
     detector/               the detector's ``save`` (config.json + tensors.safetensors [+ sub-folders])
 
-Kinds: ``flipad`` (:class:`FlipadDetector`), ``attribution`` (:class:`AttributionDetector`, the
-combined verdict) and ``reconstruction`` (:class:`ReconstructionLossDetector`).
+The kind names a class of :data:`~flipad.detectors.base.DETECTOR_KINDS`; nothing here depends on
+which one.
 """
 
 from __future__ import annotations
@@ -18,36 +18,12 @@ import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
-from torch import nn
 
-from ..generators.adapter import GeneratorAdapter
-from .verdict import AttributionDetector
-from .flipad import FlipadDetector
 from ..generators.loading import GeneratorSource
-from .reconstruction import ReconstructionLossDetector
+from . import flipad, reconstruction, verdict  # noqa: F401  (register the built-in kinds)
+from .base import Detector, detector_class
 
-__all__ = ["Detector", "save_bundle", "load_bundle", "detector_kind", "flipad_family", "generator_module"]
-
-Detector = FlipadDetector | AttributionDetector | ReconstructionLossDetector
-KINDS = {"flipad": FlipadDetector, "attribution": AttributionDetector, "reconstruction": ReconstructionLossDetector}
-
-
-def detector_kind(detector: Detector) -> str:
-    """``flipad``, ``attribution`` or ``reconstruction``."""
-    for kind, cls in KINDS.items():
-        if isinstance(detector, cls):
-            return kind
-    raise TypeError(f"not a flipad detector: {type(detector).__name__}")
-
-
-def generator_module(detector: Detector) -> nn.Module:
-    """The generator module a fitted detector wraps."""
-    return detector.adapter.module if isinstance(detector, FlipadDetector) else detector.module
-
-
-def flipad_family(detector: Detector) -> FlipadDetector | None:
-    """The FLIPAD part of a detector: itself, a combined verdict's ``flipad_``, or None."""
-    return detector if isinstance(detector, FlipadDetector) else getattr(detector, "flipad_", None)
+__all__ = ["save_bundle", "load_bundle"]
 
 
 def save_bundle(folder: str | Path, detector: Detector, source: GeneratorSource) -> Path:
@@ -60,16 +36,9 @@ def save_bundle(folder: str | Path, detector: Detector, source: GeneratorSource)
         code.mkdir(exist_ok=True)
         shutil.copyfile(target, code / Path(target).name)
         source = GeneratorSource(f"code/{Path(target).name}:{name}", source.kwargs, source.latent_shape)
-    state = {k: v.detach().cpu().contiguous() for k, v in generator_module(detector).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in detector.module.state_dict().items()}
     save_file(state, str(folder / "generator.safetensors"))
-    kind = detector_kind(detector)
-    info = {**source.to_dict(), "detector": kind}
-    if kind == "flipad":
-        info.update(latent_shape=list(detector.adapter.latent_shape), final_layer=detector.adapter.final_layer_name,
-                    activation=detector.adapter.activation.name)
-    else:
-        recon = detector.reconstruction_ if kind == "attribution" else detector
-        info.update(latent_shape=list(recon.latent_shape_))
+    info = {**source.to_dict(), "detector": detector.kind, **detector.generator_info()}
     (folder / "generator.json").write_text(json.dumps(info, indent=2))
     detector.save(folder / "detector")
     return folder
@@ -83,13 +52,10 @@ def load_bundle(folder: str | Path, device: str = "auto") -> Detector:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder} does not hold a detector bundle ({exc})") from exc
     kind = info.get("detector", "flipad")
-    if kind not in KINDS:
-        raise ValueError(f"{folder} holds an unknown detector kind {kind!r}; upgrade flipad")
+    try:
+        cls = detector_class(kind)
+    except ValueError:
+        raise ValueError(f"{folder} holds an unknown detector kind {kind!r}; upgrade flipad") from None
     source = GeneratorSource.from_dict(info)
     module = source.load(folder / "generator.safetensors", base=folder)
-    if kind != "flipad":
-        return KINDS[kind].load(folder / "detector", module, device=device)
-    adapter = GeneratorAdapter.from_module(
-        module, source.latent_shape, final_layer=info.get("final_layer"), activation=info.get("activation"), device=device
-    )
-    return FlipadDetector.load(folder / "detector", adapter, device=device)
+    return cls.load(folder / "detector", module, device=device, latent_shape=source.latent_shape)

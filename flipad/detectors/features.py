@@ -11,6 +11,9 @@ the generator's training features only (:class:`FeatureScaler`).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -19,9 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..generators.adapter import GeneratorAdapter
-from ..inversion.lasso import InversionResult
 
-__all__ = ["FeatureConfig", "FeatureExtractor", "FeatureScaler", "FEATURE_KINDS"]
+__all__ = ["FeatureConfig", "FeatureExtractor", "FeatureScaler", "FeatureSet", "FEATURE_KINDS"]
 
 FEATURE_KINDS = ("flipad", "raw", "dct")
 # Features need the recovered activation, not the optimum to the last digit: a 600-iteration
@@ -80,6 +82,21 @@ class FeatureConfig:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class FeatureSet:
+    """Unscaled features of one sample set, with per-item inversion diagnostics (NaN for raw/dct)."""
+
+    features: torch.Tensor
+    residual: np.ndarray  # ||r - A d|| / ||r|| of the final-layer inversion
+    sparsity: np.ndarray  # fraction of non-zero deviations from the anchor
+    iterations: np.ndarray
+    converged: np.ndarray  # bool: the solver's stopping rule held before its budget
+    seconds: float
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
 class FeatureExtractor:
     """Computes unscaled features of one kind for samples of the adapter's output shape."""
 
@@ -87,21 +104,35 @@ class FeatureExtractor:
         self.adapter = adapter
         self.config = config
         self.inversion_adapter = adapter.folded() if config.kind == "flipad" and config.fold_upsampling else adapter
-        self.last_inversion: InversionResult | None = None
 
     def __call__(self, samples: np.ndarray | torch.Tensor, progress: bool = False) -> torch.Tensor:
+        return self.compute(samples, progress).features
+
+    def compute(self, samples: np.ndarray | torch.Tensor, progress: bool = False) -> FeatureSet:
+        """Features of ``samples`` and, for the ``flipad`` kind, the inversion's per-item diagnostics."""
+        start = time.perf_counter()
         kind = self.config.kind
-        if kind == "flipad":
-            result = self.inversion_adapter.invert(
-                samples, alpha=self.config.alpha, return_result=True, progress=progress, warn_on_cap=False,
-                bounded=self.config.bounded, censored=self.config.censored, **self.config.inversion,
-            )  # the detector's cap is a deliberate budget (DETECTOR_INVERSION), not a failure
-            self.last_inversion = result
-            return self._reshape_activations(result.activations)
-        x = self.adapter.to_output_range(samples)
-        if kind == "raw":
-            return self._raw(x)
-        return self._dct(x)
+        if kind != "flipad":
+            x = self.adapter.to_output_range(samples)
+            features = self._raw(x) if kind == "raw" else self._dct(x)
+            nan = np.full(len(features), np.nan)
+            return FeatureSet(features, nan, nan, nan, np.ones(len(features), bool), time.perf_counter() - start)
+        result = self.inversion_adapter.invert(
+            samples, alpha=self.config.alpha, return_result=True, progress=progress, warn_on_cap=False,
+            bounded=self.config.bounded, censored=self.config.censored, **self.config.inversion,
+        )  # the detector's cap is a deliberate budget (DETECTOR_INVERSION), not a failure
+        return FeatureSet(
+            self._reshape_activations(result.activations), result.residual.double().numpy(), result.sparsity.numpy(),
+            result.iterations.double().numpy(), result.converged.numpy(), time.perf_counter() - start,
+        )
+
+    def fingerprint(self) -> str:
+        """A hash of everything the features depend on besides the samples: the generator's
+        weights, its anchor, the device kind and the configuration."""
+        adapter = self.inversion_adapter
+        parts = {"generator": adapter.fingerprint, "anchor": [adapter.seed, adapter.anchor_samples],
+                 "device": adapter.device.type, "features": self.config.to_dict()}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def _reshape_activations(self, acts: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -15,22 +15,23 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
+from torch import nn
 
-from ..generators.adapter import GeneratorAdapter
-from .calibration import CalibratedDetector, NotFittedError, check_fnr
-from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
 from ..device import resolve_device
+from ..generators.adapter import GeneratorAdapter
+from .base import INLINE, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
+from .calibration import NotFittedError, check_fnr
+from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
 from .features import FeatureConfig, FeatureExtractor, FeatureScaler
 from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["FlipadDetector", "NotFittedError", "stack_negatives"]
 
 logger = logging.getLogger(__name__)
-
-TRAIN_SEED_OFFSET = 1000
-VALIDATION_SEED_OFFSET = 2000
 
 
 def stack_negatives(real: np.ndarray | None, negatives: Sequence[np.ndarray] | np.ndarray | None) -> np.ndarray:
@@ -42,7 +43,8 @@ def stack_negatives(real: np.ndarray | None, negatives: Sequence[np.ndarray] | n
     return np.concatenate([np.asarray(p) for p in parts])
 
 
-class FlipadDetector(CalibratedDetector):
+@register_kind
+class FlipadDetector(Detector):
     """Single-model attribution detector for the generator behind ``adapter``.
 
     Parameters mirror the paper: ``features`` ("flipad", "raw", "dct" or a FeatureConfig),
@@ -73,6 +75,42 @@ class FlipadDetector(CalibratedDetector):
         self.seed = seed
         self.progress = progress
 
+    kind = "flipad"
+    description = "FLIPAD: final-layer inversion + Deep SAD"
+
+    @classmethod
+    def from_module(cls, module: nn.Module, latent_shape: Sequence[int] | None = None, **options: Any) -> FlipadDetector:
+        """Trace ``module``'s final layer (``NotInvertibleError`` when FLIPAD cannot invert it) and
+        wrap it; ``options`` are this class's keyword arguments."""
+        adapter = GeneratorAdapter.from_module(module, latent_shape, device=options.get("device", "auto"),
+                                               seed=options.get("seed", 0))
+        return cls(adapter, **options)
+
+    @classmethod
+    def from_settings(cls, module: nn.Module, latent_shape: Sequence[int] | None, settings: DetectorSettings) -> FlipadDetector:
+        return cls.from_module(module, latent_shape, **cls.options(settings))
+
+    @staticmethod
+    def options(settings: DetectorSettings) -> dict[str, Any]:
+        """This class's keyword arguments for ``settings``."""
+        return {"features": settings.features, "fnr": settings.fnr, "n_generated": settings.n_generated,
+                "n_validation": settings.n_validation, "deep_sad": settings.deep_sad, "device": settings.device,
+                "seed": settings.seed, "progress": settings.progress}
+
+    def generate(self, n: int, seed: int) -> np.ndarray:
+        return self.adapter.generate(n, seed=seed)
+
+    def feature_means(self, samples: dict[str, np.ndarray], stages: Stages = INLINE) -> dict[str, np.ndarray]:
+        """Mean recovered activation per sample set (FLIPAD features only)."""
+        self._check_fitted()
+        if self.feature_config.kind != "flipad":
+            return {}
+        return {name: stages.features(self.extractor_, x, name).features.mean(0).numpy() for name, x in samples.items()}
+
+    @property
+    def module(self) -> nn.Module:
+        return self.adapter.module
+
     # -- fitting ----------------------------------------------------------------------------
 
     @property
@@ -85,27 +123,33 @@ class FlipadDetector(CalibratedDetector):
         real: np.ndarray | None = None,
         negatives: Sequence[np.ndarray] | np.ndarray | None = None,
         validation: np.ndarray | None = None,
+        stages: Stages = INLINE,
     ) -> FlipadDetector:
         """Train on the generator's samples (``generated``; drawn from the adapter when None)
         against ``real`` data and other ``negatives``; set thresholds on ``validation`` samples of
-        the generator (drawn fresh when None). Returns self."""
+        the generator (drawn fresh when None). The inversions run through ``stages``. Returns self."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        seeds = Seeds(self.seed)
         if generated is None:
-            generated = self.adapter.generate(self.n_generated, seed=TRAIN_SEED_OFFSET + self.seed)
+            generated = self.adapter.generate(self.n_generated, seed=seeds.train)
         if validation is None:
-            validation = self.adapter.generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
+            validation = self.adapter.generate(self.n_validation, seed=seeds.validation)
         others = stack_negatives(real, negatives)
         timings["sample_s"] = time.perf_counter() - start
 
         extractor = FeatureExtractor(self.adapter, self.feature_config)
         start = time.perf_counter()
-        f_gen = extractor(generated, progress=self.progress)
-        inversion = extractor.last_inversion
-        f_other = extractor(others, progress=self.progress)
-        f_val = extractor(validation, progress=self.progress)
+        f_gen = stages.features(extractor, generated, "generated (train)")
+        f_other = stages.features(extractor, others, "negatives (train)")
+        f_val = stages.features(extractor, validation, "generated (validation)")
         timings["features_s"] = time.perf_counter() - start
-        self.fit_features(f_gen, f_other, f_val, inversion.summary() if inversion is not None else None)
+        summary = None
+        if self.feature_config.kind == "flipad":
+            summary = {"converged_fraction": float(f_gen.converged.mean()),
+                       "iterations_mean": float(np.nanmean(f_gen.iterations)),
+                       "residual_median": float(np.nanmedian(f_gen.residual))}
+        self.fit_features(f_gen.features, f_other.features, f_val.features, summary)
         self.fit_info_["timings"] = {**timings, **self.fit_info_["timings"]}
         return self
 
@@ -143,6 +187,20 @@ class FlipadDetector(CalibratedDetector):
 
     # -- inference --------------------------------------------------------------------------
 
+    def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
+        """Scores (higher = more typical) with the inversion's residual and sparsity per item."""
+        self._check_fitted()
+        fs = stages.features(self.extractor_, samples, "score")
+        return self._verdict_scores(self.score_features(fs.features), {"residual": fs.residual, "sparsity": fs.sparsity})
+
+    def fit_summary(self) -> dict[str, float]:
+        inversion = self.fit_info_.get("inversion") or {}
+        return {f"inversion_{k}": float(v) for k, v in inversion.items() if k in ("converged_fraction", "residual_median")}
+
+    def generator_info(self) -> dict[str, Any]:
+        return {"latent_shape": list(self.adapter.latent_shape), "final_layer": self.adapter.final_layer_name,
+                "activation": self.adapter.activation.name}
+
     def transform(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Scaled features of ``samples`` (what Deep SAD sees)."""
         return self.scaler_(self.extractor(samples))
@@ -173,6 +231,7 @@ class FlipadDetector(CalibratedDetector):
         self._check_fitted()
         config = {
             "generator_sha256": self.adapter.fingerprint,
+            "latent_shape": list(self.adapter.latent_shape),
             "final_layer": self.adapter.final_layer_name,
             "activation": self.adapter.activation.name,
             "output_shape": list(self.adapter.output_shape),
@@ -195,9 +254,15 @@ class FlipadDetector(CalibratedDetector):
         return write_saved(path, "flipad", config, tensors)
 
     @classmethod
-    def load(cls, path: str | Path, adapter: GeneratorAdapter, device: str = "auto") -> FlipadDetector:
-        """Load a detector saved by :meth:`save` for the same generator (checked by weight hash)."""
+    def load(cls, path: str | Path, module: nn.Module | GeneratorAdapter, device: str = "auto",
+             latent_shape: Sequence[int] | None = None) -> FlipadDetector:
+        """Load a detector saved by :meth:`save` for the same generator (checked by weight hash);
+        ``module`` is the generator or an adapter of it (``latent_shape`` for detectors saved
+        before it was recorded, when the module has no ``latent_shape`` attribute)."""
         config, tensors = read_saved(path, "flipad")
+        adapter = module if isinstance(module, GeneratorAdapter) else GeneratorAdapter.from_module(
+            module, latent_shape or config.get("latent_shape"), final_layer=config["final_layer"],
+            activation=config["activation"], device=device, seed=config["seed"])
         check_generator(path, config["generator_sha256"], adapter.fingerprint)
         deep_sad = DeepSADConfig(**{**config["deep_sad"], "lr_milestones": tuple(config["deep_sad"]["lr_milestones"])})
         det = cls(adapter, FeatureConfig.from_dict(config["features"]), config["fnr"], deep_sad=deep_sad,

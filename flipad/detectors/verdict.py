@@ -24,26 +24,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..generators.adapter import GeneratorAdapter
+from ..generators.tracing import NotInvertibleError
+from .base import INLINE, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
 from .calibration import CalibratedDetector, check_fnr
-from .flipad import VALIDATION_SEED_OFFSET, FlipadDetector
+from .flipad import FlipadDetector
 from .persist import read_saved, write_saved
 from .reconstruction import ReconstructionConfig, ReconstructionLossDetector
-from ..generators.tracing import NotInvertibleError
 
 __all__ = ["AttributionDetector"]
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_SEED_OFFSET = 4000
 
-
-class AttributionDetector(CalibratedDetector):
+@register_kind
+class AttributionDetector(Detector):
     """The product's verdict: FLIPAD and reconstruction loss, calibrated together.
 
     ``flipad_options`` are keyword arguments of :class:`FlipadDetector` (features, deep_sad,
@@ -51,6 +51,9 @@ class AttributionDetector(CalibratedDetector):
     serve as the p-value reference of both families, ``n_calibration`` further samples set the
     combined thresholds.
     """
+
+    kind = "attribution"
+    description = "FLIPAD and reconstruction loss, both must accept"
 
     def __init__(
         self,
@@ -65,7 +68,7 @@ class AttributionDetector(CalibratedDetector):
         seed: int = 0,
         progress: bool = True,
     ):
-        self.module = module
+        self._module = module
         self.latent_shape = latent_shape
         self.fnr = check_fnr(fnr)
         self.n_validation = n_validation
@@ -76,82 +79,84 @@ class AttributionDetector(CalibratedDetector):
         self.seed = seed
         self.progress = progress
 
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @classmethod
+    def from_settings(cls, module: nn.Module, latent_shape: Sequence[int] | None,
+                      settings: DetectorSettings) -> AttributionDetector:
+        flipad_options = {k: v for k, v in FlipadDetector.options(settings).items()
+                          if k in ("features", "n_generated", "deep_sad")}
+        return cls(module, latent_shape, fnr=settings.fnr, n_validation=settings.n_validation,
+                   n_calibration=settings.n_calibration, flipad_options=flipad_options, reconstruction=settings.search,
+                   device=settings.device, seed=settings.seed, progress=settings.progress)
+
+    def generate(self, n: int, seed: int) -> np.ndarray:
+        if not hasattr(self, "reconstruction_"):
+            self.reconstruction_ = self._new_reconstruction()
+        return self.reconstruction_.generate(n, seed)
+
+    def _new_reconstruction(self) -> ReconstructionLossDetector:
+        return ReconstructionLossDetector(
+            self._module, self.latent_shape, fnr=self.fnr, n_validation=self.n_validation,
+            config=self.reconstruction, device=self.device, progress=self.progress, seed=self.seed,
+        )
+
+    def feature_means(self, samples: dict[str, np.ndarray], stages: Stages = INLINE) -> dict[str, np.ndarray]:
+        return {} if self.flipad_ is None else self.flipad_.feature_means(samples, stages)
+
     def fit(
         self,
         generated: np.ndarray | None = None,
         real: np.ndarray | None = None,
         negatives: Sequence[np.ndarray] | np.ndarray | None = None,
         validation: np.ndarray | None = None,
+        stages: Stages = INLINE,
     ) -> AttributionDetector:
-        """Fit FLIPAD (if the generator allows it) and the reconstruction family, then calibrate the verdict."""
+        """Fit FLIPAD (if the generator allows it) and the reconstruction family on the same
+        ``validation`` samples, then set the verdict's joint thresholds on further calibration
+        samples of the generator. Returns self."""
+        seeds = Seeds(self.seed)
+        self.reconstruction_ = self._new_reconstruction()
         if validation is None:
-            validation = self._new_reconstruction().generate(self.n_validation, seed=VALIDATION_SEED_OFFSET + self.seed)
-        flipad, refusal = None, None
+            validation = self.reconstruction_.generate(self.n_validation, seed=seeds.validation)
+        self.flipad_, self.flipad_refusal_ = None, None
         try:
-            adapter = GeneratorAdapter.from_module(self.module, self.latent_shape, device=self.device, seed=self.seed)
+            options = {"fnr": self.fnr, "device": self.device, "seed": self.seed, "progress": self.progress,
+                       **(self.flipad_options or {})}
+            flipad = FlipadDetector.from_module(self._module, self.latent_shape, **options)
         except NotInvertibleError as exc:
-            refusal = str(exc)
+            self.flipad_refusal_ = str(exc)
             logger.warning("FLIPAD cannot invert this generator (%s); using reconstruction loss alone", exc)
         else:
-            options = {"fnr": self.fnr, "device": self.device, "seed": self.seed, "progress": self.progress}
-            options.update(self.flipad_options or {})
-            flipad = FlipadDetector(adapter, **options).fit(generated, real, negatives, validation)
-        return self.fit_families(flipad, validation, flipad_refusal=refusal)
-
-    def _new_reconstruction(self) -> ReconstructionLossDetector:
-        search = ReconstructionLossDetector(
-            self.module, self.latent_shape, fnr=self.fnr, n_validation=self.n_validation,
-            config=self.reconstruction, device=self.device, progress=self.progress,
-        )
-        search._prepare()
-        return search
-
-    def fit_families(
-        self,
-        flipad: FlipadDetector | None,
-        validation: np.ndarray,
-        flipad_refusal: str | None = None,
-        calibration: np.ndarray | None = None,
-        flipad_calibration_scores: torch.Tensor | None = None,
-    ) -> AttributionDetector:
-        """Complete the verdict around a fitted FLIPAD detector (``None``: reconstruction alone).
-
-        ``validation`` must be the held-out generator samples FLIPAD's thresholds were set on: the
-        reconstruction family is calibrated on them too, and both families are standardised
-        against them. The joint thresholds are then set on ``calibration`` (further generator
-        samples, drawn when not given); ``flipad_calibration_scores`` saves recomputing FLIPAD's
-        scores of those. Returns self.
-        """
-        self.reconstruction_ = self._new_reconstruction()
-        self.reconstruction_.fit(validation=validation)
-        self.flipad_, self.flipad_refusal_ = flipad, flipad_refusal
+            self.flipad_ = flipad.fit(generated, real, negatives, validation, stages=stages)
+        self.reconstruction_.fit(validation=validation, stages=stages)
         self.scales_ = {"reconstruction": self._standardiser(self.reconstruction_.validation_scores_)}
-        if flipad is not None:
-            self.scales_["flipad"] = self._standardiser(flipad.validation_scores_)
-        if calibration is None:
-            calibration = self.reconstruction_.generate(self.n_calibration, seed=CALIBRATION_SEED_OFFSET + self.seed)
-        self._calibrate(self._combined(calibration, skip_rejected=False, flipad_scores=flipad_calibration_scores))
+        if self.flipad_ is not None:
+            self.scales_["flipad"] = self._standardiser(self.flipad_.validation_scores_)
+        calibration = self.reconstruction_.generate(self.n_calibration, seed=seeds.calibration)
+        self._calibrate(self._combined(calibration, stages, exhaustive=True)[0])
         self.fit_info_ = {
-            "families": ["flipad", "reconstruction"] if flipad else ["reconstruction"],
-            "flipad_refusal": flipad_refusal,
+            "families": list(self.parts()),
+            "flipad_refusal": self.flipad_refusal_,
             "n_validation": len(validation),
             "n_calibration": len(calibration),
         }
         return self
 
-    def family_scores(self, samples: np.ndarray | torch.Tensor, flipad_scores: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Each family's own anomaly scores and the exact combined score (the latent search on every item).
-
-        For evaluation: :meth:`anomaly_scores` skips the search where it cannot change the verdict.
-        """
-        self._check_fitted()
-        out = {"reconstruction": self.reconstruction_.anomaly_scores(samples)}
-        combined = self._standardise("reconstruction", out["reconstruction"])
+    def parts(self) -> dict[str, CalibratedDetector]:
+        parts: dict[str, CalibratedDetector] = {}
         if self.flipad_ is not None:
-            out["flipad"] = self.flipad_.anomaly_scores(samples) if flipad_scores is None else flipad_scores
-            combined = torch.maximum(combined, self._standardise("flipad", out["flipad"]))
-        out["combined"] = combined
-        return out
+            parts["flipad"] = self.flipad_
+        parts["reconstruction"] = self.reconstruction_
+        return parts
+
+    def family_scores(self, samples: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each family's own anomaly scores and the exact combined score (the latent search on every item)."""
+        self._check_fitted()
+        combined, families = self._combined(samples, INLINE, exhaustive=True)
+        return {**{k: torch.as_tensor(-v) for k, v in families.items()}, "combined": combined}
 
     def _standardiser(self, validation_scores: torch.Tensor) -> tuple[float, float]:
         """(centre, scale) of a family's log anomaly scores: its own threshold at the first FNR, and
@@ -164,33 +169,55 @@ class AttributionDetector(CalibratedDetector):
         centre, scale = self.scales_[family]
         return (scores.double().clamp_min(1e-30).log() - centre) / scale
 
-    def _combined(self, samples: np.ndarray | torch.Tensor, skip_rejected: bool,
-                  flipad_scores: torch.Tensor | None = None) -> torch.Tensor:
+    def _combined(self, samples: np.ndarray | torch.Tensor, stages: Stages, exhaustive: bool,
+                  ) -> tuple[torch.Tensor, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The combined anomaly score, each family's score (higher = more typical; NaN where the
+        search was skipped) and the diagnostics."""
         recon = self.reconstruction_
         if self.flipad_ is None:
             self.last_searched_fraction_ = 1.0
-            return self._standardise("reconstruction", recon.anomaly_scores(samples))
-        if flipad_scores is None:
-            flipad_scores = self.flipad_.anomaly_scores(samples)
-        combined = self._standardise("flipad", flipad_scores)
+            loss = stages.search(recon.search_, samples, "score")
+            return self._standardise("reconstruction", loss), {"reconstruction": -loss.double().numpy()}, {
+                "latent_loss": loss.double().numpy()}
+        flipad = self.flipad_.score(samples, stages)
+        flipad_anomaly = torch.as_tensor(-flipad.score)
+        combined = self._standardise("flipad", flipad_anomaly)
         # items FLIPAD already rejects at every threshold keep its score: the search cannot change them
         need = torch.ones_like(combined, dtype=torch.bool)
-        if skip_rejected:
+        if not exhaustive:
             need = combined <= max(self.thresholds_.values())
+        loss = torch.full((len(combined),), float("nan"), dtype=torch.float64)
         if need.any():
             subset = samples[need.numpy()] if isinstance(samples, np.ndarray) else samples[need]
-            combined[need] = torch.maximum(combined[need], self._standardise("reconstruction", recon.anomaly_scores(subset)))
+            loss[need] = stages.search(recon.search_, subset, "score").double()
+            combined[need] = torch.maximum(combined[need], self._standardise("reconstruction", loss[need]))
         self.last_searched_fraction_ = float(need.double().mean())
-        return combined
+        families = {"flipad": flipad.score, "reconstruction": -loss.numpy()}
+        return combined, families, {**flipad.diagnostics, "latent_loss": loss.numpy()}
 
-    def anomaly_scores(self, samples: np.ndarray | torch.Tensor, flipad_scores: torch.Tensor | None = None) -> torch.Tensor:
-        """The larger of the two families' standardised log anomaly scores (higher = less like the generator).
-
-        ``flipad_scores``: FLIPAD's anomaly scores of the same samples when the caller already has
-        them (computed from its own features), so they are not computed twice.
-        """
+    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The larger of the two families' standardised log anomaly scores (higher = less like the generator)."""
         self._check_fitted()
-        return self._combined(samples, skip_rejected=True, flipad_scores=flipad_scores)
+        return self._combined(samples, INLINE, exhaustive=False)[0]
+
+    def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
+        """The verdict; ``exhaustive`` runs the latent search on every item (evaluation), else only
+        where it can change the answer."""
+        self._check_fitted()
+        combined, families, diagnostics = self._combined(samples, stages, exhaustive)
+        score = -combined.double().numpy()
+        return Scores(score, {f: -t for f, t in self.thresholds_.items()}, families,
+                      {name: {f: -t for f, t in part.thresholds_.items()} for name, part in self.parts().items()},
+                      diagnostics)
+
+    def fit_summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for part in self.parts().values():
+            out.update(part.fit_summary())
+        return out
+
+    def generator_info(self) -> dict[str, Any]:
+        return self.reconstruction_.generator_info()
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -210,7 +237,8 @@ class AttributionDetector(CalibratedDetector):
         return write_saved(folder, "attribution", config, {"validation_scores": self.validation_scores_})
 
     @classmethod
-    def load(cls, path: str | Path, module: nn.Module, device: str = "auto") -> AttributionDetector:
+    def load(cls, path: str | Path, module: nn.Module, device: str = "auto",
+             latent_shape: Sequence[int] | None = None) -> AttributionDetector:
         """Load a detector saved by :meth:`save` for the same generator (checked by weight hash)."""
         folder = Path(path)
         config, tensors = read_saved(folder, "attribution")
@@ -219,10 +247,7 @@ class AttributionDetector(CalibratedDetector):
                   reconstruction=reconstruction.config, device=device, seed=config["seed"], progress=False)
         det.reconstruction_, det.flipad_, det.flipad_refusal_ = reconstruction, None, config["flipad_refusal"]
         if (folder / "flipad").is_dir():
-            flipad_config, _ = read_saved(folder / "flipad", "flipad")
-            adapter = GeneratorAdapter.from_module(module, reconstruction.latent_shape_, final_layer=flipad_config["final_layer"],
-                                                   activation=flipad_config["activation"], device=device, seed=config["seed"])
-            det.flipad_ = FlipadDetector.load(folder / "flipad", adapter, device)
+            det.flipad_ = FlipadDetector.load(folder / "flipad", module, device, latent_shape=reconstruction.latent_shape_)
         det.scales_ = {k: (float(v[0]), float(v[1])) for k, v in config["scales"].items()}
         det._calibrate(tensors["validation_scores"])
         det.fit_info_ = config["fit_info"]

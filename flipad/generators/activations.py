@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..io.data import to_output_range
+
 __all__ = ["OutputActivation", "ACTIVATIONS", "get_activation"]
 
 
@@ -40,10 +42,7 @@ class OutputActivation:
 
     def to_range(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Float samples in the output range: uint8 arrays are mapped from [0, 255]; floats pass through."""
-        t = torch.as_tensor(np.ascontiguousarray(samples)) if isinstance(samples, np.ndarray) else samples
-        if t.dtype == torch.uint8:
-            return t.float().div(255.0).mul(self.high - self.low).add(self.low)
-        return t.float()
+        return to_output_range(samples, self.low, self.high)
 
     def saturated(self, samples: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
         """Mask of values at (or beyond) the ends of the range, where ``s^-1`` is clipped."""

@@ -18,11 +18,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import OutputActivation
-from ..io.data import check_sample_shape, quantize
+from ..io.data import check_sample_shape
 from ..device import resolve_device
 from .folding import fold_upsampling
+from .sampling import generate_samples, resolve_latent_shape, sample_latents
 from ..inversion.lasso import Constraints, InversionResult, LassoOptions, solve_lasso
-from .layers import LinearMap
+from ..inversion.layers import LinearMap
 from .tracing import trace_generator
 
 __all__ = ["GeneratorAdapter"]
@@ -98,10 +99,7 @@ class GeneratorAdapter:
         override what tracing finds. Raises ``NotInvertibleError`` naming the cause for
         generators FLIPAD cannot invert.
         """
-        if latent_shape is None:
-            latent_shape = getattr(module, "latent_shape", None)
-            if latent_shape is None:
-                raise ValueError("latent_shape is required: the module has no latent_shape attribute")
+        latent_shape = resolve_latent_shape(module, latent_shape)
         dev = resolve_device(device)
         module = module.to(dev).eval()
         probe = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
@@ -144,8 +142,7 @@ class GeneratorAdapter:
 
     def sample_latents(self, n: int, seed: int) -> torch.Tensor:
         """``n`` standard-normal latents of ``latent_shape``, reproducible from ``seed``."""
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn(n, *self.latent_shape, generator=gen)
+        return sample_latents(n, self.latent_shape, seed)
 
     def _run(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
@@ -168,18 +165,11 @@ class GeneratorAdapter:
             outs.append(out.cpu())
         return torch.cat(acts), torch.cat(outs)
 
-    def generate(self, n: int, seed: int = 1, quantized: bool = True, progress: bool = False) -> np.ndarray:
+    def generate(self, n: int, seed: int = 1, quantized: bool = True) -> np.ndarray:
         """Draw ``n`` samples. Images are quantised to uint8 (N, C, H, W) as a PNG would store them;
         tabular rows (and ``quantized=False``) are returned as float32 in the output range."""
-        latents = self.sample_latents(n, seed)
-        chunks = []
-        for start in tqdm(range(0, n, self.batch_size), desc="generate", disable=not progress):
-            _, out = self._run(latents[start : start + self.batch_size])
-            chunks.append(out.cpu())
-        samples = torch.cat(chunks) if chunks else torch.empty(0, *self.output_shape)
-        if quantized and self.is_image:
-            return quantize(samples, self.activation.low, self.activation.high)
-        return samples.float().numpy()
+        return generate_samples(self.module, self.latent_shape, n, seed, (self.activation.low, self.activation.high),
+                                self.device, quantized=quantized)
 
     def folded(self) -> GeneratorAdapter:
         """This generator with nearest upsampling folded into a stride-1 final ``Conv2d`` (see

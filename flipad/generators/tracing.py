@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .activations import ACTIVATIONS, OutputActivation, get_activation
-from .layers import SUPPORTED_LAYERS
+from ..inversion.layers import SUPPORTED_LAYERS
 
 __all__ = ["TraceResult", "NotInvertibleError", "trace_generator", "record_calls", "producer_of", "find_final", "LayerCall"]
 

@@ -11,15 +11,11 @@ from tqdm.auto import tqdm
 
 from .architectures import DCGANDiscriminator, EBGANDiscriminator
 from ..device import resolve_device
+from ..io.data import to_output_range
 
-__all__ = ["train_gan", "images_to_range", "LOSSES"]
+__all__ = ["train_gan", "LOSSES"]
 
 logger = logging.getLogger(__name__)
-
-
-def images_to_range(images: np.ndarray, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
-    """uint8 (N, C, H, W) images to float32 in [low, high]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div(255.0).mul(high - low).add(low)
 
 
 LOSSES = ("bce", "lsgan", "wgan-gp", "ebgan")
@@ -65,7 +61,7 @@ def train_gan(
     betas = (0.5, 0.9) if loss == "wgan-gp" else (0.5, 0.999)
     opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=betas)
-    data = images_to_range(images, *output_range)
+    data = to_output_range(images, *output_range)
     margin = EBGAN_MARGIN * _random_energy(disc, data, output_range, dev) if loss == "ebgan" else 0.0
 
     def batch() -> torch.Tensor:

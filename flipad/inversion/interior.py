@@ -37,7 +37,7 @@ import torch
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 from threadpoolctl import threadpool_limits
 
-from ..generators.layers import LinearMap
+from .layers import LinearMap
 
 __all__ = ["OutputSystem", "output_system", "barrier_lasso", "blocks"]
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .interior import MAX_PROBE_ENTRIES, barrier_lasso, blocks, output_system
-from ..generators.layers import LinearMap
+from .layers import LinearMap
 
 __all__ = ["Constraints", "data_residual", "LassoOptions", "InversionResult", "solve_lasso", "lasso_objective", "duality_gap", "soft_threshold"]
 

@@ -37,6 +37,7 @@ __all__ = [
     "fashion_mnist_candidates",
     "resize_images",
     "quantize",
+    "to_output_range",
     "check_sample_shape",
 ]
 
@@ -263,6 +264,15 @@ def quantize(x: torch.Tensor, low: float, high: float) -> np.ndarray:
     """Quantise samples in [low, high] to uint8 exactly as saving them as a PNG would."""
     unit = (x.detach().float().cpu() - low) / (high - low)
     return torch.clamp(torch.floor(unit * 255 + 0.5), 0, 255).to(torch.uint8).numpy()
+
+
+def to_output_range(samples: np.ndarray | torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Float samples in a generator's output range ``[low, high]``: uint8 pixels are mapped from
+    [0, 255] (the inverse of :func:`quantize` up to rounding); floats pass through."""
+    t = torch.as_tensor(np.ascontiguousarray(samples)) if isinstance(samples, np.ndarray) else samples
+    if t.dtype == torch.uint8:
+        return t.float().div(255.0).mul(high - low).add(low)
+    return t.float()
 
 
 def check_sample_shape(samples: np.ndarray | torch.Tensor, expected: Sequence[int], what: str = "input") -> None:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from ..detectors.bundle import Detector, flipad_family
+from ..detectors.base import Detector
 from .data import DataError, decode_item, pixel_stats
-from ..detectors.features import FeatureExtractor
 
-__all__ = ["ItemResult", "score_items"]
+__all__ = ["ItemResult", "ITEM_COLUMNS", "score_items"]
 
 NAN = float("nan")
 
@@ -20,8 +19,9 @@ NAN = float("nan")
 class ItemResult:
     """``score`` is higher for items more typical of the generator; attributed when ``score >= threshold``.
 
-    ``residual`` and ``sparsity`` describe the inversion, ``pixel_mean``/``pixel_std`` the input
-    (the summaries drift monitoring compares); NaN where they do not apply or the item failed.
+    ``residual`` and ``sparsity`` describe the final-layer inversion, ``latent_loss`` the latent
+    search, ``pixel_mean``/``pixel_std`` the input (the summaries drift monitoring compares); NaN
+    where they do not apply or the item failed.
     """
 
     score: float | None
@@ -30,8 +30,16 @@ class ItemResult:
     error: str = ""
     residual: float = NAN
     sparsity: float = NAN
+    latent_loss: float = NAN
     pixel_mean: float = NAN
     pixel_std: float = NAN
+
+    def as_row(self) -> dict:
+        """The result as the columns :data:`ITEM_COLUMNS` of an output row."""
+        return asdict(self)
+
+
+ITEM_COLUMNS = [f.name for f in fields(ItemResult)]
 
 
 def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
@@ -39,7 +47,7 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
 
     Items that cannot be decoded or have the wrong shape get an ``error`` and no score; they never
     stop the others. The threshold is the detector's default (its first FNR target). Works for
-    every detector kind; the inversion diagnostics come from the FLIPAD family where there is one.
+    every detector kind.
     """
     threshold = -detector.threshold()
     results: list[ItemResult | None] = [None] * len(items)
@@ -53,30 +61,17 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
         groups.setdefault(arr.dtype == np.uint8, []).append((i, arr))
     for members in groups.values():  # 8-bit pixels and output-range floats are scored apart
         batch = np.stack([arr for _, arr in members])
-        scores, residual, sparsity = _scores(detector, batch)
+        scores = detector.score(batch)
         pixel_mean, pixel_std = pixel_stats(batch)
+        nan = np.full(len(batch), NAN)
+        diagnostics = {k: scores.diagnostics.get(k, nan) for k in ("residual", "sparsity", "latent_loss")}
         for k, (i, _) in enumerate(members):
-            ok = bool(np.isfinite(scores[k]))
+            value = scores.score[k]
+            ok = bool(np.isfinite(value))
             results[i] = ItemResult(
-                float(scores[k]) if ok else None, threshold, bool(scores[k] >= threshold) if ok else None,
+                float(value) if ok else None, threshold, bool(value >= threshold) if ok else None,
                 "" if ok else "the detector returned a non-finite score",
-                float(residual[k]), float(sparsity[k]), float(pixel_mean[k]), float(pixel_std[k]),
+                *(float(diagnostics[name][k]) for name in ("residual", "sparsity", "latent_loss")),
+                float(pixel_mean[k]), float(pixel_std[k]),
             )
     return results  # type: ignore[return-value]
-
-
-def _scores(detector: Detector, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scores (higher = more typical) and the FLIPAD inversion's residual and sparsity (NaN without FLIPAD)."""
-    flipad = flipad_family(detector)
-    if flipad is None:
-        nan = np.full(len(batch), NAN)
-        return detector.score_samples(batch), nan, nan
-    # a private extractor per call: the flow scores batches in threads, and the inversion
-    # diagnostics it keeps must be this batch's
-    extractor = FeatureExtractor(flipad.generators.adapter, flipad.feature_config)
-    flipad_scores = flipad.score_features(extractor(batch))
-    inversion = extractor.last_inversion
-    anomaly = flipad_scores if flipad is detector else detector.anomaly_scores(batch, flipad_scores=flipad_scores)
-    residual = inversion.residual.double().numpy() if inversion is not None else np.full(len(batch), NAN)
-    sparsity = inversion.sparsity.numpy() if inversion is not None else np.full(len(batch), NAN)
-    return -anomaly.double().numpy(), residual, sparsity

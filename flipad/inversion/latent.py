@@ -1,0 +1,128 @@
+"""Full-generator latent search: the best reconstruction of each target by ``module(z)``.
+
+:func:`reconstruction_losses` is the first-order search (Adam from the best of many screened
+random latents, batched over items and starts, each item stopping once its best loss stalls).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+__all__ = ["ReconstructionConfig", "reconstruction_losses"]
+
+SCREEN_BATCH = 1024  # latents per forward pass when screening the starts
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """The latent search: Adam for up to ``steps`` from ``starts`` latents per item.
+
+    The starts are the ``candidates`` random latents with the lowest loss (one forward pass each;
+    ``candidates == starts`` skips the screening). An item stops when its best loss improved by
+    less than ``tol`` (relative) over ``patience`` steps. ``batch_size`` counts items (each with
+    all its starts).
+    """
+
+    steps: int = 600
+    lr: float = 0.05
+    candidates: int = 64
+    starts: int = 3
+    tol: float = 1e-3
+    patience: int = 50
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.candidates < self.starts:
+            raise ValueError(f"candidates ({self.candidates}) must be at least starts ({self.starts})")
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> ReconstructionConfig:
+        """The config of a saved detector; searches saved before screening existed keep their
+        unscreened random starts (their thresholds were set with them)."""
+        return cls(**{"candidates": saved["starts"], **saved})
+
+
+def reconstruction_losses(
+    module: nn.Module,
+    latent_shape: Sequence[int],
+    targets: torch.Tensor,
+    config: ReconstructionConfig,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Best per-item MSE of ``module(z)`` to ``targets`` (float, in the output range) over the search."""
+    device = next(module.parameters()).device
+    out = []
+    for start in tqdm(range(0, len(targets), config.batch_size), desc="latent search", disable=not progress):
+        batch = targets[start : start + config.batch_size].to(device)
+        seed = config.seed + start
+        out.append(_search(module, latent_shape, batch, config, seed).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _search(
+    module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor, config: ReconstructionConfig, seed: int
+) -> torch.Tensor:
+    n, starts, device = len(targets), config.starts, targets.device
+    gen = torch.Generator().manual_seed(seed)
+    z = _starts(module, latent_shape, targets, config, gen).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=config.lr)
+    result = torch.full((n,), float("inf"), device=device)
+    active = torch.arange(n, device=device)  # items still searching
+    best = result.clone()
+    history: list[torch.Tensor] = []
+    check = max(1, config.patience // 5)
+    for step in range(1, config.steps + 2):
+        per_start = ((module(z) - targets[active].repeat_interleave(starts, dim=0)) ** 2).flatten(1).mean(1)
+        best = torch.minimum(best, per_start.detach().view(-1, starts).min(1).values)
+        if step > config.steps:
+            break  # the loss after the last update is counted, no further step
+        # only the latents (not the generator's weights) get gradients
+        (z.grad,) = torch.autograd.grad(per_start.sum(), [z])
+        opt.step()
+        if step % check:
+            continue
+        history = (history + [best.clone()])[-6:]
+        if len(history) < 6:
+            continue
+        stalled = history[0] - history[-1] <= config.tol * history[-1]
+        if stalled.any():
+            result[active[stalled]] = best[stalled]
+            keep = ~stalled
+            if not keep.any():
+                return result
+            rows = keep.repeat_interleave(starts)
+            state = opt.state[z]
+            z = z.detach()[rows].requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=config.lr)
+            opt.state[z] = {"step": state["step"], "exp_avg": state["exp_avg"][rows],
+                            "exp_avg_sq": state["exp_avg_sq"][rows]}
+            active, best = active[keep], best[keep]
+            history = [h[keep] for h in history]
+    result[active] = best
+    return result
+
+
+def _starts(
+    module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor, config: ReconstructionConfig, gen: torch.Generator
+) -> torch.Tensor:
+    """``(len(targets) * starts, *latent_shape)`` latents: per item, the ``starts`` of its
+    ``candidates`` random latents whose outputs are closest to it."""
+    n, starts, device = len(targets), config.starts, targets.device
+    if config.candidates == starts:
+        return torch.randn(n * starts, *latent_shape, generator=gen).to(device)
+    candidates = torch.randn(n, config.candidates, *latent_shape, generator=gen).to(device)
+    losses = torch.empty(n, config.candidates, device=device)
+    chunk = max(1, SCREEN_BATCH // config.candidates)  # items per forward pass, to bound the memory
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            outputs = module(candidates[i : i + chunk].flatten(0, 1)).unflatten(0, (-1, config.candidates))
+            losses[i : i + chunk] = ((outputs - targets[i : i + chunk, None]) ** 2).flatten(2).mean(2)
+    best = losses.topk(starts, dim=1, largest=False).indices
+    return candidates[torch.arange(n, device=device)[:, None], best].reshape(n * starts, *latent_shape)
