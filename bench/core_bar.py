@@ -37,7 +37,7 @@ from flipad.io.data import load_fashion_mnist  # noqa: E402
 from flipad.detectors.evaluation import evaluate_pairs, evaluate_scores  # noqa: E402
 from flipad.detectors.features import DETECTOR_INVERSION, FeatureConfig  # noqa: E402
 from flipad.detectors.negatives import perturbed_samples  # noqa: E402
-from flipad.detectors.reconstruction import generate_samples  # noqa: E402
+from flipad.generators.sampling import generate_samples  # noqa: E402
 from flipad.generators.training import train_gan  # noqa: E402
 
 

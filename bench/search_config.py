@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bar import TARGETS, trained  # noqa: E402
 
 from flipad.io.data import load_fashion_mnist, quantize  # noqa: E402
-from flipad.detectors.reconstruction import ReconstructionConfig, reconstruction_losses  # noqa: E402
+from flipad.inversion.latent import ReconstructionConfig, reconstruction_losses  # noqa: E402
 
 VARIANTS = {
     "previous": ReconstructionConfig(steps=300, candidates=3),  # the default until 2026-11-23

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -58,6 +59,7 @@ class AttributeConfig(BaseModel):
     batch_size: int = Field(256, ge=1, le=10_000)
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, ...); default AWS or AWS_ENDPOINT_URL")
     max_item_bytes: int = Field(32 * 2**20, ge=1)
+    in_flight: int = Field(2, ge=1, description="batches submitted at once (memory grows with it)")
     monitor: bool = True
     drift_share: float = Field(DRIFT_SHARE, gt=0, le=1, description="share of monitored columns that must drift")
     webhook: str | None = Field(None, description="URL that receives a JSON POST when drift is detected")
@@ -84,9 +86,10 @@ def _model(tracking_uri: str, name: str, version: str):
 @task(name="list-new-items", retries=2, retry_delay_seconds=2, persist_result=False)
 def list_new_items(config: AttributeConfig, detectors: list[ResolvedVersion]) -> tuple[list[tuple[ObjectRef, list[int]]], int]:
     """Items not yet committed for each detector version (by URI and ETag), and how many were listed."""
-    done = open_results(config.output, config.endpoint_url).processed()
+    results = open_results(config.output, config.endpoint_url)
+    done = results.processed()
     listed, todo = 0, []
-    for ref in open_source(config.input, config.endpoint_url).list():
+    for ref in open_source(config.input, config.endpoint_url, results).list():
         listed += 1
         need = [k for k, d in enumerate(detectors) if (ref.uri, ref.etag, d.name, d.version) not in done]
         if need:
@@ -174,6 +177,32 @@ def _post_alert(url: str, body: dict) -> None:
         logger.warning("drift webhook %s failed: %s", redact_url(url), exc)
 
 
+def _score_and_commit(config: AttributeConfig, tracking_uri: str, detectors: list[ResolvedVersion],
+                      batches: list, results) -> tuple[list[pd.DataFrame], list[Exception]]:
+    """Score the batches with at most ``config.in_flight`` submitted at a time and commit each as
+    soon as it is scored, in order: memory stays bounded and a killed run keeps what it committed."""
+    new_frames: list[pd.DataFrame] = []
+    failures: list[Exception] = []
+    pending: deque = deque()
+
+    def settle(batch, future) -> None:
+        try:
+            rows = future.result()
+        except Exception as exc:  # keep committing the others; the run fails at the end
+            failures.append(exc)
+            return
+        results.commit(batch_id(batch, detectors), rows)
+        new_frames.append(rows)
+
+    for batch in batches:
+        if len(pending) >= config.in_flight:
+            settle(*pending.popleft())
+        pending.append((batch, score_batch.submit(config, tracking_uri, detectors, batch)))
+    while pending:
+        settle(*pending.popleft())
+    return new_frames, failures
+
+
 @flow(name="attribute-stream")
 def attribute_stream(config: AttributeConfig) -> AttributeResult:
     """Score every new item of ``config.input`` with each requested detector; commit per batch; monitor drift."""
@@ -181,19 +210,12 @@ def attribute_stream(config: AttributeConfig) -> AttributeResult:
     tracking_uri = connect()
     detectors = [resolve_version(*parse_model_ref(ref)) for ref in config.models]
     results = open_results(config.output, config.endpoint_url)
-    todo, listed = list_new_items(config, detectors)
-    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    futures = [score_batch.submit(config, tracking_uri, detectors, batch) for batch in batches]
-    new_frames, failures = [], []
-    for batch, future in zip(batches, futures):
-        try:
-            rows = future.result()
-        except Exception as exc:  # keep committing the others; the run fails at the end
-            failures.append(exc)
-            continue
-        results.commit(batch_id(batch, detectors), rows)
-        new_frames.append(rows)
-    all_rows = results.consolidate()
+    results.check_writable()
+    with results.lease():
+        todo, listed = list_new_items(config, detectors)
+        batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+        new_frames, failures = _score_and_commit(config, tracking_uri, detectors, batches, results)
+        all_rows = results.consolidate()
     if failures:
         raise RuntimeError(f"{len(failures)} of {len(batches)} batches failed (first: {failures[0]}); "
                            "committed batches are kept, rerun to resume") from failures[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from enum import Enum
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import typer
@@ -12,8 +14,33 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Was this made by my generator? (FLIPAD)")
 
 
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Promote(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"flipad {version('flipad')}")
+        except PackageNotFoundError:
+            typer.echo("flipad (not installed as a package)")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level.")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit."),
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Prefect reads these when imported (inside the commands): its run logs and tracebacks only
     # with --verbose (our errors end in one line), and no telemetry from an offline machine
@@ -29,8 +56,27 @@ def _fail(exc: Exception) -> None:
 
 
 def _invalid(exc) -> str:
-    """A pydantic ValidationError as one line: ``field: message; ...``."""
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    """A pydantic ValidationError as one line naming the flags: ``--flag: message; ...``."""
+    renamed = {"deep_sad_epochs": "epochs", "generator_kwargs": "option", "models": "model"}
+
+    def flag(loc) -> str:
+        return "--" + renamed.get(str(loc[0]), str(loc[0])).replace("_", "-") if loc else "input"
+    return "; ".join(f"{flag(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+
+
+def _check_device(device: str) -> None:
+    """A CUDA request on a machine without CUDA, as one line before anything starts."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: this machine has no CUDA device; use --device cpu or auto")
+
+
+def _check_location(flag: str, location: str) -> None:
+    """A local path that does not exist, as one line before anything starts (s3:// is checked when read)."""
+    if not location.startswith("s3://") and not Path(location).exists():
+        raise ValueError(f"{flag} {location} does not exist")
 
 
 def _options(values: list[str]) -> dict:
@@ -60,9 +106,11 @@ def onboard(
     option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
     epochs: int = typer.Option(50, help="Deep SAD epochs."),
     constrained: bool = typer.Option(False, help="Bounded + censored inversion (better against look-alike generators)."),
-    detector: str = typer.Option("flipad", help="flipad, or combined: FLIPAD + reconstruction loss, one calibrated verdict."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    promote: str = typer.Option("auto", help="auto (champion if at least as good), always or never."),
+    detector: str = typer.Option("reconstruction", help="The detector kind: reconstruction (the default verdict: exact "
+                                 "latent inversion, thresholds calibrated on recompressed copies), flipad, or "
+                                 "combined (FLIPAD and reconstruction loss must both accept)."),
+    device: Device = typer.Option(Device.auto, help="Where the inversions run."),
+    promote: Promote = typer.Option(Promote.auto, help="auto (champion if at least as good), always or never."),
     deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
                                           "(e.g. onboard-generator/onboard-generator) instead of in this process."),
 ) -> None:
@@ -77,6 +125,12 @@ def onboard(
     from registry.versions import list_versions
 
     try:
+        _check_device(device.value)
+        _check_location("--real", real)
+        for path in negatives:
+            _check_location("--negatives", path)
+        if weights is not None and not weights.is_file():
+            raise ValueError(f"--weights {weights} is not a file")
         uri = connect()  # fail before Prefect starts anything
         from flows.onboard import OnboardConfig, onboard_generator
         from flows.submit import (
@@ -93,7 +147,8 @@ def onboard(
             name=name, generator=generator, weights=str(weights) if weights else None,
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
-            deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device, promote=promote,
+            deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device.value,
+            promote=promote.value,
         )
         if deployment:
             run = run_through_deployment(deployment, config)

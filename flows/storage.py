@@ -8,11 +8,15 @@ ahead of the results.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from stat import S_ISREG
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +37,14 @@ class StorageError(RuntimeError):
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """One stored item: ``uri`` names it, ``etag`` its content version (S3 ETag, or size+mtime on disk)."""
+    """One stored item: ``uri`` names it (always valid UTF-8), ``etag`` its content version (S3 ETag,
+    or size + mtime + inode change time on disk), ``location`` where it is read from when that
+    differs from ``uri`` (a local file name that is not valid UTF-8)."""
 
     uri: str
     etag: str
     size: int
+    location: str = ""
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -58,20 +65,41 @@ def _s3_error(action: str, uri: str, exc: Exception) -> StorageError:
 
 
 class LocalSource:
-    """Every file below a folder (any nesting); non-images are listed too and get error rows."""
+    """Every regular file below a folder (any nesting); non-images are listed too and get error rows.
 
-    def __init__(self, root: str | Path):
+    Symbolic links (to files or folders) are never followed, so nothing outside the folder is
+    read; ``exclude`` names paths that are not input (the results and their side files, when
+    they live inside the folder).
+    """
+
+    def __init__(self, root: str | Path, exclude: Callable[[Path], bool] = lambda path: False):
         self.root = Path(root)
         if not self.root.is_dir():
             raise StorageError(f"{self.root} is not a folder")
+        self.exclude = exclude
 
     def list(self) -> Iterator[ObjectRef]:
-        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
-            stat = path.stat()
-            yield ObjectRef(str(path.resolve()), f"{stat.st_size}-{stat.st_mtime_ns}", stat.st_size)
+        root = self.root.resolve()
+        found = []
+        for folder, dirs, files in os.walk(root, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not (Path(folder) / d).is_symlink() and not self.exclude(Path(folder) / d))
+            found += [Path(folder) / f for f in files]
+        for path in sorted(found, key=lambda p: os.fsencode(p)):
+            if path.is_symlink() or self.exclude(path):
+                continue
+            try:
+                stat = path.lstat()
+            except OSError:  # vanished since the walk
+                continue
+            if not S_ISREG(stat.st_mode):
+                continue
+            raw = str(path)
+            uri = os.fsencode(raw).decode("utf-8", "backslashreplace")
+            etag = f"{stat.st_size}-{stat.st_mtime_ns}-{stat.st_ctime_ns}-{stat.st_ino}"
+            yield ObjectRef(uri, etag, stat.st_size, raw if uri != raw else "")
 
     def read(self, ref: ObjectRef) -> bytes:
-        return Path(ref.uri).read_bytes()
+        return Path(ref.location or ref.uri).read_bytes()
 
 
 class S3Source:
@@ -102,9 +130,12 @@ class S3Source:
             raise _s3_error("reading", ref.uri, exc) from exc
 
 
-def open_source(location: str, endpoint_url: str | None = None) -> LocalSource | S3Source:
-    """The content source named by ``location`` (a folder or ``s3://bucket/prefix``)."""
-    return S3Source(location, endpoint_url) if location.startswith("s3://") else LocalSource(location)
+def open_source(location: str, endpoint_url: str | None = None, results: Results | None = None) -> LocalSource | S3Source:
+    """The content source named by ``location`` (a folder or ``s3://bucket/prefix``); what
+    ``results`` writes is never listed as input."""
+    if location.startswith("s3://"):
+        return S3Source(location, endpoint_url)
+    return LocalSource(location, exclude=results.owns if results is not None else (lambda path: False))
 
 
 class Results:
@@ -123,6 +154,62 @@ class Results:
                 raise StorageError(f"output {output} must end in .csv or .parquet, or be an s3:// prefix")
             self.path = path
             self.parts_dir = path.with_name(path.name + ".parts")
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` is something these results write (the output, its parts, side files,
+        temporary files, the lock): never input, even when the output lies inside the input folder."""
+        if self.s3:
+            return False
+        name = self.path.name
+        return path.resolve().parent == self.path.resolve().parent and path.name.lstrip(".").startswith(name)
+
+    @contextmanager
+    def lease(self, timeout_s: float = 3600.0):
+        """Hold the output for one run: a second run on the same output waits until the first has
+        committed, so they never score an item twice. Local outputs: an advisory lock file next to
+        the output (``fcntl.flock``, released by the kernel if the process dies). S3 outputs rely
+        on the deployment's concurrency limit (``deploy/prefect.yaml``). Stale temporary files of
+        killed runs are removed once the lease is held."""
+        if self.s3:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.path.with_name(f".{self.path.name}.lock")
+        with open(lock, "a") as fh:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"another run holds {self.output} for more than {timeout_s:.0f} s; "
+                                           f"wait for it or remove {lock} if no run is left") from None
+                    time.sleep(0.2)
+            try:
+                stale = [*self.path.parent.glob(f".{self.path.name}*.tmp")]
+                if self.parts_dir.is_dir():
+                    stale += self.parts_dir.glob(".*.tmp")
+                for path in stale:
+                    path.unlink(missing_ok=True)
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def check_writable(self) -> None:
+        """Fail with one line, before any scoring, when the output cannot be written."""
+        if self.s3:
+            return
+        if self.path.is_dir():
+            raise StorageError(f"output {self.output} is a folder; name a .csv or .parquet file")
+        parent = self.path.parent
+        for folder in (parent, *parent.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    raise StorageError(f"output {self.output}: {folder} is not a folder")
+                if not os.access(folder, os.W_OK):
+                    raise StorageError(f"output {self.output}: {folder} is not writable")
+                break
 
     # -- parts ------------------------------------------------------------------------------
 
@@ -172,9 +259,13 @@ class Results:
     # -- outputs ----------------------------------------------------------------------------
 
     def consolidate(self) -> pd.DataFrame:
-        """Write all committed rows as the output file (atomically) and return them."""
+        """Write the current row of every (item, detector version) as the output file (atomically)
+        and return them: an item overwritten since it was scored (a new ETag) has its newer row
+        only; the parts keep the history."""
         rows = self.read_all()
         if len(rows):
+            if "scored_at" in rows:
+                rows = rows.sort_values("scored_at", kind="stable").drop_duplicates(["uri", "model", "version"], keep="last")
             rows = rows.sort_values(["model", "uri"], kind="stable").reset_index(drop=True)
         data = io.BytesIO()
         if self.s3:
@@ -203,7 +294,7 @@ class Results:
             except (BotoCoreError, ClientError) as exc:
                 raise _s3_error("writing", f"s3://{self.bucket}/{key}", exc) from exc
             return f"s3://{self.bucket}/{key}"
-        target = self.path.with_name(name)
+        target = self.path.with_name(f"{self.path.name}.{name}")  # named after the output: never read as input
         _atomic_write(target, data)
         return str(target)
 

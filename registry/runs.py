@@ -20,7 +20,8 @@ from mlflow.types import ColSpec, Schema
 
 import flipad
 import registry
-from flipad.detectors.bundle import Detector, save_bundle
+from flipad.detectors.base import Detector
+from flipad.detectors.bundle import save_bundle
 from flipad.generators.loading import GeneratorSource
 
 from .plots import mean_activation_figure, roc_figure, score_histograms

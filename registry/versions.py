@@ -10,7 +10,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from flipad.detectors.bundle import Detector
+from flipad.detectors.base import Detector
 
 __all__ = ["CHAMPION", "CHALLENGER", "Registration", "ResolvedVersion", "register_version", "resolve_version", "load_model", "load_detector", "list_versions", "parse_model_ref"]
 

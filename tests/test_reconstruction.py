@@ -19,7 +19,8 @@ from flipad.generators.architectures import DCGANGenerator, LSGANGenerator
 from flipad.io.data import resize_images
 from flipad.detectors.deepsad import DeepSADConfig
 from flipad.detectors.evaluation import evaluate_pairs
-from flipad.detectors.reconstruction import ReconstructionConfig, _starts, generate_samples
+from flipad.generators.sampling import generate_samples
+from flipad.inversion.latent import ReconstructionConfig, _starts
 from flipad.generators.training import train_gan
 
 FAST = ReconstructionConfig(steps=150, starts=2)
@@ -145,7 +146,7 @@ def test_combined_verdict_falls_back_to_reconstruction_for_skip_generators(fashi
 
 @pytest.mark.parametrize("kind", ["attribution", "reconstruction", "attribution-reconstruction-only"])
 def test_detectors_round_trip_through_bundles_and_score_items(kind, tmp_path, fashion_test):
-    from flipad.detectors.bundle import detector_kind, load_bundle, save_bundle
+    from flipad.detectors.bundle import load_bundle, save_bundle
     from flipad.io.data import encode_item
     from flipad.generators.loading import GeneratorSource
     from flipad.io.scoring import score_items
@@ -172,7 +173,7 @@ def test_detectors_round_trip_through_bundles_and_score_items(kind, tmp_path, fa
     source = GeneratorSource(f"{code}:make", {}, search.latent_shape_)
     folder = save_bundle(tmp_path / "bundle", det, source)
     loaded = load_bundle(folder, device="cpu")
-    assert detector_kind(loaded) == detector_kind(det) and loaded.thresholds_ == det.thresholds_
+    assert loaded.kind == det.kind and loaded.thresholds_ == det.thresholds_
     own = search.generate(8, seed=21)
     np.testing.assert_allclose(loaded.score_samples(own), det.score_samples(own), rtol=1e-5, atol=1e-6)
     results = score_items(loaded, [encode_item(x) for x in own] + [b"broken"])

@@ -203,6 +203,11 @@ class Detector(CalibratedDetector):
         """The shape of one sample of the generator."""
         raise NotImplementedError
 
+    @property
+    def output_range(self) -> tuple[float, float]:
+        """The range of the generator's samples (uint8 pixels map onto it)."""
+        raise NotImplementedError
+
     def generator_info(self) -> dict[str, Any]:
         """What a bundle records to rebuild the generator for this detector (at least ``latent_shape``)."""
         raise NotImplementedError

@@ -224,6 +224,10 @@ class FlipadDetector(Detector):
         """The shape of one sample of the generator."""
         return tuple(self.adapter.output_shape)
 
+    @property
+    def output_range(self) -> tuple[float, float]:
+        return (self.adapter.activation.low, self.adapter.activation.high)
+
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:

@@ -165,6 +165,11 @@ class ReconstructionLossDetector(Detector):
         self._check_fitted()
         return self.output_shape_
 
+    @property
+    def output_range(self) -> tuple[float, float]:
+        self._check_fitted()
+        return self.range_
+
     def save(self, path: str | Path) -> Path:
         """Write ``config.json`` and ``tensors.safetensors`` into the folder ``path`` (no pickles)."""
         self._check_fitted()

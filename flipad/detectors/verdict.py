@@ -22,6 +22,7 @@ then reported as its FLIPAD score, a lower bound that keeps the same verdict).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,8 @@ class AttributionDetector(Detector):
         if validation is None:
             validation = self.reconstruction_.generate(self.n_validation, seed=seeds.validation)
         self.flipad_, self.flipad_refusal_ = None, None
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
         try:
             options = {"fnr": self.fnr, "device": self.device, "seed": self.seed, "progress": self.progress,
                        **(self.flipad_options or {})}
@@ -131,13 +134,19 @@ class AttributionDetector(Detector):
             logger.warning("FLIPAD cannot invert this generator (%s); using reconstruction loss alone", exc)
         else:
             self.flipad_ = flipad.fit(generated, real, negatives, validation, stages=stages)
+        timings["time_flipad_fit_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         self.reconstruction_.fit(validation=validation, stages=stages)
+        timings["time_reconstruction_fit_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         self.scales_ = {"reconstruction": self._standardiser(self.reconstruction_.validation_scores_)}
         if self.flipad_ is not None:
             self.scales_["flipad"] = self._standardiser(self.flipad_.validation_scores_)
         calibration = self.reconstruction_.generate(self.n_calibration, seed=seeds.calibration)
         self._calibrate(self._combined(calibration, stages, exhaustive=True)[0])
+        timings["time_combined_calibration_s"] = time.perf_counter() - start
         self.fit_info_ = {
+            "timings": timings,
             "families": list(self.parts()),
             "flipad_refusal": self.flipad_refusal_,
             "n_validation": len(validation),
@@ -211,7 +220,7 @@ class AttributionDetector(Detector):
                       diagnostics)
 
     def fit_summary(self) -> dict[str, float]:
-        out: dict[str, float] = {}
+        out: dict[str, float] = dict(self.fit_info_.get("timings", {}))
         for part in self.parts().values():
             out.update(part.fit_summary())
         return out
@@ -223,6 +232,10 @@ class AttributionDetector(Detector):
     def output_shape(self) -> tuple[int, ...]:
         """The shape of one sample of the generator."""
         return self.reconstruction_.output_shape
+
+    @property
+    def output_range(self) -> tuple[float, float]:
+        return self.reconstruction_.output_range
 
     def save(self, path: str | Path) -> Path:
         """Write both families (``flipad/`` when fitted, ``reconstruction/``) and the joint calibration into ``path``."""

@@ -11,6 +11,7 @@ import gzip
 import io
 import os
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,42 +53,108 @@ class DataError(ValueError):
     """Input data that cannot be used, with a message that says what to do."""
 
 
-def decode_image(data: bytes, channels: int | None = None, max_pixels: int = 4096 * 4096) -> np.ndarray:
-    """Decode PNG/JPEG bytes into a uint8 (C, H, W) array (C = 1 or 3, or ``channels`` if given)."""
+MAX_PIXELS = 4096 * 4096  # per decoded item; larger headers are refused before any pixel is decoded
+
+
+def decode_image(data: bytes, channels: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode image bytes (PNG, JPEG or any 8-bit raster Pillow reads) into a uint8 (C, H, W) array.
+
+    ``channels`` (1 or 3) is what the generator makes. The conversion policy, so nothing is
+    converted silently: 8-bit grey, palette and colour images are used as they are when they
+    already have that many channels, or when the conversion loses nothing (a grey image stored as
+    RGB or palette, an opaque alpha channel, grey to RGB); a colour image for a grey generator, a
+    translucent alpha channel, 16-bit or floating-point pixels raise ``DataError`` saying so. Every
+    failure of the decoder (truncated or malicious files, decompression bombs, oversized text or
+    ICC chunks) is a ``DataError`` too.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > max_pixels:
-                raise DataError(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
-            mode = {1: "L", 3: "RGB"}.get(channels or 0)
-            if mode is None:
-                mode = "L" if img.mode in ("L", "LA", "I", "I;16", "1", "P") and _is_gray(img) else "RGB"
-            arr = np.asarray(img.convert(mode))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > max_pixels:
+                    raise DataError(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}")
+                img.load()
+                arr = _to_channels(img, channels)
+    except DataError:
+        raise
     except UnidentifiedImageError as exc:
-        raise DataError("not a decodable PNG/JPEG image") from exc
-    except (OSError, SyntaxError) as exc:
-        raise DataError(f"not a decodable PNG/JPEG image ({exc})") from exc
+        raise DataError("not a decodable image (PNG/JPEG)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"refused as a decompression bomb ({exc})") from exc
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, EOFError...
+        raise DataError(f"not a decodable image ({type(exc).__name__}: {str(exc)[:120]})") from exc
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy()
+
+
+def _to_channels(img: Image.Image, channels: int | None) -> np.ndarray:
+    """The pixels of ``img`` as uint8 (H, W) or (H, W, 3), by :func:`decode_image`'s policy."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F") or img.mode.startswith("I;"):
+        raise DataError(f"{'floating-point' if img.mode == 'F' else '16/32-bit'} pixels (mode {img.mode}); "
+                        "the generator's samples are 8-bit: save the item with 8 bits per channel")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        if (rgba[..., 3] != 255).any():
+            raise DataError("the image is translucent (an alpha channel below 255); flatten it onto a background first")
+    rgb = img.mode not in ("L", "1") and not (img.mode in ("P", "PA", "LA") and _is_gray(img))
+    if rgb:
+        arr = np.asarray(img.convert("RGB"))
+        grey = bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+        if channels == 1:
+            if not grey:
+                raise DataError("colour image (3 channels) for a generator of 1-channel images; convert it to grey "
+                                "only if that is what you mean to test")
+            return arr[..., 0]
+        return arr if channels == 3 or not grey else arr[..., 0]
+    arr = np.asarray(img.convert("L"))
+    return np.repeat(arr[..., None], 3, axis=2) if channels == 3 else arr
 
 
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def decode_item(data: bytes, shape: Sequence[int], max_bytes: int = 64 * 2**20) -> np.ndarray:
-    """One item for a generator with output ``shape``: PNG/JPEG bytes, or ``.npy`` bytes of a uint8
-    image / float array in the output range. Returns uint8 (pixels) or float32 (output range);
-    raises ``DataError`` saying what is wrong."""
+def _npy_array(data: bytes, max_bytes: int) -> np.ndarray:
+    """An ``.npy`` item, its header checked against the bytes actually present before allocating."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(buffer)
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise DataError(f"not a readable .npy array ({exc})") from exc
+    if dtype.hasobject:
+        raise DataError("object arrays are refused (they would need unpickling)")
+    declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if declared > max_bytes or declared != len(data) - buffer.tell():
+        raise DataError(f".npy header declares {declared} bytes of data, the item holds {len(data) - buffer.tell()}")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError) as exc:
+        raise DataError(f"not a readable .npy array ({exc})") from exc
+
+
+def decode_item(data: bytes, shape: Sequence[int], max_bytes: int = 64 * 2**20,
+                value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """One item for a generator with output ``shape``: image bytes (:func:`decode_image`), or
+    ``.npy`` bytes of a uint8 image / float array in the output range. Returns uint8 (pixels) or
+    float32 (output range); raises ``DataError`` saying what is wrong. Float arrays must be
+    finite and, when ``value_range`` is given, inside it: a NaN must never look like a sample."""
     if len(data) > max_bytes:
         raise DataError(f"item of {len(data)} bytes exceeds the limit of {max_bytes}")
     if data[:6] == NPY_MAGIC:
-        try:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-        except ValueError as exc:
-            raise DataError(f"not a readable .npy array ({exc})") from exc
+        arr = _npy_array(data, max_bytes)
         if arr.dtype.kind in "ui" and arr.dtype != np.uint8:
             if arr.size and (arr.min() < 0 or arr.max() > 255):
                 raise DataError("integer arrays must hold 8-bit pixel values (0-255)")
             arr = arr.astype(np.uint8)
         elif arr.dtype.kind == "f":
+            if not np.isfinite(arr).all():
+                raise DataError("the array holds NaN or infinite values")
+            if value_range is not None and arr.size:
+                low, high = value_range
+                slack = 1e-3 * (high - low)
+                if arr.min() < low - slack or arr.max() > high + slack:
+                    raise DataError(f"float values span [{arr.min():.4g}, {arr.max():.4g}], outside the generator's "
+                                    f"output range [{low:g}, {high:g}]")
             arr = arr.astype(np.float32)
         elif arr.dtype != np.uint8:
             raise DataError(f"array of dtype {arr.dtype} is not an image or a numeric record")
