@@ -165,7 +165,9 @@ def onboard(
     typer.echo(result.results.to_string(index=False))
     typer.echo(
         f"registered {result.name} version {result.version} as {result.alias} "
-        f"(balanced accuracy {result.metrics['primary_balanced_accuracy']:.4f})\n"
+        f"(balanced accuracy {result.metrics['primary_balanced_accuracy']:.4f} mean, "
+        f"{result.metrics['worst_balanced_accuracy']:.4f} worst source; own items attributed "
+        f"{result.metrics['worst_own_accepted']:.3f} at worst)\n"
         f"run: {result.run_url}\nUI:  {result.ui_command}"
     )
 
@@ -308,9 +310,10 @@ def _print_versions(rows: list[dict]) -> None:
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path(".flipad/demo"), help="Where the demo keeps its generators, stream and results."),
-    num_samples: int = typer.Option(1500, help="Generator samples and real images to train the detector on."),
-    num_test: int = typer.Option(500, help="Held-out items per source for the evaluation."),
-    num_stream: int = typer.Option(200, help="Items per source in the attributed folder."),
+    num_samples: int = typer.Option(1500, help="Real images (and generator samples for FLIPAD) to train on."),
+    num_validation: int = typer.Option(200, help="Generator samples that set the thresholds (half of them also recompressed)."),
+    num_test: int = typer.Option(100, help="Held-out items per source, look-alike and recompressed variant."),
+    num_stream: int = typer.Option(100, help="Items per source in the attributed folder."),
     train_steps: int = typer.Option(1000, help="GAN training steps for the demo generators (cached)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -322,7 +325,8 @@ def demo(
         connect()
         from flows.demo import run_demo
 
-        report = run_demo(workdir, num_samples=num_samples, num_test=num_test, num_stream=num_stream,
+        report = run_demo(workdir, num_samples=num_samples, num_validation=num_validation, num_test=num_test,
+                          num_stream=num_stream,
                           train_steps=train_steps, device=device)
     except (DataError, TrackingUnavailableError) as exc:
         _fail(exc)

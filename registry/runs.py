@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +14,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import safetensors
-import scipy
-import sklearn
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -28,7 +27,7 @@ from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell
 from .redact import redact_params
 
-__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "REFERENCE_ARTIFACT"]
+__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "model_requirements", "REFERENCE_ARTIFACT"]
 
 MODEL_CODE = Path(registry.__file__).parent / "model_code.py"
 REFERENCE_ARTIFACT = "monitoring/reference.parquet"
@@ -69,11 +68,26 @@ def experiment_name(name: str) -> str:
     return f"flipad/{name}"
 
 
-def _pip_requirements() -> list[str]:
-    versions = {"torch": torch.__version__.split("+")[0], "numpy": np.__version__, "pandas": pd.__version__,
-                "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
-                "safetensors": safetensors.__version__, "mlflow": mlflow.__version__}
-    return [f"{pkg}=={ver}" for pkg, ver in versions.items()] + ["pillow"]
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements: every distribution its code (the ``flipad`` and
+    ``registry`` packages it carries) imports, at the version installed here (local labels such
+    as ``+cpu`` dropped). An import that no installed distribution provides raises."""
+    modules: set[str] = set()
+    for package in (flipad, registry):
+        for path in Path(package.__file__).parent.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    modules |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module.split(".")[0])
+    providers = importlib.metadata.packages_distributions()
+    requirements = set()
+    for module in sorted(modules - {"flipad", "registry"} - set(sys.stdlib_module_names)):
+        if module not in providers:
+            raise RuntimeError(f"the model code imports {module!r}, which no installed distribution provides")
+        for dist in providers[module]:
+            requirements.add(f"{dist}=={importlib.metadata.version(dist).split('+')[0]}")
+    return sorted(requirements)
 
 
 def log_run(record: OnboardingRecord) -> LoggedRun:
@@ -105,7 +119,7 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
                 code_paths=[str(Path(flipad.__file__).parent), str(Path(registry.__file__).parent)],
                 signature=SIGNATURE,
                 input_example=example,
-                pip_requirements=_pip_requirements(),
+                pip_requirements=model_requirements(),
             )
     uri = mlflow.get_tracking_uri()
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"

@@ -37,17 +37,18 @@ def test_cli_demo_runs_on_the_embedded_default(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = CliRunner().invoke(
         app,
-        ["demo", "--workdir", "work", "--num-samples", "150", "--num-test", "60", "--num-stream", "20",
-         "--train-steps", "40"],
+        ["demo", "--workdir", "work", "--num-samples", "150", "--num-validation", "60", "--num-test", "30",
+         "--num-stream", "20", "--train-steps", "40"],
     )
     assert result.exit_code == 0, result.output
-    assert "onboarded fashion-dcgan version 1 (champion)" in result.output
-    table = dict(re.findall(r"^(own|real|other-generator|broken)\s+(\d+\s+\d+\s+\d+)", result.output, flags=re.M))
-    assert set(table) == {"own", "real", "other-generator", "broken"}, result.output
+    assert "onboarded fashion-dcgan version 1 (champion)" in result.output and "worst source" in result.output
+    folders = ("own", "own-jpeg-q90", "own-jpeg-q80", "own-png-of-jpeg-q80", "real", "lookalike-generator", "broken")
+    table = dict(re.findall(rf"^({'|'.join(folders)})\s+(\d+\s+\d+\s+\d+)", result.output, flags=re.M))
+    assert set(table) == set(folders), result.output
     counts = {k: [int(v) for v in row.split()] for k, row in table.items()}  # items, attributed, errors
-    assert counts["broken"] == [1, 0, 1] and all(counts[k][0] == 20 and counts[k][2] == 0 for k in ("own", "real"))
+    assert counts["broken"] == [1, 0, 1] and all(counts[k][0] == 20 and counts[k][2] == 0 for k in folders[:-1])
     rows = pd.read_csv(tmp_path / "work" / "results.csv", keep_default_na=False)
-    assert len(rows) == 61 and (tmp_path / "mlflow.db").is_file()
+    assert len(rows) == 121 and (tmp_path / "mlflow.db").is_file()
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve() / 'mlflow.db'}" in result.output
 
 

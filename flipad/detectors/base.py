@@ -122,6 +122,9 @@ class Stages:
 
 
 INLINE = Stages()
+# what content streams do to images: re-saved as JPEG at the qualities sites use (a PNG of a JPEG
+# has the JPEG's pixels); see docs/benchmarks.md for what each does to the verdict
+ROBUST_PERTURBATIONS = ("jpeg q95", "jpeg q90", "jpeg q80", "jpeg q70")
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,10 @@ class DetectorSettings:
     """What every kind is built from (:meth:`Detector.from_settings`); each uses the settings that
     apply to its families. ``fnr``: tolerable false-negative rates (the first is the decision
     threshold); ``n_generated``/``n_validation``/``n_calibration``: generator samples drawn for
-    training, the families' thresholds and the verdict's joint thresholds."""
+    training, the families' thresholds and the verdict's joint thresholds. ``perturbations``: what
+    the reconstruction family's thresholds are also calibrated on (the first ``n_perturbed``
+    validation samples after each; all when None), so the stated FNR holds for recompressed
+    copies."""
 
     fnr: tuple[float, ...] = (0.005,)
     n_generated: int = 2000
@@ -138,6 +144,8 @@ class DetectorSettings:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     deep_sad: DeepSADConfig = field(default_factory=DeepSADConfig)
     search: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    perturbations: tuple[str, ...] = ROBUST_PERTURBATIONS
+    n_perturbed: int | None = None
     device: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -204,7 +212,7 @@ class Detector(CalibratedDetector):
         raise NotImplementedError
 
     @property
-    def output_range(self) -> tuple[float, float]:
+    def sample_range(self) -> tuple[float, float]:
         """The range of the generator's samples (uint8 pixels map onto it)."""
         raise NotImplementedError
 

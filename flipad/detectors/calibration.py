@@ -59,14 +59,20 @@ class CalibratedDetector:
         if not hasattr(self, "thresholds_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load()")
 
-    def _calibrate(self, validation_scores: torch.Tensor) -> None:
+    def _calibrate(self, validation_scores: torch.Tensor, conditions: dict[str, torch.Tensor] | None = None) -> None:
+        """Thresholds from held-out scores of the generator's samples. ``conditions``: scores of
+        the same kind of samples after each perturbation content meets (JPEG re-saves, ...); each
+        threshold is then the largest of the per-condition quantiles, so the FNR target holds for
+        pristine and for every perturbed condition, and its upper bound is the worst condition's."""
         scores = validation_scores.detach().double().cpu()
         if torch.unique(scores).numel() < 2:
             raise ValueError("scores are constant on the validation samples: the detector learned nothing")
         self.validation_scores_ = scores
-        self.thresholds_ = {f: float(torch.quantile(scores, 1 - f)) for f in self.fnr}
+        self.condition_scores_ = {k: v.detach().double().cpu() for k, v in (conditions or {}).items()}
+        every = {"pristine": scores, **self.condition_scores_}
+        self.thresholds_ = {f: max(float(torch.quantile(s, 1 - f)) for s in every.values()) for f in self.fnr}
         self.fnr_upper_bounds_ = {
-            f: fnr_upper_bound(int((scores > t).sum()), len(scores)) for f, t in self.thresholds_.items()
+            f: max(fnr_upper_bound(int((s > t).sum()), len(s)) for s in every.values()) for f, t in self.thresholds_.items()
         }
         self.offset_ = -self.thresholds_[self.fnr[0]]
 

@@ -225,7 +225,7 @@ class FlipadDetector(Detector):
         return tuple(self.adapter.output_shape)
 
     @property
-    def output_range(self) -> tuple[float, float]:
+    def sample_range(self) -> tuple[float, float]:
         return (self.adapter.activation.low, self.adapter.activation.high)
 
     # -- persistence ------------------------------------------------------------------------

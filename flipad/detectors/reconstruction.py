@@ -26,6 +26,7 @@ from ..generators.adapter import weights_fingerprint
 from ..generators.sampling import generate_samples, probe_output_range, resolve_latent_shape
 from ..inversion.latent import ReconstructionConfig, reconstruction_losses
 from ..io.data import check_sample_shape, to_output_range
+from ..io.perturb import PERTURBATIONS, perturb
 from .base import INLINE, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
 from .calibration import check_fnr
 from .persist import check_generator, read_saved, write_saved
@@ -88,6 +89,8 @@ class ReconstructionLossDetector(Detector):
         device: str = "auto",
         progress: bool = True,
         seed: int = 0,
+        perturbations: Sequence[str] = (),
+        n_perturbed: int | None = None,
     ):
         self._module = module
         self.latent_shape = latent_shape
@@ -98,6 +101,11 @@ class ReconstructionLossDetector(Detector):
         self.device = device
         self.progress = progress
         self.seed = seed
+        self.perturbations = tuple(perturbations)
+        self.n_perturbed = n_perturbed
+        for name in self.perturbations:
+            if name not in PERTURBATIONS:
+                raise ValueError(f"unknown perturbation {name!r}; use any of {', '.join(PERTURBATIONS)}")
 
     @property
     def module(self) -> nn.Module:
@@ -107,7 +115,8 @@ class ReconstructionLossDetector(Detector):
     def from_settings(cls, module: nn.Module, latent_shape: Sequence[int] | None,
                       settings: DetectorSettings) -> ReconstructionLossDetector:
         return cls(module, latent_shape, fnr=settings.fnr, n_validation=settings.n_validation, config=settings.search,
-                   device=settings.device, progress=settings.progress, seed=settings.seed)
+                   device=settings.device, progress=settings.progress, seed=settings.seed,
+                   perturbations=settings.perturbations, n_perturbed=settings.n_perturbed)
 
     def _prepare(self) -> None:
         self.device_ = resolve_device(self.device)
@@ -134,12 +143,22 @@ class ReconstructionLossDetector(Detector):
         validation: np.ndarray | None = None,
         stages: Stages = INLINE,
     ) -> ReconstructionLossDetector:
-        """Set the thresholds from held-out samples of the generator (``validation``, else drawn fresh). Returns self."""
+        """Set the thresholds from held-out samples of the generator (``validation``, else drawn
+        fresh) and, for each of ``perturbations``, from the first ``n_perturbed`` of them after that
+        perturbation (so the FNR holds for recompressed copies too). Returns self."""
         self._prepare()
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
-        self._calibrate(stages.search(self.search_, validation, "generated (validation)"))
-        self.fit_info_ = {"n_validation": len(validation), "validation_loss_median": float(self.validation_scores_.median())}
+        pristine = stages.search(self.search_, validation, "generated (validation)")
+        conditions = {}
+        if self.perturbations and validation.ndim == 4 and validation.dtype == np.uint8:
+            subset = validation[: self.n_perturbed or len(validation)]
+            conditions = {name: stages.search(self.search_, perturb(subset, name), f"generated (validation, {name})")
+                          for name in self.perturbations}
+        self._calibrate(pristine, conditions)
+        self.fit_info_ = {"n_validation": len(validation), "validation_loss_median": float(self.validation_scores_.median()),
+                          "perturbations": {name: {"n": len(s), "loss_median": float(s.median())}
+                                            for name, s in conditions.items()}}
         return self
 
     def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -166,7 +185,7 @@ class ReconstructionLossDetector(Detector):
         return self.output_shape_
 
     @property
-    def output_range(self) -> tuple[float, float]:
+    def sample_range(self) -> tuple[float, float]:
         self._check_fitted()
         return self.range_
 
@@ -175,8 +194,11 @@ class ReconstructionLossDetector(Detector):
         self._check_fitted()
         config = {"generator_sha256": self.fingerprint_, "latent_shape": list(self.latent_shape_),
                   "output_shape": list(self.output_shape_), "output_range": list(self.range_), "fnr": list(self.fnr),
-                  "n_validation": self.n_validation, "search": asdict(self.config), "fit_info": self.fit_info_}
-        return write_saved(path, "reconstruction", config, {"validation_scores": self.validation_scores_})
+                  "n_validation": self.n_validation, "search": asdict(self.config), "fit_info": self.fit_info_,
+                  "perturbations": list(self.condition_scores_), "n_perturbed": self.n_perturbed}
+        tensors = {"validation_scores": self.validation_scores_,
+                   **{f"condition.{name}": s for name, s in self.condition_scores_.items()}}
+        return write_saved(path, "reconstruction", config, tensors)
 
     @classmethod
     def load(cls, path: str | Path, module: nn.Module, device: str = "auto",
@@ -184,9 +206,11 @@ class ReconstructionLossDetector(Detector):
         """Load a detector saved by :meth:`save` for the same generator (checked by weight hash)."""
         config, tensors = read_saved(path, "reconstruction")
         det = cls(module, config["latent_shape"], config["fnr"], config["n_validation"],
-                  ReconstructionConfig.from_dict(config["search"]), tuple(config["output_range"]), device, progress=False)
+                  ReconstructionConfig.from_dict(config["search"]), tuple(config["output_range"]), device, progress=False,
+                  perturbations=config.get("perturbations", ()), n_perturbed=config.get("n_perturbed"))
         det._prepare()
         check_generator(path, config["generator_sha256"], det.fingerprint_)
-        det._calibrate(tensors["validation_scores"])
+        det._calibrate(tensors["validation_scores"],
+                       {name: tensors[f"condition.{name}"] for name in config.get("perturbations", ())})
         det.fit_info_ = config["fit_info"]
         return det

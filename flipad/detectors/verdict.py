@@ -234,8 +234,8 @@ class AttributionDetector(Detector):
         return self.reconstruction_.output_shape
 
     @property
-    def output_range(self) -> tuple[float, float]:
-        return self.reconstruction_.output_range
+    def sample_range(self) -> tuple[float, float]:
+        return self.reconstruction_.sample_range
 
     def save(self, path: str | Path) -> Path:
         """Write both families (``flipad/`` when fitted, ``reconstruction/``) and the joint calibration into ``path``."""

@@ -1,4 +1,4 @@
-"""Image perturbations of the paper's robustness protocol (Table 3), on uint8 (N, C, H, W) images."""
+"""Image perturbations content meets in the wild and the paper's robustness protocol (Table 3), on uint8 (N, C, H, W) images."""
 
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ def noise(images: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
 
 # name -> (kind, strength, function); strengths as in the paper's Table 3 where it states them
 PERTURBATIONS: dict[str, tuple[str, float, Callable[[np.ndarray], np.ndarray]]] = {
+    "jpeg q95": ("jpeg", 95, lambda x: jpeg(x, 95)),
     "jpeg q90": ("jpeg", 90, lambda x: jpeg(x, 90)),
     "jpeg q80": ("jpeg", 80, lambda x: jpeg(x, 80)),
+    "jpeg q70": ("jpeg", 70, lambda x: jpeg(x, 70)),
     "blur s0.5": ("blur", 0.5, lambda x: blur(x, 0.5)),
     "blur s1": ("blur", 1.0, lambda x: blur(x, 1.0)),
     "crop 0.9": ("crop", 0.9, lambda x: crop(x, 0.9)),
@@ -67,5 +69,8 @@ PERTURBATIONS: dict[str, tuple[str, float, Callable[[np.ndarray], np.ndarray]]] 
 
 
 def perturb(images: np.ndarray, name: str) -> np.ndarray:
-    """``images`` under the named perturbation."""
+    """``images`` (uint8 (N, C, H, W)) under the named perturbation; a PNG of a JPEG is the JPEG's
+    pixels, so the JPEG entries cover it."""
+    if name not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {name!r}; use one of {', '.join(PERTURBATIONS)}")
     return PERTURBATIONS[name][2](images)

@@ -54,7 +54,7 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
     groups: dict[bool, list[tuple[int, np.ndarray]]] = {}
     for i, data in enumerate(items):
         try:
-            arr = decode_item(data, detector.output_shape, value_range=detector.output_range)
+            arr = decode_item(data, detector.output_shape, value_range=detector.sample_range)
         except DataError as exc:
             results[i] = ItemResult(None, threshold, None, str(exc))
             continue
