@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import mlflow
 import pandas as pd
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -162,7 +162,7 @@ def _monitor(config: AttributeConfig, detector: ResolvedVersion, rows: pd.DataFr
         description="flipad stream drift",
     )
     if drift.drifted:
-        logger.warning("drift detected for %s v%s: %.0f%% of monitored columns drifted; report %s",
+        get_run_logger().warning("drift detected for %s v%s: %.0f%% of monitored columns drifted; report %s",
                        detector.name, detector.version, 100 * drift.drift_share, where)
         if config.webhook:
             _post_alert(config.webhook, {"model": detector.name, "version": detector.version, "report": where, **summary})

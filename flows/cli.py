@@ -105,7 +105,13 @@ def onboard(
     num_test: int = typer.Option(500, help="Held-out items per source for the evaluation."),
     option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
     epochs: int = typer.Option(50, help="Deep SAD epochs."),
-    constrained: bool = typer.Option(False, help="Bounded + censored inversion (better against look-alike generators)."),
+    constrained: bool = typer.Option(False, help="FLIPAD: bounded + censored inversion."),
+    search_steps: int = typer.Option(600, help="Reconstruction: Adam steps of the latent search per item."),
+    search_starts: int = typer.Option(3, help="Reconstruction: starts of the latent search per item."),
+    num_perturbed: int = typer.Option(300, help="Reconstruction: validation samples per recompression the thresholds "
+                                      "are also set on."),
+    challenger_steps: int = typer.Option(300, help="GAN steps of the look-alike challengers onboarding builds (0: only "
+                                         "a weight-perturbed copy)."),
     detector: str = typer.Option("reconstruction", help="The detector kind: reconstruction (the default verdict: exact "
                                  "latent inversion, thresholds calibrated on recompressed copies), flipad, or "
                                  "combined (FLIPAD and reconstruction loss must both accept)."),
@@ -121,8 +127,10 @@ def onboard(
     from flipad.generators.loading import GeneratorLoadError, parse_latent_shape
     from flipad.generators.tracing import NotInvertibleError
     from flows.submit import DeploymentRunError, absolute_generator, absolute_location, run_through_deployment
+    from mlflow.exceptions import MlflowException
+
     from registry.store import TrackingUnavailableError, connect, ui_command
-    from registry.versions import list_versions
+    from registry.versions import RegistrationError, list_versions
 
     try:
         _check_device(device.value)
@@ -148,7 +156,8 @@ def onboard(
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
             deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device.value,
-            promote=promote.value,
+            promote=promote.value, search_steps=search_steps, search_starts=search_starts, num_perturbed=num_perturbed,
+            challenger_steps=challenger_steps,
         )
         if deployment:
             run = run_through_deployment(deployment, config)
@@ -160,8 +169,11 @@ def onboard(
     except ValidationError as exc:
         _fail(ValueError(_invalid(exc)))
     except (GeneratorLoadError, DataError, NotInvertibleError, TrackingUnavailableError, DeploymentRunError,
-            ValueError, LookupError) as exc:
+            RegistrationError, ValueError, LookupError) as exc:
         _fail(exc)
+    except MlflowException as exc:  # the tracking server failed mid-run
+        _fail(RuntimeError(f"the tracking server failed during onboarding ({str(exc).splitlines()[0][:200]}); "
+                           "nothing was registered; rerun when it is back"))
     typer.echo(result.results.to_string(index=False))
     typer.echo(
         f"registered {result.name} version {result.version} as {result.alias} "
@@ -301,7 +313,7 @@ def models(name: str | None = typer.Argument(None, help="A registered model; all
 
 
 def _print_versions(rows: list[dict]) -> None:
-    typer.echo(f"{'name':20s} {'version':>7s} {'aliases':20s} {'bal.acc':>8s}  generator")
+    typer.echo(f"{'name':20s} {'version':>7s} {'aliases':20s} {'worst BA':>8s}  generator")
     for r in rows:
         acc = "" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.4f}"
         typer.echo(f"{r['name']:20s} {r['version']:>7s} {r['aliases']:20s} {acc:>8s}  {r['generator_sha256']}")

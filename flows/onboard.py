@@ -38,7 +38,8 @@ from flipad.generators.sampling import generate_samples
 from flipad.inversion.latent import ReconstructionConfig
 from flipad.io.data import encode_item, load_dataset, pixel_stats
 from flipad.io.perturb import perturb
-from registry.runs import OnboardingRecord, log_run
+from registry.card import model_card
+from registry.runs import OnboardingRecord, log_run, onboarding_run
 from registry.store import connect, ui_command
 from registry.versions import Registration, register_version
 
@@ -199,6 +200,8 @@ def evaluate(detector: Detector, scores: dict[str, Scores],
     results table."""
     own = scores[OWN]
     metrics, pairs = _pair_metrics(detector, {k: s.score for k, s in scores.items()}, own.thresholds)
+    for fnr, threshold in own.thresholds.items():
+        metrics[f"threshold_fnr{fnr:g}"] = threshold  # on the score: attributed when score >= threshold
     first = next(iter(own.thresholds))
     worst = min((p for p in pairs if p.fnr_target == first), key=lambda p: p.balanced_accuracy)
     metrics["worst_balanced_accuracy"] = worst.balanced_accuracy
@@ -304,8 +307,16 @@ def open_world_sets(detector: Detector, config: OnboardConfig, real: np.ndarray,
 
 @flow(name="onboard-generator")
 def onboard_generator(config: OnboardConfig) -> OnboardResult:
-    """Onboard one generator: a new registered version of its detector, aliased by the promotion policy."""
+    """Onboard one generator: a new registered version of its detector, aliased by the promotion policy.
+
+    Everything after the tracking server answers runs inside one MLflow run, so a failure at any
+    step leaves a FAILED run with its reason, never a half-registered version."""
     tracking_uri = connect()  # an unreachable server fails here, before any work
+    with onboarding_run(config.name):
+        return _onboard(config, tracking_uri)
+
+
+def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     detector, source = build_detector(config)
@@ -350,8 +361,19 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
         reference=_reference(scores, test),
         input_example=[encode_item(test[OWN][i]) for i in range(min(2, config.num_test))],
         tags={"generator_sha256": weights_fingerprint(detector.module), "detector_kind": detector.kind,
-              "flipad_version": flipad.__version__, "git_commit": _git_commit(),
-              **{f"data_sha256.{source_key(name)}": sha256_array(data) for name, data in test.items()}},
+              "flipad_version": flipad.__version__, "git_commit": _git_commit(), "mlflow.source.git.commit": _git_commit(),
+              **{f"data_sha256.{'own' if name == OWN else source_key(name)}": sha256_array(data)
+                 for name, data in test.items()}},
+    )
+    summary = f"{detector.description} detector for {config.generator}"
+    record.card = model_card(
+        config.name, headline(metrics, table, config.fnr[0]), summary,
+        {"spec": config.generator, "weights sha256": record.tags["generator_sha256"], "kind": detector.kind,
+         "families": ", ".join(detector.parts()), **detector.generator_info()},
+        {name: sha256 for name, sha256 in record.tags.items() if name.startswith("data_sha256.")},
+        metrics, table,
+        f"git checkout {record.tags['git_commit']}\npython -c 'from flows.onboard import OnboardConfig, onboard_generator; "
+        f"onboard_generator(OnboardConfig.model_validate_json({config.model_dump_json()!r}))'",
     )
     logged = log_run(record)
     registration: Registration = register_version(
@@ -361,8 +383,7 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
         lambda champion: primary_metric(champion, test, stages),
         promote=config.promote,
         tags={**record.tags, "run_id": logged.run_id},
-        description=(f"{detector.description} detector for {config.generator} (sha256 "
-                     f"{record.tags['generator_sha256'][:12]}); {headline(metrics, table, config.fnr[0])}"),
+        description=record.card,
     )
     return OnboardResult(
         config.name, registration.version, registration.alias, logged.run_id, logged.run_url, tracking_uri,

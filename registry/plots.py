@@ -27,30 +27,48 @@ def roc_figure(generated: np.ndarray, others: Mapping[str, np.ndarray], threshol
 
 
 def score_histograms(scores: Mapping[str, np.ndarray], threshold: float) -> Figure:
-    """One histogram per source on shared bins, with the decision threshold."""
-    fig = Figure(figsize=(7, 4))
+    """One step histogram per source on shared bins, with the decision threshold. Scores that are
+    negated losses or distances (all negative) are drawn as that loss on a log axis, where own
+    items and the rest are both visible; others on a linear axis."""
+    fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     finite = np.concatenate([s[np.isfinite(s)] for s in scores.values()])
-    bins = np.linspace(finite.min(), finite.max(), 60)
-    for name, values in scores.items():
-        ax.hist(values, bins=bins, alpha=0.5, label=name)
-    ax.axvline(threshold, color="black", linestyle="--", label="threshold")
-    ax.set(xlabel="score (higher = more typical of the generator)", ylabel="items")
-    ax.legend(fontsize="small")
+    log = bool(len(finite)) and finite.max() < 0 and threshold < 0
+    values = {k: (-v if log else v) for k, v in scores.items()}
+    cut = -threshold if log else threshold
+    shown = -finite if log else finite
+    if log:
+        bins = np.logspace(np.log10(shown.min()), np.log10(shown.max()), 60)
+        ax.set_xscale("log")
+        xlabel = "loss / distance (log scale; lower = more typical of the generator; attributed left of the line)"
+    else:
+        bins = np.linspace(shown.min(), shown.max(), 60)
+        xlabel = "score (higher = more typical of the generator; attributed right of the line)"
+    for name, v in values.items():
+        ax.hist(v[np.isfinite(v)], bins=bins, histtype="step", linewidth=1.5, label=name)
+    ax.axvline(cut, color="black", linestyle="--", label=f"threshold ({cut:.3g})")
+    ax.set(xlabel=xlabel, ylabel="items")
+    ax.legend(fontsize="x-small", loc="upper right")
     return fig
 
 
 def mean_activation_figure(means: Mapping[str, np.ndarray]) -> Figure:
     """The mean recovered penultimate activation per source, channel-averaged for images."""
-    fig = Figure(figsize=(3.2 * len(means), 3.2))
-    for k, (name, mean) in enumerate(means.items()):
-        ax = fig.add_subplot(1, len(means), k + 1)
-        mean = np.asarray(mean)
-        if mean.ndim == 3:
-            ax.imshow(mean.mean(0), cmap="viridis")
+    fig = Figure(figsize=(3.2 * max(len(means), 1) + 1, 3.4))
+    maps = {name: np.asarray(m).mean(0) if np.asarray(m).ndim == 3 else np.asarray(m) for name, m in means.items()}
+    images = [m for m in maps.values() if m.ndim == 2]
+    low = min((float(m.min()) for m in images), default=0.0)
+    high = max((float(m.max()) for m in images), default=1.0)
+    shown = None
+    for k, (name, mean) in enumerate(maps.items()):
+        ax = fig.add_subplot(1, len(maps), k + 1)
+        if mean.ndim == 2:
+            shown = ax.imshow(mean, cmap="viridis", vmin=low, vmax=high)  # one colour scale for every source
             ax.set_axis_off()
         else:
             ax.plot(mean)
         ax.set_title(name, fontsize="small")
-    fig.suptitle("mean reconstructed activation")
+    if shown is not None:
+        fig.colorbar(shown, ax=fig.axes, shrink=0.8, label="mean activation (channel average)")
+    fig.suptitle("mean recovered penultimate activation per source" if maps else "no final-layer features for this detector kind")
     return fig

@@ -5,8 +5,12 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import os
+import socket
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -27,7 +32,7 @@ from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell
 from .redact import redact_params
 
-__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "model_requirements", "REFERENCE_ARTIFACT"]
+__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "model_requirements", "onboarding_run", "REFERENCE_ARTIFACT"]
 
 MODEL_CODE = Path(registry.__file__).parent / "model_code.py"
 REFERENCE_ARTIFACT = "monitoring/reference.parquet"
@@ -54,6 +59,7 @@ class OnboardingRecord:
     reference: pd.DataFrame
     input_example: list[bytes]
     tags: dict[str, str] = field(default_factory=dict)
+    card: str = ""  # the model card (markdown), logged as model_card.md
 
 
 @dataclass(frozen=True)
@@ -90,11 +96,40 @@ def model_requirements() -> list[str]:
     return sorted(requirements)
 
 
+@contextmanager
+def onboarding_run(name: str, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run of one onboarding, open from its first step: a failure anywhere ends it as
+    FAILED with the one-line reason in the tag ``error``. Runs of this machine left RUNNING by a
+    killed process (their ``flipad.pid`` is gone) are ended as KILLED first."""
+    experiment = mlflow.set_experiment(experiment_name(name))
+    _end_orphaned_runs(experiment.experiment_id)
+    tags = {**(tags or {}), "flipad.host": socket.gethostname(), "flipad.pid": str(os.getpid())}
+    with mlflow.start_run(run_name=f"onboard-{name}", tags=tags) as run:
+        try:
+            yield run
+        except BaseException as exc:
+            mlflow.set_tag("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
+            raise
+
+
+def _end_orphaned_runs(experiment_id: str) -> None:
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=100):
+        pid = run.data.tags.get("flipad.pid")
+        if run.data.tags.get("flipad.host") == host and pid and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
 def log_run(record: OnboardingRecord) -> LoggedRun:
-    """Log ``record`` as a run of the generator's experiment, with the detector as a pyfunc model."""
+    """Log ``record`` into the active run (:func:`onboarding_run`; a new run of the generator's
+    experiment when none is active), with the detector as a pyfunc model."""
     experiment = mlflow.set_experiment(experiment_name(record.name))
     threshold = -record.detector.threshold()
-    with mlflow.start_run(run_name=f"onboard-{record.name}", tags=record.tags) as run:
+    active = mlflow.active_run()
+    context = nullcontext(active) if active else mlflow.start_run(run_name=f"onboard-{record.name}", tags=record.tags)
+    with context as run:
+        mlflow.set_tags(record.tags)
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v)
                            for k, v in redact_params(record.params).items()})
         mlflow.log_metrics(record.metrics)
@@ -104,6 +139,8 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
         mlflow.log_figure(score_histograms(record.scores, threshold), "plots/score_histograms.png")
         mlflow.log_figure(mean_activation_figure(record.mean_activations), "plots/mean_activation.png")
         mlflow.log_table(record.results, "evaluation/results.json")
+        if record.card:
+            mlflow.log_text(record.card, "model_card.md")
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             record.results.to_csv(tmp / "results.csv", index=False)
@@ -113,7 +150,7 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
             bundle = save_bundle(tmp / "bundle", record.detector, record.source)
             example = pd.DataFrame({INPUT_COLUMN: [to_request_cell(b) for b in record.input_example]})
             info = mlflow.pyfunc.log_model(
-                name="detector",
+                name=record.name,  # the logged model is named after the generator it attributes to
                 python_model=str(MODEL_CODE),
                 artifacts={"bundle": str(bundle)},
                 code_paths=[str(Path(flipad.__file__).parent), str(Path(registry.__file__).parent)],

@@ -12,11 +12,24 @@ from mlflow.tracking import MlflowClient
 
 from flipad.detectors.base import Detector
 
-__all__ = ["CHAMPION", "CHALLENGER", "Registration", "ResolvedVersion", "register_version", "resolve_version", "load_model", "load_detector", "list_versions", "parse_model_ref"]
+__all__ = ["CHAMPION", "CHALLENGER", "Registration", "RegistrationError", "ResolvedVersion", "register_version", "resolve_version", "load_model", "load_detector", "list_versions", "parse_model_ref"]
 
 logger = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+REGISTRATION_TAG = "flipad.registration"  # "pending" from creation until alias and description are set
+
+
+class RegistrationError(RuntimeError):
+    """A version could not be registered completely; it was removed (or will be by the next registration)."""
+
+
+def _remove_unfinished(client: MlflowClient, name: str) -> None:
+    """Delete versions of ``name`` an interrupted registration left pending (no alias, no description)."""
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get(REGISTRATION_TAG) == "pending":
+            logger.warning("removing %s version %s, left unfinished by an interrupted registration", name, mv.version)
+            client.delete_model_version(name, str(mv.version))
 PROMOTE_POLICIES = ("auto", "always", "never")
 
 
@@ -27,6 +40,7 @@ class Registration:
     alias: str
     metric: float
     champion_metric: float | None  # the previous champion on the same held-out evaluation
+    reason: str = ""  # why this alias, with both figures
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
@@ -108,23 +122,39 @@ def register_version(
         champion_metric = float(evaluate_champion(load_detector(name, current)[0]))
     if current is None or promote == "always":
         alias = CHAMPION
+        reason = "first version of this model" if current is None else f"--promote always (champion was v{current})"
     elif promote == "never":
         alias = CHALLENGER
+        reason = f"--promote never (champion stays v{current})"
     else:
         alias = CHAMPION if metric >= champion_metric else CHALLENGER
+        relation = ">=" if alias == CHAMPION else "<"
+        reason = (f"{metric:.4f} {relation} {champion_metric:.4f} of champion v{current}, both on this run's "
+                  "held-out sets (worst-source balanced accuracy)")
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description=f"FLIPAD attribution detectors for generator {name}")
-    version = mlflow.register_model(model_uri, name, tags=tags or {})
+        client.create_registered_model(name, description=f"Attribution detectors for generator {name} (flipad)")
+    _remove_unfinished(client, name)
+    version = mlflow.register_model(model_uri, name, tags={**(tags or {}), REGISTRATION_TAG: "pending"})
     try:
         client.update_model_version(name, str(version.version), description=description)
         client.set_registered_model_alias(name, alias, str(version.version))
-    except Exception:
-        client.delete_model_version(name, str(version.version))
-        raise
+        client.set_model_version_tag(name, str(version.version), "promotion", f"{alias}: {reason}")
+        client.set_model_version_tag(name, str(version.version), REGISTRATION_TAG, "complete")
+    except Exception as exc:
+        try:
+            client.delete_model_version(name, str(version.version))
+        except Exception:  # the server is gone: the next registration of this name removes it
+            logger.warning("could not delete the half-registered %s version %s", name, version.version)
+        raise RegistrationError(f"registering {name} version {version.version} failed ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}); the version was removed") from exc
+    if mlflow.active_run() is not None:  # the onboarding run records the decision beside its figures
+        mlflow.set_tag("promotion", f"v{version.version} {alias}: {reason}")
+        if champion_metric is not None:
+            mlflow.log_metric("champion_worst_balanced_accuracy", champion_metric)
     logger.info("registered %s version %s as %s", name, version.version, alias)
-    return Registration(name, str(version.version), alias, metric, champion_metric)
+    return Registration(name, str(version.version), alias, metric, champion_metric, reason)
 
 
 def list_versions(name: str | None = None) -> list[dict]:
@@ -142,7 +172,7 @@ def list_versions(name: str | None = None) -> list[dict]:
                 "name": model.name,
                 "version": str(mv.version),
                 "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                "balanced_accuracy": metrics.get("primary_balanced_accuracy"),
+                "balanced_accuracy": metrics.get("worst_balanced_accuracy", metrics.get("primary_balanced_accuracy")),
                 "created": mv.creation_timestamp,
                 "generator_sha256": (mv.tags or {}).get("generator_sha256", "")[:12],
                 "run_id": mv.run_id,

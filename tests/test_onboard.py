@@ -98,7 +98,7 @@ def test_cli_onboard_serve_and_errors(tracking, user_generator, real_folder, tmp
     runner = CliRunner()
     args = ["onboard", "served-gen", "--generator", spec, "--weights", str(weights.with_suffix(".pt")),
             "--latent-shape", "64", "--real", str(real_folder), "--num-samples", "120", "--num-validation", "80",
-            "--num-test", "40", "--epochs", "3"]
+            "--num-test", "40", "--epochs", "3", "--detector", "flipad"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "registered served-gen version 1 as champion" in result.output
