@@ -38,7 +38,7 @@ from registry.versions import (
 )
 
 from .onboard import OWN
-from .storage import ObjectRef, open_results, open_source, safe_file_name
+from .storage import ObjectRef, open_results, open_source
 
 __all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "RESULT_COLUMNS"]
 
@@ -146,7 +146,7 @@ def _monitor(config: AttributeConfig, detector: ResolvedVersion, rows: pd.DataFr
     drift = check_drift(reference, rows, drift_share=config.drift_share)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     html = drift.html()
-    where = results.put(safe_file_name(f"drift-{detector.name}-v{detector.version}-{stamp}.html"), html.encode())
+    where = results.put(results.side_file_name(f"drift-{detector.name}-v{detector.version}-{stamp}.html"), html.encode())
     summary = drift.summary()
     metrics = {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share, "items": float(drift.n_current),
                "attributed_fraction": drift.attributed_fraction,

@@ -365,6 +365,8 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
               **{f"data_sha256.{'own' if name == OWN else source_key(name)}": sha256_array(data)
                  for name, data in test.items()}},
     )
+    record.datasets = {**{f"{name} (train)": (x, "training") for name, x in train.items()},
+                       **{name: (x, "evaluation") for name, x in test.items()}}
     summary = f"{detector.description} detector for {config.generator}"
     record.card = model_card(
         config.name, headline(metrics, table, config.fnr[0]), summary,

@@ -155,6 +155,11 @@ class Results:
             self.path = path
             self.parts_dir = path.with_name(path.name + ".parts")
 
+    def side_file_name(self, name: str) -> str:
+        """``name`` for a side file of these results; on disk it starts with the output's name, so
+        :meth:`owns` knows it even when the output lies inside the input folder."""
+        return safe_file_name(name if self.s3 else f"{self.path.name}.{name}")
+
     def owns(self, path: Path) -> bool:
         """Whether ``path`` is something these results write (the output, its parts, side files,
         temporary files, the lock): never input, even when the output lies inside the input folder."""
@@ -294,7 +299,7 @@ class Results:
             except (BotoCoreError, ClientError) as exc:
                 raise _s3_error("writing", f"s3://{self.bucket}/{key}", exc) from exc
             return f"s3://{self.bucket}/{key}"
-        target = self.path.with_name(f"{self.path.name}.{name}")  # named after the output: never read as input
+        target = self.path.with_name(name)
         _atomic_write(target, data)
         return str(target)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import json
+import logging
 import os
 import socket
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data
 import numpy as np
 import pandas as pd
 import psutil
@@ -33,6 +36,8 @@ from .pyfunc import INPUT_COLUMN, to_request_cell
 from .redact import redact_params
 
 __all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "model_requirements", "onboarding_run", "REFERENCE_ARTIFACT"]
+
+logger = logging.getLogger(__name__)
 
 MODEL_CODE = Path(registry.__file__).parent / "model_code.py"
 REFERENCE_ARTIFACT = "monitoring/reference.parquet"
@@ -60,6 +65,7 @@ class OnboardingRecord:
     input_example: list[bytes]
     tags: dict[str, str] = field(default_factory=dict)
     card: str = ""  # the model card (markdown), logged as model_card.md
+    datasets: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # name -> (items, "training"/"evaluation")
 
 
 @dataclass(frozen=True)
@@ -103,21 +109,45 @@ def onboarding_run(name: str, tags: dict[str, str] | None = None) -> Iterator[ml
     killed process (their ``flipad.pid`` is gone) are ended as KILLED first."""
     experiment = mlflow.set_experiment(experiment_name(name))
     _end_orphaned_runs(experiment.experiment_id)
-    tags = {**(tags or {}), "flipad.host": socket.gethostname(), "flipad.pid": str(os.getpid())}
-    with mlflow.start_run(run_name=f"onboard-{name}", tags=tags) as run:
+    session = uuid.uuid4().hex
+    tags = {**(tags or {}), "flipad.host": socket.gethostname(), "flipad.pid": str(os.getpid()), "flipad.session": session}
+    _OPEN_SESSIONS.add(session)
+    run = mlflow.start_run(run_name=f"onboard-{name}", tags=tags)
+    try:
+        yield run
+    except BaseException as exc:
+        _OPEN_SESSIONS.discard(session)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
         try:
-            yield run
-        except BaseException as exc:
-            mlflow.set_tag("error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])
-            raise
+            mlflow.set_tag("error", reason)
+        except Exception:  # the server is gone too; ending the run below fails alike
+            pass
+        try:
+            mlflow.end_run("FAILED")  # leaves no run active in this process even when the server is gone
+        except Exception as lost:  # the next onboarding of this name ends the run as KILLED
+            logger.warning("could not mark run %s FAILED (%s)", run.info.run_id, str(lost).splitlines()[0][:200])
+        raise
+    else:
+        _OPEN_SESSIONS.discard(session)
+        mlflow.end_run()
+
+
+_OPEN_SESSIONS: set[str] = set()  # onboarding runs this process has open
 
 
 def _end_orphaned_runs(experiment_id: str) -> None:
+    """End as KILLED the RUNNING onboarding runs of this machine whose process is gone, or that this
+    process no longer has open (the tracking server was lost before the run could be ended)."""
     client = mlflow.MlflowClient()
     host = socket.gethostname()
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=100):
-        pid = run.data.tags.get("flipad.pid")
-        if run.data.tags.get("flipad.host") == host and pid and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        tags = run.data.tags
+        pid = tags.get("flipad.pid", "")
+        if tags.get("flipad.host") != host or not pid.isdigit():
+            continue
+        gone = not psutil.pid_exists(int(pid))
+        abandoned = int(pid) == os.getpid() and tags.get("flipad.session") not in _OPEN_SESSIONS
+        if gone or abandoned:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
@@ -141,6 +171,8 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
         mlflow.log_table(record.results, "evaluation/results.json")
         if record.card:
             mlflow.log_text(record.card, "model_card.md")
+        for dataset_name, (items, context) in record.datasets.items():  # linked in the UI's Datasets panel
+            mlflow.log_input(mlflow.data.from_numpy(items, name=dataset_name), context=context)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             record.results.to_csv(tmp / "results.csv", index=False)
