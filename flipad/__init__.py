@@ -7,14 +7,27 @@ search), ``detectors`` (the families, the verdict, calibration, persistence) and
 decoding, perturbations, scoring raw items).
 """
 
-from .detectors.base import DETECTOR_KINDS, Detector, Scores, Seeds, Stages, detector_class, register_kind
+from .detectors.base import (
+    DETECTOR_KINDS,
+    Detector,
+    Scores,
+    Seeds,
+    Stages,
+    detector_class,
+    register_kind,
+)
 from .detectors.bundle import load_bundle, save_bundle
 from .detectors.calibration import NotFittedError
 from .detectors.features import FeatureConfig
 from .detectors.flipad import FlipadDetector
 from .detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector
 from .detectors.verdict import AttributionDetector
-from .generators import GeneratorAdapter, GeneratorSource, NotInvertibleError, load_generator
+from .generators import (
+    GeneratorAdapter,
+    GeneratorSource,
+    NotInvertibleError,
+    load_generator,
+)
 from .inversion import InversionResult, LassoOptions
 
 __all__ = [
@@ -36,6 +49,7 @@ __all__ = [
     "Stages",
     "detector_class",
     "load_bundle",
+    "load_generator",
     "register_kind",
     "save_bundle",
 ]

@@ -121,14 +121,18 @@ def onboard(
                                           "(e.g. onboard-generator/onboard-generator) instead of in this process."),
 ) -> None:
     """Train, evaluate and register a detector for one generator (MLflow + Prefect)."""
+    from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
 
-    from flipad.io.data import DataError
     from flipad.generators.loading import GeneratorLoadError, parse_latent_shape
     from flipad.generators.tracing import NotInvertibleError
-    from flows.submit import DeploymentRunError, absolute_generator, absolute_location, run_through_deployment
-    from mlflow.exceptions import MlflowException
-
+    from flipad.io.data import DataError
+    from flows.submit import (
+        DeploymentRunError,
+        absolute_generator,
+        absolute_location,
+        run_through_deployment,
+    )
     from registry.store import TrackingUnavailableError, connect, ui_command
     from registry.versions import RegistrationError, list_versions
 
@@ -201,7 +205,11 @@ def attribute(
     from pydantic import ValidationError
 
     from flows.storage import StorageError
-    from flows.submit import DeploymentRunError, absolute_location, run_through_deployment
+    from flows.submit import (
+        DeploymentRunError,
+        absolute_location,
+        run_through_deployment,
+    )
     from registry.store import TrackingUnavailableError, connect
 
     try:

@@ -26,7 +26,15 @@ from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import flipad
-from flipad.detectors.base import Detector, DetectorSettings, Scores, Seeds, Stages, detector_class, sha256_array
+from flipad.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Scores,
+    Seeds,
+    Stages,
+    detector_class,
+    sha256_array,
+)
 from flipad.detectors.calibration import fnr_upper_bound
 from flipad.detectors.deepsad import DeepSADConfig
 from flipad.detectors.evaluation import evaluate_scores

@@ -16,9 +16,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from stat import S_ISREG
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import boto3
 import pandas as pd

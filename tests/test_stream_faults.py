@@ -8,11 +8,9 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

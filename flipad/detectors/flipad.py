@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,15 @@ from torch import nn
 
 from ..device import resolve_device
 from ..generators.adapter import GeneratorAdapter
-from .base import INLINE, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
+from .base import (
+    INLINE,
+    Detector,
+    DetectorSettings,
+    Scores,
+    Seeds,
+    Stages,
+    register_kind,
+)
 from .calibration import NotFittedError, check_fnr
 from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
 from .features import FeatureConfig, FeatureExtractor, FeatureScaler

@@ -23,11 +23,23 @@ from torch import nn
 
 from ..device import resolve_device
 from ..generators.adapter import weights_fingerprint
-from ..generators.sampling import generate_samples, probe_output_range, resolve_latent_shape
+from ..generators.sampling import (
+    generate_samples,
+    probe_output_range,
+    resolve_latent_shape,
+)
 from ..inversion.latent import ReconstructionConfig, reconstruction_losses
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
-from .base import INLINE, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
+from .base import (
+    INLINE,
+    Detector,
+    DetectorSettings,
+    Scores,
+    Seeds,
+    Stages,
+    register_kind,
+)
 from .calibration import check_fnr
 from .persist import check_generator, read_saved, write_saved
 

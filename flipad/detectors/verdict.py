@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from ..generators.tracing import NotInvertibleError
-from .base import INLINE, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
+from .base import (
+    INLINE,
+    Detector,
+    DetectorSettings,
+    Scores,
+    Seeds,
+    Stages,
+    register_kind,
+)
 from .calibration import CalibratedDetector, check_fnr
 from .flipad import FlipadDetector
 from .persist import read_saved, write_saved

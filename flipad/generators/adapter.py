@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .activations import OutputActivation
-from ..io.data import check_sample_shape
 from ..device import resolve_device
-from .folding import fold_upsampling
-from .sampling import generate_samples, resolve_latent_shape, sample_latents
 from ..inversion.lasso import Constraints, InversionResult, LassoOptions, solve_lasso
 from ..inversion.layers import LinearMap
+from ..io.data import check_sample_shape
+from .activations import OutputActivation
+from .folding import fold_upsampling
+from .sampling import generate_samples, resolve_latent_shape, sample_latents
 from .tracing import trace_generator
 
 __all__ = ["GeneratorAdapter"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .activations import ACTIVATIONS, OutputActivation, get_activation
 from ..inversion.layers import SUPPORTED_LAYERS
+from .activations import ACTIVATIONS, OutputActivation, get_activation
 
 __all__ = ["TraceResult", "NotInvertibleError", "trace_generator", "record_calls", "producer_of", "find_final", "LayerCall"]
 

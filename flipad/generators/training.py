@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import DCGANDiscriminator, EBGANDiscriminator
 from ..device import resolve_device
 from ..io.data import to_output_range
+from .architectures import DCGANDiscriminator, EBGANDiscriminator
 
 __all__ = ["train_gan", "LOSSES"]
 

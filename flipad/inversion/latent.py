@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
 __all__ = ["ReconstructionConfig", "reconstruction_losses"]
 
 SCREEN_BATCH = 1024  # latents per forward pass when screening the starts
