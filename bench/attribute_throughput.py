@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -22,11 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from flows.processes import free_port  # noqa: E402
 
 
 def main() -> None:
@@ -47,9 +42,9 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
     from safetensors.torch import save_file
 
+    from flipad.device import resolve_device
     from flipad.generators.architectures import DCGANGenerator
     from flipad.io.data import encode_item, load_fashion_mnist
-    from flipad.device import resolve_device
     from flows.attribute import AttributeConfig, attribute_stream
     from flows.demo import DEMO_GENERATOR
     from flows.onboard import OnboardConfig, onboard_generator

@@ -15,6 +15,7 @@ from flipad.io.data import (
     fashion_mnist_candidates,
     find_fashion_mnist,
 )
+from flipad.io.files import atomic_write
 
 __all__ = ["ensure_fashion_mnist"]
 
@@ -40,10 +41,8 @@ def _from_debian(cache: Path) -> None:
 def _from_public(cache: Path) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        tmp = cache / f".{name}.part"
-        with urllib.request.urlopen(PUBLIC_URL + name, timeout=60) as response, open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out)
-        tmp.replace(cache / name)
+        with urllib.request.urlopen(PUBLIC_URL + name, timeout=60) as response:
+            atomic_write(cache / name, response.read())
 
 
 def ensure_fashion_mnist() -> Path:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import boto3
 
+from flipad.io.files import atomic_write
+
 from .processes import Handle, alive, log_tail, port_in_use, spawn, stop, wait_http
 
 __all__ = ["StackError", "StackPorts", "ServiceStatus", "up", "down", "status", "read_env", "BUCKETS", "POOLS",
@@ -99,11 +101,7 @@ def _read_state(directory: Path) -> dict | None:
 
 def _write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    tmp.replace(path)
+    atomic_write(path, text.encode(), mode=0o600)
 
 
 def _handles(state: dict) -> list[Handle]:

@@ -13,7 +13,6 @@ import io
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ import boto3
 import pandas as pd
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from flipad.io.files import atomic_write
 
 __all__ = ["ObjectRef", "StorageError", "open_source", "open_results", "safe_file_name", "S3_CONFIG"]
 
@@ -259,7 +260,7 @@ class Results:
                 raise _s3_error("writing results to", self.output, exc) from exc
             return
         self.parts_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.parts_dir / f"part-{batch_id}.parquet", data.getvalue())
+        atomic_write(self.parts_dir / f"part-{batch_id}.parquet", data.getvalue())
 
     # -- outputs ----------------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ class Results:
                 data.write(rows.to_csv(index=False).encode())
             else:
                 rows.to_parquet(data, index=False)
-            _atomic_write(self.path, data.getvalue())
+            atomic_write(self.path, data.getvalue())
         return rows
 
     def put(self, name: str, data: bytes) -> str:
@@ -300,7 +301,7 @@ class Results:
                 raise _s3_error("writing", f"s3://{self.bucket}/{key}", exc) from exc
             return f"s3://{self.bucket}/{key}"
         target = self.path.with_name(name)
-        _atomic_write(target, data)
+        atomic_write(target, data)
         return str(target)
 
 
@@ -308,16 +309,6 @@ def safe_file_name(text: str, max_length: int = 200) -> str:
     """``text`` as a plain file name: letters, digits, ``.``, ``_``, ``-`` only, never ``.``/``..`` or hidden."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:max_length].lstrip(".")
     return name or "_"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 def open_results(output: str, endpoint_url: str | None = None) -> Results:

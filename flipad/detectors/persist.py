@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ..io.files import atomic_write
 
 __all__ = ["FORMAT_VERSION", "write_saved", "read_saved", "check_generator"]
 
@@ -16,13 +18,10 @@ FORMAT_VERSION = 1
 def write_saved(folder: str | Path, kind: str, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """Write one detector's ``config`` (JSON) and ``tensors`` (safetensors) into ``folder``, each file atomically."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = {"format_version": FORMAT_VERSION, "kind": kind, **config}
-    tmp_tensors, tmp_config = folder / "tensors.safetensors.tmp", folder / "config.json.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_tensors))
-    tmp_config.write_text(json.dumps(config, indent=2))
-    tmp_tensors.replace(folder / "tensors.safetensors")
-    tmp_config.replace(folder / "config.json")
+    # tensors first: a config.json only ever describes tensors that are complete
+    atomic_write(folder / "tensors.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+    atomic_write(folder / "config.json", json.dumps(config, indent=2).encode())
     return folder
 
 

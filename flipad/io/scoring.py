@@ -61,7 +61,13 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
         groups.setdefault(arr.dtype == np.uint8, []).append((i, arr))
     for members in groups.values():  # 8-bit pixels and output-range floats are scored apart
         batch = np.stack([arr for _, arr in members])
-        scores = detector.score(batch)
+        try:
+            scores = detector.score(batch)
+        except (RuntimeError, ValueError) as exc:  # e.g. out of memory: these items fail, the request does not
+            message = f"scoring failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+            for i, _ in members:
+                results[i] = ItemResult(None, threshold, None, message)
+            continue
         pixel_mean, pixel_std = pixel_stats(batch)
         nan = np.full(len(batch), NAN)
         diagnostics = {k: scores.diagnostics.get(k, nan) for k in ("residual", "sparsity", "latent_loss")}
