@@ -26,7 +26,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from flipad.io.files import atomic_write
 
-__all__ = ["ObjectRef", "StorageError", "open_source", "open_results", "safe_file_name", "S3_CONFIG"]
+__all__ = ["ObjectRef", "StorageError", "LocalResults", "Results", "S3Results", "open_source", "open_results",
+           "safe_file_name", "S3_CONFIG"]
 
 S3_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 4, "mode": "standard"})
 RESULT_KEY = ["uri", "etag", "model", "version"]
@@ -140,45 +141,119 @@ def open_source(location: str, endpoint_url: str | None = None, results: Results
 
 
 class Results:
-    """Committed result parts plus the consolidated output (``.csv`` / ``.parquet`` file, or an S3 prefix)."""
+    """Committed result parts plus the consolidated output: one interface, a local implementation
+    (a ``.csv`` / ``.parquet`` file with its parts folder) and an S3 one (a prefix).
+    ``Results(output)`` builds the one ``output`` names."""
+
+    output: str
+
+    def __new__(cls, output: str, endpoint_url: str | None = None):
+        if cls is Results:
+            cls = S3Results if output.startswith("s3://") else LocalResults
+        return super().__new__(cls)
+
+    # -- what each store provides -------------------------------------------------------------
+
+    def _part_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _read(self, name: str) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def _write_part(self, batch_id: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _write_output(self, rows: pd.DataFrame) -> None:
+        raise NotImplementedError
+
+    def _put(self, name: str, data: bytes) -> str:
+        raise NotImplementedError
+
+    def side_file_name(self, name: str) -> str:
+        """``name`` for a side file of these results (see :meth:`LocalResults.owns`)."""
+        return safe_file_name(name)
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` is something these results write: never input."""
+        return False
+
+    @contextmanager
+    def lease(self, timeout_s: float = 3600.0):
+        """Hold the output for one run (see :meth:`LocalResults.lease`). S3 outputs rely on the
+        deployment's concurrency limit (``deploy/prefect.yaml``)."""
+        yield
+
+    def check_writable(self) -> None:
+        """Fail with one line, before any scoring, when the output cannot be written."""
+
+    # -- shared --------------------------------------------------------------------------------
+
+    def read_all(self) -> pd.DataFrame:
+        """Every committed row."""
+        frames = [self._read(name) for name in self._part_names()]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_KEY)
+
+    def processed(self) -> set[tuple[str, str, str, str]]:
+        """(uri, etag, model, version) of every committed row: what a rerun must not score again."""
+        rows = self.read_all()
+        return set(zip(*(rows[c].astype(str) for c in RESULT_KEY))) if len(rows) else set()
+
+    def commit(self, batch_id: str, rows: pd.DataFrame) -> None:
+        """Make one batch's rows visible atomically (a rename, or a single PUT)."""
+        data = io.BytesIO()
+        rows.to_parquet(data, index=False)
+        self._write_part(batch_id, data.getvalue())
+
+    def consolidate(self) -> pd.DataFrame:
+        """Write the current row of every (item, detector version) as the output (atomically) and
+        return them: an item overwritten since it was scored (a new ETag) has its newer row only;
+        the parts keep the history."""
+        rows = self.read_all()
+        if len(rows):
+            if "scored_at" in rows:
+                rows = rows.sort_values("scored_at", kind="stable").drop_duplicates(["uri", "model", "version"], keep="last")
+            rows = rows.sort_values(["model", "uri"], kind="stable").reset_index(drop=True)
+        self._write_output(rows)
+        return rows
+
+    def put(self, name: str, data: bytes) -> str:
+        """Store a side file (a report) next to the results; returns where it went.
+
+        ``name`` must be a plain file name (see :func:`safe_file_name`): nothing written here can
+        land outside the results' folder or prefix.
+        """
+        if name != safe_file_name(name):
+            raise StorageError(f"{name!r} is not a plain file name; side files stay next to the results")
+        return self._put(name, data)
+
+
+class LocalResults(Results):
+    """Results in a local ``.csv`` / ``.parquet`` file; parts in ``OUTPUT.parts/``."""
 
     def __init__(self, output: str, endpoint_url: str | None = None):
         self.output = output
-        self.s3 = output.startswith("s3://")
-        if self.s3:
-            self.bucket, prefix = split_s3(output)
-            self.prefix = prefix.rstrip("/") + "/" if prefix else ""
-            self.client = s3_client(endpoint_url)
-        else:
-            path = Path(output)
-            if path.suffix.lower() not in (".csv", ".parquet"):
-                raise StorageError(f"output {output} must end in .csv or .parquet, or be an s3:// prefix")
-            self.path = path
-            self.parts_dir = path.with_name(path.name + ".parts")
+        path = Path(output)
+        if path.suffix.lower() not in (".csv", ".parquet"):
+            raise StorageError(f"output {output} must end in .csv or .parquet, or be an s3:// prefix")
+        self.path = path
+        self.parts_dir = path.with_name(path.name + ".parts")
 
     def side_file_name(self, name: str) -> str:
-        """``name`` for a side file of these results; on disk it starts with the output's name, so
-        :meth:`owns` knows it even when the output lies inside the input folder."""
-        return safe_file_name(name if self.s3 else f"{self.path.name}.{name}")
+        """On disk a side file's name starts with the output's name, so :meth:`owns` knows it
+        even when the output lies inside the input folder."""
+        return safe_file_name(f"{self.path.name}.{name}")
 
     def owns(self, path: Path) -> bool:
-        """Whether ``path`` is something these results write (the output, its parts, side files,
-        temporary files, the lock): never input, even when the output lies inside the input folder."""
-        if self.s3:
-            return False
+        """The output, its parts, side files, temporary files and the lock are never input."""
         name = self.path.name
         return path.resolve().parent == self.path.resolve().parent and path.name.lstrip(".").startswith(name)
 
     @contextmanager
     def lease(self, timeout_s: float = 3600.0):
         """Hold the output for one run: a second run on the same output waits until the first has
-        committed, so they never score an item twice. Local outputs: an advisory lock file next to
-        the output (``fcntl.flock``, released by the kernel if the process dies). S3 outputs rely
-        on the deployment's concurrency limit (``deploy/prefect.yaml``). Stale temporary files of
+        committed, so they never score an item twice. An advisory lock file next to the output
+        (``fcntl.flock``, released by the kernel if the process dies). Stale temporary files of
         killed runs are removed once the lease is held."""
-        if self.s3:
-            yield
-            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock = self.path.with_name(f".{self.path.name}.lock")
         with open(lock, "a") as fh:
@@ -203,9 +278,6 @@ class Results:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def check_writable(self) -> None:
-        """Fail with one line, before any scoring, when the output cannot be written."""
-        if self.s3:
-            return
         if self.path.is_dir():
             raise StorageError(f"output {self.output} is a folder; name a .csv or .parquet file")
         parent = self.path.parent
@@ -217,11 +289,37 @@ class Results:
                     raise StorageError(f"output {self.output}: {folder} is not writable")
                 break
 
-    # -- parts ------------------------------------------------------------------------------
+    def _part_names(self) -> list[str]:
+        return sorted(str(p) for p in self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+
+    def _read(self, name: str) -> pd.DataFrame:
+        return pd.read_parquet(name)
+
+    def _write_part(self, batch_id: str, data: bytes) -> None:
+        atomic_write(self.parts_dir / f"part-{batch_id}.parquet", data)
+
+    def _write_output(self, rows: pd.DataFrame) -> None:
+        if self.path.suffix.lower() == ".csv":
+            atomic_write(self.path, rows.to_csv(index=False).encode())
+        else:
+            data = io.BytesIO()
+            rows.to_parquet(data, index=False)
+            atomic_write(self.path, data.getvalue())
+
+    def _put(self, name: str, data: bytes) -> str:
+        return str(atomic_write(self.path.with_name(name), data))
+
+
+class S3Results(Results):
+    """Results under ``s3://bucket/prefix``: parts in ``PREFIX/parts/``, the output ``PREFIX/results.parquet``."""
+
+    def __init__(self, output: str, endpoint_url: str | None = None):
+        self.output = output
+        self.bucket, prefix = split_s3(output)
+        self.prefix = prefix.rstrip("/") + "/" if prefix else ""
+        self.client = s3_client(endpoint_url)
 
     def _part_names(self) -> list[str]:
-        if not self.s3:
-            return sorted(str(p) for p in self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
         names = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}parts/"):
@@ -231,78 +329,29 @@ class Results:
         return sorted(names)
 
     def _read(self, name: str) -> pd.DataFrame:
-        if not self.s3:
-            return pd.read_parquet(name)
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"].read()
         except (BotoCoreError, ClientError) as exc:
             raise _s3_error("reading", f"s3://{self.bucket}/{name}", exc) from exc
         return pd.read_parquet(io.BytesIO(body))
 
-    def read_all(self) -> pd.DataFrame:
-        """Every committed row."""
-        frames = [self._read(name) for name in self._part_names()]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_KEY)
+    def _put_object(self, key: str, data: bytes, action: str) -> str:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error(action, f"s3://{self.bucket}/{key}", exc) from exc
+        return f"s3://{self.bucket}/{key}"
 
-    def processed(self) -> set[tuple[str, str, str, str]]:
-        """(uri, etag, model, version) of every committed row: what a rerun must not score again."""
-        rows = self.read_all()
-        return set(zip(*(rows[c].astype(str) for c in RESULT_KEY))) if len(rows) else set()
+    def _write_part(self, batch_id: str, data: bytes) -> None:
+        self._put_object(f"{self.prefix}parts/part-{batch_id}.parquet", data, "writing results to")
 
-    def commit(self, batch_id: str, rows: pd.DataFrame) -> None:
-        """Make one batch's rows visible atomically (a rename, or a single PUT)."""
+    def _write_output(self, rows: pd.DataFrame) -> None:
         data = io.BytesIO()
         rows.to_parquet(data, index=False)
-        if self.s3:
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=f"{self.prefix}parts/part-{batch_id}.parquet", Body=data.getvalue())
-            except (BotoCoreError, ClientError) as exc:
-                raise _s3_error("writing results to", self.output, exc) from exc
-            return
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.parts_dir / f"part-{batch_id}.parquet", data.getvalue())
+        self._put_object(f"{self.prefix}results.parquet", data.getvalue(), "writing results to")
 
-    # -- outputs ----------------------------------------------------------------------------
-
-    def consolidate(self) -> pd.DataFrame:
-        """Write the current row of every (item, detector version) as the output file (atomically)
-        and return them: an item overwritten since it was scored (a new ETag) has its newer row
-        only; the parts keep the history."""
-        rows = self.read_all()
-        if len(rows):
-            if "scored_at" in rows:
-                rows = rows.sort_values("scored_at", kind="stable").drop_duplicates(["uri", "model", "version"], keep="last")
-            rows = rows.sort_values(["model", "uri"], kind="stable").reset_index(drop=True)
-        data = io.BytesIO()
-        if self.s3:
-            rows.to_parquet(data, index=False)
-            self.put("results.parquet", data.getvalue())
-        else:
-            if self.path.suffix.lower() == ".csv":
-                data.write(rows.to_csv(index=False).encode())
-            else:
-                rows.to_parquet(data, index=False)
-            atomic_write(self.path, data.getvalue())
-        return rows
-
-    def put(self, name: str, data: bytes) -> str:
-        """Store a side file (a report) next to the results; returns where it went.
-
-        ``name`` must be a plain file name (see :func:`safe_file_name`): nothing written here can
-        land outside the results' folder or prefix.
-        """
-        if name != safe_file_name(name):
-            raise StorageError(f"{name!r} is not a plain file name; side files stay next to the results")
-        if self.s3:
-            key = f"{self.prefix}{name}"
-            try:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
-            except (BotoCoreError, ClientError) as exc:
-                raise _s3_error("writing", f"s3://{self.bucket}/{key}", exc) from exc
-            return f"s3://{self.bucket}/{key}"
-        target = self.path.with_name(name)
-        atomic_write(target, data)
-        return str(target)
+    def _put(self, name: str, data: bytes) -> str:
+        return self._put_object(f"{self.prefix}{name}", data, "writing")
 
 
 def safe_file_name(text: str, max_length: int = 200) -> str:
