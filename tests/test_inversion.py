@@ -253,8 +253,8 @@ def test_default_is_the_interior_point_method_on_cpu_and_fista_under_constraints
 
 
 def test_detector_features_keep_fista_unless_told():
-    assert FeatureConfig().inversion["method"] == "fista"
+    assert FeatureConfig().inversion.method == "fista"
     saved = FeatureConfig(inversion={"max_iter": 200}).to_dict()  # as written before the method was recorded
     saved["inversion"].pop("method")
-    assert FeatureConfig.from_dict(saved).inversion == {"method": "fista", "max_iter": 200}
-    assert FeatureConfig(inversion={"method": "interior"}).inversion == {"method": "interior"}
+    assert FeatureConfig.from_dict(saved).inversion == LassoOptions(method="fista", max_iter=200)
+    assert FeatureConfig(inversion={"method": "interior"}).inversion == LassoOptions(method="interior")

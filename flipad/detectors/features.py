@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generators.adapter import GeneratorAdapter
+from ..inversion.lasso import LassoOptions
 
 __all__ = ["FeatureConfig", "FeatureExtractor", "FeatureScaler", "FeatureSet", "FEATURE_KINDS"]
 
@@ -45,7 +46,8 @@ class FeatureConfig:
     the upsampling (:meth:`GeneratorAdapter.folded`), recovering the map before upsampling (the
     default; saved configs from before it existed load without it). ``bounded``/``censored`` solve the constrained,
     censored inversion (see :meth:`GeneratorAdapter.constraints`) instead of the paper's lasso.
-    ``inversion`` holds keyword options for :class:`~flipad.inversion.lasso.LassoOptions`; without a
+    ``inversion``: the :class:`~flipad.inversion.lasso.LassoOptions` of the features (a dict of
+    its fields is accepted, as saved configs hold it); without a
     ``method`` it is FISTA, the solver the detector's features were measured with.
     """
 
@@ -59,15 +61,15 @@ class FeatureConfig:
     bounded: bool = False
     censored: bool = False
     fold_upsampling: bool = True
-    inversion: dict = field(default_factory=lambda: dict(DETECTOR_INVERSION))
+    inversion: LassoOptions = field(default_factory=lambda: LassoOptions(**DETECTOR_INVERSION))
 
     def __post_init__(self):
         if self.kind not in FEATURE_KINDS:
             raise ValueError(f"unknown feature kind {self.kind!r}; use one of {FEATURE_KINDS}")
         if isinstance(self.pool, str) and self.pool != "auto":
             raise ValueError(f"pool must be an integer, None or 'auto', got {self.pool!r}")
-        if "method" not in self.inversion:  # saved configs from before the method was recorded
-            object.__setattr__(self, "inversion", {"method": "fista", **self.inversion})
+        if isinstance(self.inversion, dict):  # saved configs; those from before the method was recorded are FISTA
+            object.__setattr__(self, "inversion", LassoOptions(**{"method": "fista", **self.inversion}))
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -119,7 +121,7 @@ class FeatureExtractor:
             return FeatureSet(features, nan, nan, nan, np.ones(len(features), bool), time.perf_counter() - start)
         result = self.inversion_adapter.invert(
             samples, alpha=self.config.alpha, return_result=True, progress=progress, warn_on_cap=False,
-            bounded=self.config.bounded, censored=self.config.censored, **self.config.inversion,
+            bounded=self.config.bounded, censored=self.config.censored, options=self.config.inversion,
         )  # the detector's cap is a deliberate budget (DETECTOR_INVERSION), not a failure
         return FeatureSet(
             self._reshape_activations(result.activations), result.residual.double().numpy(), result.sparsity.numpy(),

@@ -251,20 +251,21 @@ class GeneratorAdapter:
         warn_on_cap: bool = True,
         bounded: bool = False,
         censored: bool = False,
-        **options,
+        options: LassoOptions | None = None,
+        **settings,
     ) -> torch.Tensor | InversionResult:
         """Recover the penultimate activation ``z_bar + d*`` of each sample.
 
         ``d*`` solves the anchored lasso ``min 0.5 ||s^-1(x) - A(z_bar + d) - b||^2 + alpha ||d||_1``
-        exactly as the paper states it. Keyword ``options`` go to :class:`LassoOptions`
-        (tolerance, iteration cap, method, batch size). With ``return_result`` the per-sample
+        exactly as the paper states it. ``options`` (a :class:`LassoOptions`), or keyword
+        ``settings`` of one (tolerance, iteration cap, method, batch size), configure the solver. With ``return_result`` the per-sample
         diagnostics come back too (:class:`InversionResult`). ``bounded`` constrains ``z_bar + d``
         to the range the module before the final layer produces (ReLU: non-negative), ``censored``
         treats saturated outputs as inequalities (see :meth:`constraints`). Samples that hit the iteration cap
         are logged at warning level (``warn_on_cap=False``: at debug level, for callers whose cap
         is a deliberate budget).
         """
-        opts = LassoOptions(**options)
+        opts = options if options is not None else LassoOptions(**settings)
         samples_t = self.to_output_range(samples)
         batch = opts.batch_for(self.linear_map.num_inputs, self.device)
         results = []
