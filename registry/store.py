@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["TrackingUnavailableError", "connect", "ui_command"]
 
@@ -28,6 +31,9 @@ def connect(timeout_s: float = 5.0) -> str:
     client's minutes of retries.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        logger.warning("no MLflow store at %s yet: creating one (set MLFLOW_TRACKING_URI to use a tracking server, "
+                       "or run from the folder that holds your mlflow.db)", uri.removeprefix("sqlite:///"))
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,18 @@ from torch import nn
 
 from .architectures import BUILTIN_GENERATORS
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["GeneratorLoadError", "GeneratorSource", "load_generator", "load_weights", "parse_latent_shape"]
 
 
 class GeneratorLoadError(ValueError):
     """A generator spec or weights file that cannot be loaded, with what to do about it."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
 def _factory_from_spec(spec: str):
@@ -43,13 +51,15 @@ def _factory_from_spec(spec: str):
         module = importlib.util.module_from_spec(module_spec)
         try:
             module_spec.loader.exec_module(module)
-        except Exception as exc:
-            raise GeneratorLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        except (Exception, SystemExit) as exc:
+            raise GeneratorLoadError(f"importing {path} failed: {_one_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise GeneratorLoadError(f"cannot import {target!r} ({exc}); is it installed / on PYTHONPATH?") from exc
+        except (Exception, SystemExit) as exc:
+            raise GeneratorLoadError(f"importing {target!r} failed: {_one_line(exc)}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
         raise GeneratorLoadError(f"{target} has no callable {name!r}")
@@ -66,16 +76,33 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise GeneratorLoadError(
-            f"cannot load weights from {path} safely ({type(exc).__name__}: {exc}); save them with "
-            "torch.save(model.state_dict(), ...) or safetensors"
+            f"cannot load weights from {path} without unpickling objects ({type(exc).__name__}: {first[:200]}); "
+            "save them with torch.save(model.state_dict(), ...) or as .safetensors"
         ) from exc
-    for key in ("state_dict", "generator", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise GeneratorLoadError(f"{path} does not hold a state dict of tensors")
-    return state
+    return _state_dict(state, path)
+
+
+def _state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The generator's tensors in a loaded checkpoint: the dict itself, or the one dict of tensors
+    nested under a key (``{"netG_state_dict": ...}``, ``{"state_dict": ...}``, as GAN code saves)."""
+    def tensors(value: Any) -> bool:
+        return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    if tensors(state):
+        return state
+    if isinstance(state, dict):
+        nested = {k: v for k, v in state.items() if tensors(v)}
+        preferred = [k for k in nested if any(w in str(k).lower() for w in ("gen", "netg", "g_state"))]
+        if len(nested) == 1 or len(preferred) == 1:
+            key = preferred[0] if len(preferred) == 1 else next(iter(nested))
+            logger.warning("%s: using the state dict stored under %r", path, key)
+            return nested[key]
+        if nested:
+            raise GeneratorLoadError(f"{path} holds several state dicts ({', '.join(map(str, nested))}); save the "
+                                     "generator's alone: torch.save(checkpoint[KEY], 'generator.pt')")
+    raise GeneratorLoadError(f"{path} does not hold a state dict of tensors")
 
 
 def load_generator(
@@ -85,16 +112,23 @@ def load_generator(
     factory = _factory_from_spec(spec)
     try:
         module = factory(**factory_kwargs)
-    except TypeError as exc:
-        raise GeneratorLoadError(f"calling the factory of {spec!r} failed: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # a user's factory may raise anything, or exit
+        raise GeneratorLoadError(f"calling the factory of {spec!r} failed: {_one_line(exc)}") from exc
     if not isinstance(module, nn.Module):
         raise GeneratorLoadError(f"the factory of {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
     if weights is not None:
         try:
             module.load_state_dict(load_weights(weights))
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise GeneratorLoadError(f"weights {weights} do not fit {spec!r}: {first}") from exc
+            detail = "; ".join(line.strip() for line in str(exc).strip().splitlines()[1:4])
+            raise GeneratorLoadError(f"weights {weights} do not fit {spec!r}: {detail or str(exc).strip()[:300]}") from exc
+    elif spec in BUILTIN_GENERATORS:
+        logger.warning("generator %r has no weights: it is randomly initialised (pass the trained weights)", spec)
+    state = module.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise GeneratorLoadError(f"weights of {spec!r} hold NaN or infinite values ({', '.join(bad[:3])}); "
+                                 "load a checkpoint from before training diverged")
     return module.eval()
 
 
