@@ -73,6 +73,16 @@ def _check_device(device: str) -> None:
             raise ValueError("--device cuda: this machine has no CUDA device; use --device cpu or auto")
 
 
+def _check_kind(kind: str) -> None:
+    """An unknown ``--detector`` as one line before anything starts."""
+    from flipad.detectors.base import detector_class
+
+    try:
+        detector_class(kind)
+    except ValueError as exc:
+        raise ValueError(f"--detector: {exc}") from None
+
+
 def _check_location(flag: str, location: str) -> None:
     """A local path that does not exist, as one line before anything starts (s3:// is checked when read)."""
     if not location.startswith("s3://") and not Path(location).exists():
@@ -121,6 +131,14 @@ def onboard(
                                           "(e.g. onboard-generator/onboard-generator) instead of in this process."),
 ) -> None:
     """Train, evaluate and register a detector for one generator (MLflow + Prefect)."""
+    try:  # the checks that need no heavy import come first: a typo is reported at once
+        _check_location("--real", real)
+        for path in negatives:
+            _check_location("--negatives", path)
+        if weights is not None and not weights.is_file():
+            raise ValueError(f"--weights {weights} is not a file")
+    except ValueError as exc:
+        _fail(exc)
     from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
 
@@ -138,11 +156,7 @@ def onboard(
 
     try:
         _check_device(device.value)
-        _check_location("--real", real)
-        for path in negatives:
-            _check_location("--negatives", path)
-        if weights is not None and not weights.is_file():
-            raise ValueError(f"--weights {weights} is not a file")
+        _check_kind(detector)
         uri = connect()  # fail before Prefect starts anything
         from flows.onboard import OnboardConfig, onboard_generator
         from flows.submit import (

@@ -57,7 +57,6 @@ logger = logging.getLogger(__name__)
 
 OWN = "generator (held-out)"
 TEST_SEED_OFFSET = Seeds().test  # held-out generator samples are drawn with Seeds(seed).test
-KIND_ALIASES = {"combined": "attribution"}  # the CLI's name for the verdict of both families
 
 
 class OnboardConfig(BaseModel):
@@ -92,9 +91,7 @@ class OnboardConfig(BaseModel):
     @field_validator("detector")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        kind = KIND_ALIASES.get(value, value)
-        detector_class(kind)  # ValueError naming the known kinds
-        return kind
+        return detector_class(value).kind  # ValueError naming the known kinds
 
     def settings(self) -> DetectorSettings:
         """The detector settings these parameters ask for."""

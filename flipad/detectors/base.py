@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .features import FeatureExtractor, FeatureSet
     from .reconstruction import LatentSearch
 
-__all__ = ["Detector", "DetectorSettings", "DETECTOR_KINDS", "Scores", "Seeds", "Stages", "detector_class",
+__all__ = ["Detector", "DetectorSettings", "DETECTOR_ALIASES", "DETECTOR_KINDS", "Scores", "Seeds", "Stages", "detector_class",
            "register_kind", "sha256_array"]
 
 
@@ -252,8 +252,12 @@ def register_kind(cls: type[D]) -> type[D]:
     return cls
 
 
+DETECTOR_ALIASES = {"combined": "attribution"}  # the command line's name for the verdict of both families
+
+
 def detector_class(kind: str) -> type[Detector]:
-    """The detector class registered as ``kind``; ValueError naming the known kinds otherwise."""
+    """The detector class registered as ``kind`` (or an alias of it); ValueError naming the known kinds otherwise."""
+    kind = DETECTOR_ALIASES.get(kind, kind)
     if kind not in DETECTOR_KINDS:
         raise ValueError(f"unknown detector kind {kind!r}; known kinds: {', '.join(sorted(DETECTOR_KINDS))}")
     return DETECTOR_KINDS[kind]
