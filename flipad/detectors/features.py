@@ -93,7 +93,14 @@ class FeatureSet:
     sparsity: np.ndarray  # fraction of non-zero deviations from the anchor
     iterations: np.ndarray
     converged: np.ndarray  # bool: the solver's stopping rule held before its budget
+    gap: np.ndarray  # certified bound on the relative objective gap
     seconds: float
+
+    def summary(self) -> dict[str, float]:
+        """Median/max statistics of the inversion for logging (NaN for raw/dct features)."""
+        return {"iterations_median": float(np.nanmedian(self.iterations)), "iterations_max": float(np.nanmax(self.iterations)),
+                "converged_fraction": float(self.converged.mean()), "gap_median": float(np.nanmedian(self.gap)),
+                "residual_median": float(np.nanmedian(self.residual))}
 
     def __len__(self) -> int:
         return len(self.features)
@@ -118,14 +125,15 @@ class FeatureExtractor:
             x = self.adapter.to_output_range(samples)
             features = self._raw(x) if kind == "raw" else self._dct(x)
             nan = np.full(len(features), np.nan)
-            return FeatureSet(features, nan, nan, nan, np.ones(len(features), bool), time.perf_counter() - start)
+            return FeatureSet(features, nan, nan, nan, np.ones(len(features), bool), nan, time.perf_counter() - start)
         result = self.inversion_adapter.invert(
             samples, alpha=self.config.alpha, return_result=True, progress=progress, warn_on_cap=False,
             bounded=self.config.bounded, censored=self.config.censored, options=self.config.inversion,
         )  # the detector's cap is a deliberate budget (DETECTOR_INVERSION), not a failure
         return FeatureSet(
             self._reshape_activations(result.activations), result.residual.double().numpy(), result.sparsity.numpy(),
-            result.iterations.double().numpy(), result.converged.numpy(), time.perf_counter() - start,
+            result.iterations.double().numpy(), result.converged.numpy(), result.gap.double().numpy(),
+            time.perf_counter() - start,
         )
 
     def fingerprint(self) -> str:
