@@ -122,6 +122,7 @@ def onboard(
                                       "are also set on."),
     challenger_steps: int = typer.Option(300, help="GAN steps of the look-alike challengers onboarding builds (0: only "
                                          "a weight-perturbed copy)."),
+    open_world: bool = typer.Option(True, help="Also evaluate recompressed own samples and look-alike challengers."),
     detector: str = typer.Option("reconstruction", help="The detector kind: reconstruction (the default verdict: exact "
                                  "latent inversion, thresholds calibrated on recompressed copies), flipad, or "
                                  "combined (FLIPAD and reconstruction loss must both accept)."),
@@ -175,7 +176,7 @@ def onboard(
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
             deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device.value,
             promote=promote.value, search_steps=search_steps, search_starts=search_starts, num_perturbed=num_perturbed,
-            challenger_steps=challenger_steps,
+            challenger_steps=challenger_steps, open_world=open_world,
         )
         if deployment:
             run = run_through_deployment(deployment, config)

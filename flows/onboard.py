@@ -82,6 +82,7 @@ class OnboardConfig(BaseModel):
     num_perturbed: int = Field(300, ge=20, description="validation samples per perturbation the thresholds are also set on")
     search_steps: int = Field(ReconstructionConfig.steps, ge=10, description="Adam steps of the latent search per item")
     search_starts: int = Field(ReconstructionConfig.starts, ge=1, description="starts of the latent search per item")
+    open_world: bool = Field(True, description="also evaluate recompressed own samples and look-alike challengers")
     challenger_steps: int = Field(300, ge=0, description="GAN steps of the retrained and fine-tuned look-alikes (0: none)")
     num_challenger: int = Field(200, ge=10, description="held-out items per look-alike and per recompressed variant")
     device: str = "auto"
@@ -295,7 +296,7 @@ def open_world_sets(detector: Detector, config: OnboardConfig, real: np.ndarray,
     seeds, n = Seeds(config.seed), min(config.num_challenger, config.num_test)
     variants: dict[str, np.ndarray] = {}
     challengers: dict[str, np.ndarray] = {}
-    if own.ndim != 4 or own.dtype != np.uint8:
+    if not config.open_world or own.ndim != 4 or own.dtype != np.uint8:
         return variants, challengers
     for name in ("jpeg q90", "jpeg q80"):
         variants[f"{OWN} {name}"] = perturb(own[:n], name)

@@ -1,7 +1,7 @@
 """The detector as an MLflow pyfunc model: base64 images (or ``.npy`` arrays) in, score/threshold/verdict out.
 
 The model is logged from code (``registry/model_code.py``), its artifact is a detector bundle
-(:mod:`flipad.bundle`: JSON + safetensors, no pickles) and ``code_paths`` carries the ``flipad``
+(:mod:`flipad.detectors.bundle`: JSON + safetensors, no pickles) and ``code_paths`` carries the ``flipad``
 and ``registry`` packages, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` need only
 the pip requirements, not this repository.
 """
