@@ -47,6 +47,11 @@ def main(
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's own chatter (run URLs on stdout, INFO lines) only with --verbose: the command prints
+    # the run's URL itself and an error stays one line
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false" if verbose else "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # if already imported
 
 
 def _fail(exc: Exception) -> None:
