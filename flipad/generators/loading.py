@@ -78,7 +78,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise GeneratorLoadError(
-            f"cannot load weights from {path} without unpickling objects ({type(exc).__name__}: {first[:200]}); "
+            f"cannot load weights from {path} safely, without unpickling objects ({type(exc).__name__}: {first[:200]}); "
             "save them with torch.save(model.state_dict(), ...) or as .safetensors"
         ) from exc
     return _state_dict(state, path)
