@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 from flipad.io.data import encode_item
 from flipad.detectors.evaluation import evaluate_scores
-from flipad.detectors.features import FeatureExtractor
 from flows.cli import app
 from flows.onboard import TEST_SEED_OFFSET, onboard_generator
 from registry.pyfunc import to_request_cell
@@ -30,14 +29,17 @@ SEED = 7
 
 def count_inversions(monkeypatch) -> list[int]:
     """Items the flow's feature task computes (MLflow's input-example check at log time is not counted)."""
+    import flows.onboard
+
     calls = [0]
-    compute = FeatureExtractor.compute
+    task = flows.onboard.compute_features
+    original = task.fn
 
-    def counting(self, samples, progress=False):
+    def counting(extractor, samples, label):
         calls[0] += len(samples)
-        return compute(self, samples, progress)
+        return original(extractor, samples, label)
 
-    monkeypatch.setattr(FeatureExtractor, "compute", counting)
+    monkeypatch.setattr(task, "fn", counting)
     return calls
 
 
