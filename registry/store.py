@@ -31,7 +31,7 @@ def connect(timeout_s: float = 5.0) -> str:
     client's minutes of retries.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not Path(uri.removeprefix("sqlite:///")).exists():
         logger.warning("no MLflow store at %s yet: creating one (set MLFLOW_TRACKING_URI to use a tracking server, "
                        "or run from the folder that holds your mlflow.db)", uri.removeprefix("sqlite:///"))
     if uri.startswith(("http://", "https://")):
