@@ -46,6 +46,9 @@ def main(
     # with --verbose (our errors end in one line), and no telemetry from an offline machine
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary server gets 20 s to start by default, which a busy 2-core machine can
+    # exceed (the command then fails before any work); 120 s, unless the user set their own
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow's own chatter (run URLs on stdout, INFO lines) only with --verbose: the command prints
     # the run's URL itself and an error stays one line
