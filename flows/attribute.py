@@ -26,7 +26,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flipad.io.scoring import ITEM_COLUMNS, ItemResult
-from monitoring.drift import DRIFT_SHARE, check_drift
+from monitoring.drift import DRIFT_SHARE, check_drift, metric_name
 from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run
 from registry.store import connect
@@ -42,7 +42,9 @@ from .storage import ObjectRef, open_results, open_source
 
 __all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "RESULT_COLUMNS"]
 
-logger = logging.getLogger(__name__)
+# one line per settled batch (the command line shows it on stderr; see flows/cli.py)
+progress = logging.getLogger("flipad.progress")
+
 
 # one row per (item, detector version): the item, the detector, what the detector said, when
 RESULT_COLUMNS = ["uri", "model", "version", *ITEM_COLUMNS, "etag", "scored_at"]
@@ -103,7 +105,7 @@ def _error_row(ref: ObjectRef, detector: ResolvedVersion, error: str, threshold:
 
 def _row(ref: ObjectRef, detector: ResolvedVersion, result: ItemResult) -> dict:
     return {"uri": ref.uri, "model": detector.name, "version": detector.version, **result.as_row(), "etag": ref.etag,
-            "scored_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "scored_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")}
 
 
 @task(name="score-batch", tags=["inversion"], retries=2, retry_delay_seconds=2, persist_result=False)
@@ -140,32 +142,58 @@ def batch_id(batch: list[tuple[ObjectRef, list[int]]], detectors: list[ResolvedV
     return digest.hexdigest()[:24]
 
 
-def _monitor(config: AttributeConfig, detector: ResolvedVersion, rows: pd.DataFrame, results) -> tuple[dict, str]:
-    """Drift of this run's rows for one detector against its onboarding reference; report stored next to the results."""
+def _watermark_name(detector: ResolvedVersion) -> str:
+    return f"monitored-{detector.name}-v{detector.version}.json"
+
+
+def _unmonitored(results, rows: pd.DataFrame, detector: ResolvedVersion) -> pd.DataFrame:
+    """The committed rows of ``detector`` no drift report has covered yet: this run's and those of
+    earlier runs that were killed or failed before they monitored."""
+    mine = rows[(rows["model"] == detector.name) & (rows["version"].astype(str) == detector.version)]
+    mark = results.get(results.side_file_name(_watermark_name(detector)))
+    if mark is not None:
+        mine = mine[mine["scored_at"].astype(str) > json.loads(mark)["through"]]
+    return mine
+
+
+def _monitor(config: AttributeConfig, detector: ResolvedVersion, window: pd.DataFrame, results) -> tuple[dict, str]:
+    """Drift of the unmonitored rows of one detector against its onboarding reference; the report
+    is stored next to the results and logged to MLflow, the watermark moved past the rows."""
+    scored = window[window["error"] == ""]
     reference = load_reference(detector.run_id, sources=(OWN, "real"))
-    drift = check_drift(reference, rows, drift_share=config.drift_share)
+    drift = check_drift(reference, scored, drift_share=config.drift_share)
+    stamps = window["scored_at"].astype(str)
+    span = f"{len(window)} items scored {stamps.min()} to {stamps.max()}"
+    title = f"flipad drift: {detector.name} v{detector.version}, {span}"
+    html = drift.html(title)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    html = drift.html()
     where = results.put(results.side_file_name(f"drift-{detector.name}-v{detector.version}-{stamp}.html"), html.encode())
-    summary = drift.summary()
-    metrics = {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share, "items": float(drift.n_current),
+    summary = {**drift.summary(), "window": span, "report": where}
+    metrics = {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share, "items": float(len(window)),
+               "error_fraction": float((window["error"] != "").mean()),
                "attributed_fraction": drift.attributed_fraction,
-               **{f"drift_value_{c}": v["value"] for c, v in drift.columns.items()}}
-    log_monitoring_run(detector.name, detector.version, metrics, {**summary, "report": where}, html)
-    table = "\n".join(f"| {c} | {v['method']} | {v['value']:.4g} | {'yes' if v['drifted'] else 'no'} |" for c, v in drift.columns.items())
+               "reference_attributed_fraction": drift.reference_attributed_fraction,
+               **{metric_name(c, v): v["value"] for c, v in drift.columns.items()}}
+    log_monitoring_run(detector.name, detector.version, detector.run_id, detector.model_id, metrics, summary, html, span)
+    results.put(results.side_file_name(_watermark_name(detector)), json.dumps({"through": stamps.max()}).encode())
+    table = "\n".join(f"| {c} | {v['method']} | {v['kind'].replace('_', '-')} {v['value']:.4g} | "
+                      f"{'yes' if v['drifted'] else 'no'} |" for c, v in drift.columns.items())
     create_markdown_artifact(
         key=f"drift-{detector.name}".lower().replace("_", "-").replace(".", "-"),
         markdown=(f"## Drift of {detector.name} v{detector.version}: {'DRIFT' if drift.drifted else 'no drift'}\n\n"
-                  f"{drift.n_current} items, {drift.attributed_fraction:.3f} attributed "
-                  f"(reference {drift.reference_attributed_fraction:.3f}); report: {where}\n\n"
-                  f"| column | method | value | drifted |\n|---|---|---|---|\n{table}\n"),
+                  f"{span}; {drift.attributed_fraction:.3f} attributed (reference {drift.reference_attributed_fraction:.3f}, "
+                  f"compared at the stream's mix); report: {where}\n\n"
+                  f"| column | test | statistic | drifted |\n|---|---|---|---|\n{table}\n"),
         description="flipad stream drift",
     )
+    log = get_run_logger()
     if drift.drifted:
-        get_run_logger().warning("drift detected for %s v%s: %.0f%% of monitored columns drifted; report %s",
-                       detector.name, detector.version, 100 * drift.drift_share, where)
+        log.warning("drift detected for %s v%s: %.0f%% of monitored columns drifted over %s; report %s",
+                    detector.name, detector.version, 100 * drift.drift_share, span, where)
         if config.webhook:
-            _post_alert(config.webhook, {"model": detector.name, "version": detector.version, "report": where, **summary})
+            _post_alert(config.webhook, {"model": detector.name, "version": detector.version, **summary})
+    else:
+        log.info("no drift for %s v%s over %s; report %s", detector.name, detector.version, span, where)
     return summary, where
 
 
@@ -174,25 +202,32 @@ def _post_alert(url: str, body: dict) -> None:
     try:
         urllib.request.urlopen(request, timeout=10).close()
     except OSError as exc:  # the alert is best effort; the warning above is already logged
-        logger.warning("drift webhook %s failed: %s", redact_url(url), exc)
+        get_run_logger().warning("drift webhook %s failed: %s", redact_url(url), exc)
 
 
 def _score_and_commit(config: AttributeConfig, tracking_uri: str, detectors: list[ResolvedVersion],
                       batches: list, results) -> tuple[list[pd.DataFrame], list[Exception]]:
     """Score the batches with at most ``config.in_flight`` submitted at a time and commit each as
-    soon as it is scored, in order: memory stays bounded and a killed run keeps what it committed."""
+    soon as it is scored, in order: memory stays bounded and a killed run keeps what it committed.
+    Each commit is reported on the flow run's log and on the ``flipad.progress`` logger."""
     new_frames: list[pd.DataFrame] = []
     failures: list[Exception] = []
     pending: deque = deque()
+    total, done = sum(len(b) for b in batches), [0, 0]  # batches settled, items settled
 
     def settle(batch, future) -> None:
+        done[0], done[1] = done[0] + 1, done[1] + len(batch)
         try:
             rows = future.result()
         except Exception as exc:  # keep committing the others; the run fails at the end
             failures.append(exc)
-            return
-        results.commit(batch_id(batch, detectors), rows)
-        new_frames.append(rows)
+            message = f"batch {done[0]}/{len(batches)} failed ({exc}); {done[1]}/{total} items settled"
+        else:
+            results.commit(batch_id(batch, detectors), rows)
+            new_frames.append(rows)
+            message = f"batch {done[0]}/{len(batches)} committed; {done[1]}/{total} items settled"
+        get_run_logger().info(message)
+        progress.info(message)
 
     for batch in batches:
         if len(pending) >= config.in_flight:
@@ -216,14 +251,13 @@ def attribute_stream(config: AttributeConfig) -> AttributeResult:
         batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
         new_frames, failures = _score_and_commit(config, tracking_uri, detectors, batches, results)
         all_rows = results.consolidate()
-    if failures:
-        raise RuntimeError(f"{len(failures)} of {len(batches)} batches failed (first: {failures[0]}); "
-                           "committed batches are kept, rerun to resume") from failures[0]
+        if failures:
+            raise RuntimeError(f"{len(failures)} of {len(batches)} batches failed (first: {failures[0]}); "
+                               "committed batches are kept, rerun to resume") from failures[0]
+        drift, reports = {}, {}
+        for detector in detectors if config.monitor and len(all_rows) else ():
+            window = _unmonitored(results, all_rows, detector)
+            if (window["error"] == "").sum() >= 2:
+                drift[detector.name], reports[detector.name] = _monitor(config, detector, window, results)
     new_rows = pd.concat(new_frames, ignore_index=True) if new_frames else pd.DataFrame(columns=RESULT_COLUMNS)
-    drift, reports = {}, {}
-    if config.monitor:
-        for detector in detectors:
-            scored = new_rows[(new_rows["model"] == detector.name) & (new_rows["error"] == "")]
-            if len(scored) >= 2:
-                drift[detector.name], reports[detector.name] = _monitor(config, detector, scored, results)
     return AttributeResult(all_rows, len(new_rows), listed, len(batches), time.perf_counter() - start, drift, reports)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -57,6 +58,16 @@ def main(
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # if already imported
 
 
+def _show_progress() -> None:
+    """Progress lines of the flows (``flipad.progress``) on stderr, whatever the log level."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    shown = logging.getLogger("flipad.progress")
+    shown.handlers[:] = [handler]
+    shown.setLevel(logging.INFO)
+    shown.propagate = False
+
+
 def _fail(exc: Exception) -> None:
     """One line on stderr and exit code 1, for the errors a user can act on."""
     typer.echo(f"error: {exc}", err=True)
@@ -74,11 +85,18 @@ def _invalid(exc) -> str:
 
 def _check_device(device: str) -> None:
     """A CUDA request on a machine without CUDA, as one line before anything starts."""
-    if device == "cuda":
+    if device != "cuda":
+        return
+    # no GPU driver device nodes (NVIDIA, or ROCm's /dev/kfd) means no CUDA device: said at once,
+    # without importing torch (seconds on a busy machine); otherwise torch decides
+    if sys.platform.startswith("linux") and not (list(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()):
+        available = False
+    else:
         import torch
 
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: this machine has no CUDA device; use --device cpu or auto")
+        available = torch.cuda.is_available()
+    if not available:
+        raise ValueError("--device cuda: this machine has no CUDA device; use --device cpu or auto")
 
 
 def _check_kind(kind: str) -> None:
@@ -146,6 +164,7 @@ def onboard(
             _check_location("--negatives", path)
         if weights is not None and not weights.is_file():
             raise ValueError(f"--weights {weights} is not a file")
+        _check_device(device.value)
     except ValueError as exc:
         _fail(exc)
     from mlflow.exceptions import MlflowException
@@ -164,16 +183,9 @@ def onboard(
     from registry.versions import RegistrationError, list_versions
 
     try:
-        _check_device(device.value)
         _check_kind(detector)
         uri = connect()  # fail before Prefect starts anything
         from flows.onboard import OnboardConfig, onboard_generator
-        from flows.submit import (
-            DeploymentRunError,
-            absolute_generator,
-            absolute_location,
-            run_through_deployment,
-        )
 
         if deployment:  # the worker resolves paths from its own working directory
             generator, real = absolute_generator(generator), absolute_location(real)
@@ -235,14 +247,10 @@ def attribute(
     )
     from registry.store import TrackingUnavailableError, connect
 
+    _show_progress()
     try:
         connect()
         from flows.attribute import AttributeConfig, attribute_stream
-        from flows.submit import (
-            DeploymentRunError,
-            absolute_location,
-            run_through_deployment,
-        )
 
         if deployment:
             if workers:
@@ -322,6 +330,25 @@ def stack_status(directory: Path = STACK_DIR) -> None:
         typer.echo(f"{s.name:18s} {'up' if s.up else 'DOWN':5s} pid {s.pid:<8d} {s.url or '':28s} {s.log}")
     if not all(s.up for s in services):
         raise typer.Exit(1)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The onboarding flow's cached inversion results (Prefect's local storage).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than_days: float = typer.Option(7.0, min=0.0, help="Delete results written more than this many days ago "
+                                          "(0: all); they stop counting as cache hits after 7 days."),
+) -> None:
+    """Delete cached stage results (flows/stage_cache.py); a later onboarding recomputes what it needs."""
+    from datetime import timedelta
+
+    from flows.stage_cache import prune
+
+    done = prune(timedelta(days=older_than_days))
+    typer.echo(f"removed {done.removed} cached stage results ({done.freed_bytes / 2**20:.1f} MiB) from {done.folder}; "
+               f"{done.kept} kept")
 
 
 @app.command()

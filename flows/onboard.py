@@ -51,6 +51,8 @@ from registry.runs import OnboardingRecord, log_run, onboarding_run
 from registry.store import connect, ui_command
 from registry.versions import Registration, register_version
 
+from .stage_cache import STAGE_CACHE_PREFIX, STAGE_CACHE_TTL
+
 __all__ = ["OnboardConfig", "OnboardResult", "PrefectStages", "onboard_generator", "TEST_SEED_OFFSET", "OWN"]
 
 logger = logging.getLogger(__name__)
@@ -123,7 +125,9 @@ class OnboardResult:
 
 
 def _stage_key(fingerprint: str, samples: np.ndarray) -> str:
-    return hashlib.sha256(f"{fingerprint}\0{sha256_array(samples)}\0{flipad.__version__}".encode()).hexdigest()
+    """The cache key, and the result's file under Prefect's storage (``flows/stage_cache.py``)."""
+    digest = hashlib.sha256(f"{fingerprint}\0{sha256_array(samples)}\0{flipad.__version__}".encode()).hexdigest()
+    return f"{STAGE_CACHE_PREFIX}/{digest}"
 
 
 def _features_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -135,14 +139,14 @@ def _search_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(name="compute-features", tags=["inversion"], cache_key_fn=_features_key, persist_result=True,
-      retries=2, retry_delay_seconds=5, task_run_name="compute-features [{label}]")
+      cache_expiration=STAGE_CACHE_TTL, retries=2, retry_delay_seconds=5, task_run_name="compute-features [{label}]")
 def compute_features(extractor: FeatureExtractor, samples: np.ndarray, label: str) -> FeatureSet:
     """Features of ``samples`` (the final-layer inversion for FLIPAD), on the extractor's device."""
     return extractor.compute(samples, progress=True)
 
 
 @task(name="latent-search", tags=["inversion"], cache_key_fn=_search_key, persist_result=True,
-      retries=2, retry_delay_seconds=5, task_run_name="latent-search [{label}]")
+      cache_expiration=STAGE_CACHE_TTL, retries=2, retry_delay_seconds=5, task_run_name="latent-search [{label}]")
 def latent_search(search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
     """Best reconstruction loss per item of the full-generator latent search."""
     return search.losses(samples)

@@ -169,6 +169,9 @@ class Results:
     def _put(self, name: str, data: bytes) -> str:
         raise NotImplementedError
 
+    def _get(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
     def side_file_name(self, name: str) -> str:
         """``name`` for a side file of these results (see :meth:`LocalResults.owns`)."""
         return safe_file_name(name)
@@ -225,6 +228,12 @@ class Results:
         if name != safe_file_name(name):
             raise StorageError(f"{name!r} is not a plain file name; side files stay next to the results")
         return self._put(name, data)
+
+    def get(self, name: str) -> bytes | None:
+        """A side file stored by :meth:`put`, or None when there is none."""
+        if name != safe_file_name(name):
+            raise StorageError(f"{name!r} is not a plain file name; side files stay next to the results")
+        return self._get(name)
 
 
 class LocalResults(Results):
@@ -309,6 +318,10 @@ class LocalResults(Results):
     def _put(self, name: str, data: bytes) -> str:
         return str(atomic_write(self.path.with_name(name), data))
 
+    def _get(self, name: str) -> bytes | None:
+        path = self.path.with_name(name)
+        return path.read_bytes() if path.is_file() else None
+
 
 class S3Results(Results):
     """Results under ``s3://bucket/prefix``: parts in ``PREFIX/parts/``, the output ``PREFIX/results.parquet``."""
@@ -352,6 +365,16 @@ class S3Results(Results):
 
     def _put(self, name: str, data: bytes) -> str:
         return self._put_object(f"{self.prefix}{name}", data, "writing")
+
+    def _get(self, name: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=f"{self.prefix}{name}")["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise _s3_error("reading", f"s3://{self.bucket}/{self.prefix}{name}", exc) from exc
+        except BotoCoreError as exc:
+            raise _s3_error("reading", f"s3://{self.bucket}/{self.prefix}{name}", exc) from exc
 
 
 def safe_file_name(text: str, max_length: int = 200) -> str:

@@ -71,7 +71,8 @@ def champion_version(name: str) -> str | None:
 class ResolvedVersion:
     name: str
     version: str
-    run_id: str
+    run_id: str  # the onboarding run
+    model_id: str = ""  # the MLflow 3 logged model behind the version
 
 
 def resolve_version(name: str, which: str = f"@{CHAMPION}") -> ResolvedVersion:
@@ -83,7 +84,8 @@ def resolve_version(name: str, which: str = f"@{CHAMPION}") -> ResolvedVersion:
         shown = which if which.startswith("@") else f"/{which}"
         raise LookupError(f"no registered detector {name}{shown} ({exc.message.splitlines()[0]}); "
                           "run 'flipad models' to see what exists") from exc
-    return ResolvedVersion(name, str(mv.version), (mv.tags or {}).get("run_id") or mv.run_id or "")
+    return ResolvedVersion(name, str(mv.version), (mv.tags or {}).get("run_id") or mv.run_id or "",
+                           getattr(mv, "model_id", None) or "")
 
 
 def load_model(name: str, which: str = f"@{CHAMPION}"):

@@ -21,7 +21,7 @@ from flipad.io.data import encode_item
 from flows.attribute import AttributeConfig, attribute_stream
 from flows.onboard import OWN, onboard_generator
 from flows.storage import StorageError
-from monitoring.drift import check_drift
+from monitoring.drift import check_drift, mix_matched
 from registry.pyfunc import FlipadModel
 from registry.runs import load_reference
 from registry.versions import load_model
@@ -108,11 +108,22 @@ def test_s3_stream_is_scored_exactly_once_and_resumes(registered, s3, fashion_te
     own_rows, real_rows = good[good["uri"].str.contains("/own/")], good[good["uri"].str.contains("/real/")]
     accuracy = (own_rows["is_generated"].astype(bool).sum() + (~real_rows["is_generated"].astype(bool)).sum()) / len(good)
     assert accuracy >= 0.9, accuracy
-    assert MlflowClient().get_experiment_by_name(f"flipad/{MODEL}/monitoring") is not None
     assert resumed.reports[MODEL].startswith("s3://results/run/drift-")
+    # the drift report covers the failed run's committed rows too, and its run is linked to the version
+    assert resumed.drift[MODEL]["n_current"] == len(good)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(f"flipad/{MODEL}/monitoring")
+    (monitoring,) = client.search_runs([experiment.experiment_id])
+    version = client.get_model_version(MODEL, registered.version)
+    assert [m.model_id for m in monitoring.inputs.model_inputs] == [version.model_id]
+    assert monitoring.data.tags["flipad.onboarding_run_id"] == registered.run_id
+    assert f"#/models/{MODEL}/versions/{registered.version}" in monitoring.data.tags["mlflow.note.content"]
+    named = {k for k in monitoring.data.metrics if k.startswith("drift_score_")}
+    assert named in ({"drift_score_p_value"}, {"drift_score_distance"}), monitoring.data.metrics
 
-    # nothing new: nothing written; an overwritten object is scored again
-    assert attribute_stream(config).new_rows == 0
+    # nothing new: nothing written, nothing monitored again; an overwritten object is scored again
+    unchanged = attribute_stream(config)
+    assert unchanged.new_rows == 0 and unchanged.drift == {}
     client.put_object(Bucket="content", Key="in/own/0000.png", Body=encode_item(own[-1]))
     again = attribute_stream(config)
     assert again.new_rows == 1
@@ -147,6 +158,7 @@ def test_dask_cluster_gives_the_same_rows(registered, tracking, tmp_path, fashio
             env=env, capture_output=True, text=True, timeout=400,
         )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "batch 4/4 committed; 61/61 items settled" in run.stderr  # progress, one line per batch
     dask = pd.read_csv(tmp_path / "dask.csv", keep_default_na=False, dtype={"version": str})
     key = ["uri", "model", "version"]
     merged = local.rows.merge(dask, on=key, suffixes=("", "_dask"))
@@ -154,6 +166,15 @@ def test_dask_cluster_gives_the_same_rows(registered, tracking, tmp_path, fashio
     scored = merged[merged["error"] == ""]
     np.testing.assert_allclose(scored["score"].astype(float), scored["score_dask"].astype(float), rtol=1e-5)
     assert (merged["error"] == merged["error_dask"]).all()
+
+
+def test_mix_matched_reference_has_the_streams_attributed_share():
+    reference = pd.DataFrame({"is_generated": [True] * 100 + [False] * 100, "score": np.arange(200.0)})
+    current = pd.DataFrame({"is_generated": ["True"] * 10 + ["False"] * 90})  # as read back from a CSV
+    matched = mix_matched(reference, current)
+    assert len(matched) == 111 and matched["is_generated"].sum() == 11  # all 100 rejected rows, 11 attributed
+    assert matched.equals(mix_matched(reference, current))
+    assert mix_matched(reference, current.iloc[:10])["is_generated"].all()
 
 
 @pytest.mark.slow
@@ -168,6 +189,10 @@ def test_monitoring_flags_shifted_streams_only(registered, fashion_test):
 
     fresh = check_drift(reference, rows([encode_item(x) for x in [*own, *real]]))
     assert not fresh.drifted, fresh.summary()
+    # another mix of the same sources is not trouble: compared at the stream's attributed share
+    mostly_real = check_drift(reference, rows([encode_item(x) for x in [*own[:6], *real]]))
+    assert not mostly_real.drifted and mostly_real.attributed_fraction < 0.2, mostly_real.summary()
     shifted = check_drift(reference, rows([jpeg(x) for x in [*own, *real]]))
     assert shifted.drifted, shifted.summary()
-    assert "<html" in shifted.html().lower()
+    page = shifted.html(f"flipad drift: {MODEL} v1")
+    assert "<html" in page.lower() and f"<title>flipad drift: {MODEL} v1</title>" in page

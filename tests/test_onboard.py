@@ -23,6 +23,7 @@ from flows.cli import app
 from flows.onboard import TEST_SEED_OFFSET, onboard_generator
 from registry.pyfunc import to_request_cell
 from registry.versions import load_detector
+from flows.stage_cache import stage_cache_dir
 
 SEED = 7
 
@@ -82,6 +83,7 @@ def test_onboarding_registers_logs_promotes_and_caches(tracking, user_generator,
     calls = count_inversions(monkeypatch)
     second = onboard_generator(small_config(spec, weights, real_folder, seed=SEED))
     assert calls[0] == 0 and second.cached_feature_sets == 5
+    assert len(list(stage_cache_dir().iterdir())) >= 5  # in flipad's own folder, which 'flipad cache prune' empties
     assert second.version == "2" and second.alias == "champion"  # as good as v1 on the same held-out data
     third = onboard_generator(small_config(spec, weights, real_folder, seed=SEED, promote="never"))
     aliases = client.get_registered_model("tiny-gen").aliases

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -39,24 +40,23 @@ def test_model_requirements_come_from_what_the_model_code_imports():
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements and all("+" not in r for r in requirements)
 
 
-def _flipad(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, None]:
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120,
+def _flipad(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120,
                           cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return done, None
 
 
 def test_version_and_fast_one_line_errors(tmp_path):
-    version, _ = _flipad("--version", cwd=tmp_path)
+    version = _flipad("--version", cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.startswith("flipad ")
-    missing, _ = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path / "nope"), cwd=tmp_path)
+    missing = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path / "nope"), cwd=tmp_path)
     lines = missing.stderr.strip().splitlines()
     assert missing.returncode == 1 and lines[-1] == f"error: --real {tmp_path / 'nope'} does not exist", missing.stderr
     assert len(lines) == 1  # checked before torch, MLflow or Prefect is imported
     if not torch.cuda.is_available():
-        cuda, _ = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path), "--device", "cuda",
+        cuda = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path), "--device", "cuda",
                                 cwd=tmp_path)
         assert cuda.returncode == 1 and "--device cuda" in cuda.stderr.strip().splitlines()[-1]
-    unknown, _ = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path), "--detector", "nosuch",
+    unknown = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path), "--detector", "nosuch",
                          cwd=tmp_path)
     assert unknown.returncode == 1 and "--detector: unknown detector kind 'nosuch'" in unknown.stderr, unknown.stderr
     assert not (tmp_path / "mlflow.db").exists()  # every check ran before a store was touched
@@ -64,5 +64,19 @@ def test_version_and_fast_one_line_errors(tmp_path):
 
 @pytest.mark.parametrize("bad", ["--promote=sometimes", "--device=tpu"])
 def test_choices_are_checked_by_the_command_line(bad, tmp_path):
-    done, _ = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path), bad, cwd=tmp_path)
+    done = _flipad("onboard", "x", "--generator", "dcgan", "--real", str(tmp_path), bad, cwd=tmp_path)
     assert done.returncode == 2 and "Invalid value" in done.stderr
+
+
+def test_cache_prune_deletes_old_stage_results_only(tmp_path):
+    folder = tmp_path / "prefect-home" / "storage" / "flipad-stages"
+    folder.mkdir(parents=True)
+    (folder / "old").write_bytes(b"x" * 1000)
+    (folder / "new").write_bytes(b"y")
+    os.utime(folder / "old", (time.time() - 8 * 86400,) * 2)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "cache", "prune"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0 and f"removed 1 cached stage results (0.0 MiB) from {folder}; 1 kept" in done.stdout
+    assert [p.name for p in folder.iterdir()] == ["new"]

@@ -173,8 +173,8 @@ def test_a_killed_run_keeps_the_batches_it_committed(registered, tracking, tmp_p
     proc.wait()
     kept = pd.concat([pd.read_parquet(p) for p in parts.glob("part-*.parquet")])
     assert 3 * 4 <= len(kept) < 80
-    resumed = attribute_stream(AttributeConfig(models=(MODEL,), input=str(folder), output=str(output), batch_size=4,
-                                               monitor=False))
+    resumed = attribute_stream(AttributeConfig(models=(MODEL,), input=str(folder), output=str(output), batch_size=4))
     assert resumed.new_rows == 80 - len(kept)
+    assert resumed.drift[MODEL]["n_current"] == 80  # the killed run's rows get their drift report too
     assert len(resumed.rows) == 80 and resumed.rows["uri"].is_unique
     assert not list(tmp_path.glob(".out.csv*.tmp")) and not list(parts.glob(".*.tmp"))
