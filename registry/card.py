@@ -55,7 +55,7 @@ Thresholds: {thresholds}. 95% upper bounds on the FNR from the calibration sampl
 ## The owner's held-out samples after recompression
 | variant | attributed |
 |---|---|
-{variants or '| (none: not an image generator) | |'}
+{variants or '| (not evaluated: onboarded without the open-world sets, or not an 8-bit image generator) | |'}
 
 ## Data
 {data_lines}

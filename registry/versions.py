@@ -140,7 +140,8 @@ def register_version(
     _remove_unfinished(client, name)
     version = mlflow.register_model(model_uri, name, tags={**(tags or {}), REGISTRATION_TAG: "pending"})
     try:
-        client.update_model_version(name, str(version.version), description=description)
+        decision = f"## Promotion\n{alias} when registered: {reason}.\n"
+        client.update_model_version(name, str(version.version), description=f"{description}\n\n{decision}".lstrip())
         client.set_registered_model_alias(name, alias, str(version.version))
         client.set_model_version_tag(name, str(version.version), "promotion", f"{alias}: {reason}")
         client.set_model_version_tag(name, str(version.version), REGISTRATION_TAG, "complete")

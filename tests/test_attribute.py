@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -25,6 +27,8 @@ from monitoring.drift import check_drift, mix_matched
 from registry.pyfunc import FlipadModel
 from registry.runs import load_reference
 from registry.versions import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = "stream-gen"
 
@@ -196,3 +200,17 @@ def test_monitoring_flags_shifted_streams_only(registered, fashion_test):
     assert shifted.drifted, shifted.summary()
     page = shifted.html(f"flipad drift: {MODEL} v1")
     assert "<html" in page.lower() and f"<title>flipad drift: {MODEL} v1</title>" in page
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (docs/screenshots.py)")
+def test_reviewer_pages_render_in_headless_chromium(registered, tracking, tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / "screenshots.py"), "--tracking-uri", tracking,
+                           "--model", MODEL, "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shots = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert shots == ["model-version.png", "onboarding-run.png", "registered-model.png", "roc.png", "score-histograms.png"]
+    for path in tmp_path.glob("*.png"):
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"), dtype=float)
+        assert image.size[0] == 1400 and pixels.std() > 10, path  # a rendered page, not a blank one
