@@ -35,7 +35,7 @@ from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell
 from .redact import redact_params
 
-__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "model_requirements", "onboarding_run", "REFERENCE_ARTIFACT"]
+__all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "model_definition", "model_requirements", "onboarding_run", "REFERENCE_ARTIFACT"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,20 @@ class LoggedRun:
 
 def experiment_name(name: str) -> str:
     return f"flipad/{name}"
+
+
+def model_definition(bundle: Path) -> dict[str, Any]:
+    """The pyfunc model of a saved detector bundle, as keyword arguments of
+    ``mlflow.pyfunc.log_model``/``save_model``: the model-from-code entry point, the bundle as its
+    artifact, the ``flipad`` and ``registry`` packages as its code, its signature and its
+    computed pip requirements."""
+    return {
+        "python_model": str(MODEL_CODE),
+        "artifacts": {"bundle": str(bundle)},
+        "code_paths": [str(Path(flipad.__file__).parent), str(Path(registry.__file__).parent)],
+        "signature": SIGNATURE,
+        "pip_requirements": model_requirements(),
+    }
 
 
 def model_requirements() -> list[str]:
@@ -183,12 +197,8 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
             example = pd.DataFrame({INPUT_COLUMN: [to_request_cell(b) for b in record.input_example]})
             info = mlflow.pyfunc.log_model(
                 name=record.name,  # the logged model is named after the generator it attributes to
-                python_model=str(MODEL_CODE),
-                artifacts={"bundle": str(bundle)},
-                code_paths=[str(Path(flipad.__file__).parent), str(Path(registry.__file__).parent)],
-                signature=SIGNATURE,
                 input_example=example,
-                pip_requirements=model_requirements(),
+                **model_definition(bundle),
             )
     uri = mlflow.get_tracking_uri()
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"

@@ -3,6 +3,7 @@ model's computed requirements, --version and the checks made before Prefect star
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -80,3 +81,49 @@ def test_cache_prune_deletes_old_stage_results_only(tmp_path):
                           timeout=120, env=env)
     assert done.returncode == 0 and f"removed 1 cached stage results (0.0 MiB) from {folder}; 1 kept" in done.stdout
     assert [p.name for p in folder.iterdir()] == ["new"]
+
+
+@pytest.mark.slow
+def test_installs_beside_other_releases_of_mlflow_and_prefect(tmp_path):
+    """pip resolves flipad[mlops] together with the other releases (no downgrade, no conflict)."""
+    report = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                           "--report", str(report), "-c", str(ROOT / "tests" / "data" / "other-stack-versions.txt"),
+                           "torch==2.13.0", f"{ROOT}[mlops]"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    chosen = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+              for item in json.loads(report.read_text())["install"]}
+    assert (chosen["mlflow"], chosen["prefect"]) == ("3.17.0", "3.9.1")
+    assert chosen["torch"].split("+")[0] == "2.13.0"
+
+
+@pytest.mark.slow
+def test_logged_model_code_imports_in_a_fresh_venv_from_its_requirements(tmp_path):
+    """A fresh venv gets torch, then only the model's logged requirements.txt, and serves the model."""
+    import mlflow
+
+    from registry.runs import model_definition
+
+    model = tmp_path / "model"
+    mlflow.pyfunc.save_model(str(model), **model_definition(ROOT / "tests" / "data" / "legacy-flipad"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    for args in (["torch==2.13.0"], ["-r", str(model / "requirements.txt")]):
+        pip = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *args], capture_output=True, text=True,
+                             timeout=1200)
+        assert pip.returncode == 0, pip.stderr[-3000:]
+    probe = ROOT / "tests" / "data" / "legacy_probe.npy"
+    script = ("import base64, io, numpy as np, pandas as pd, mlflow\n"
+              "from PIL import Image\n"
+              f"image = np.load({str(probe)!r})[0]\n"
+              "buffer = io.BytesIO(); Image.fromarray(image[0]).save(buffer, 'PNG')\n"
+              "cells = [base64.b64encode(b).decode() for b in (buffer.getvalue(), b'not an image')]\n"
+              f"model = mlflow.pyfunc.load_model({str(model)!r})\n"
+              "print(model.predict(pd.DataFrame({'image': cells})).to_json(orient='records'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHONPATH", "VIRTUAL_ENV"))}
+    served = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env=env)
+    assert served.returncode == 0, served.stderr[-3000:]
+    rows = json.loads(served.stdout.strip().splitlines()[-1])
+    assert rows[0]["error"] == "" and rows[0]["score"] is not None and rows[1]["error"]

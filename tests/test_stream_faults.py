@@ -3,25 +3,25 @@ overlapping runs and a killed run (real MLflow server, Prefect harness, real pro
 
 from __future__ import annotations
 
-import io
 import os
 import signal
-import struct
 import subprocess
+import sys
 import threading
 import time
-import zlib
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from helpers import small_config
-from PIL import Image, PngImagePlugin
 from servers import BIN
 
 from flipad.io.data import encode_item
 from flows.attribute import AttributeConfig, attribute_stream
 from flows.onboard import onboard_generator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from odd_items import odd_valid_items, poison_items  # noqa: E402
 
 MODEL = "faults-gen"
 
@@ -30,50 +30,6 @@ MODEL = "faults-gen"
 def registered(tracking, user_generator, real_folder):
     spec, weights = user_generator
     return onboard_generator(small_config(spec, weights, real_folder, name=MODEL, seed=11))
-
-
-def _png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
-def _saved(image: Image.Image, fmt: str, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def poison_items() -> dict[str, bytes]:
-    """Malformed, oversized and odd items that must each become one error row."""
-    text = PngImagePlugin.PngInfo()
-    text.add_text("comment", "x" * 2**25, zip=True)
-    nan = np.zeros((1, 32, 32), np.float32)
-    nan[0, 3, 4] = np.nan
-    huge = _npy(np.zeros(4, np.float32)).replace(b"(4,)", f"({2**38},)".encode())
-    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    return {
-        "bomb.png": _png_header(30000, 30000),
-        "bomb.gif": b"GIF89a" + struct.pack("<HH", 65535, 65535) + b"\x00\x00\x00;",
-        "ztxt.png": _saved(Image.fromarray(np.zeros((32, 32), np.uint8)), "PNG", pnginfo=text),
-        "huge.npy": huge,
-        "nan.npy": _npy(nan),
-        "all-nan.npy": _npy(np.full((1, 32, 32), np.nan, np.float32)),
-        "inf.npy": _npy(np.full((1, 32, 32), np.inf, np.float32)),
-        "1e30.npy": _npy(np.full((1, 32, 32), 1e30, np.float32)),
-        "colour.png": _saved(rgb, "PNG"),
-        "16bit.png": _saved(Image.fromarray(np.full((32, 32), 40000, np.uint16)), "PNG"),
-        "float.tiff": _saved(Image.fromarray(np.zeros((32, 32), np.float32)), "TIFF"),
-        "truncated.png": encode_item(np.zeros((1, 32, 32), np.uint8))[:40],
-        "notes.txt": b"not an image",
-    }
 
 
 @pytest.mark.slow
@@ -88,9 +44,7 @@ def test_poison_symlinks_and_self_output_never_stop_or_fool_the_stream(registere
     for name, data in poison.items():
         (folder / "bad" / name).write_bytes(data)
     # valid images under odd names and formats are scored
-    odd = {os.fsdecode(b"odd-\xff\xfe.png"): encode_item(own[0]), "UPPER.PNG": encode_item(own[1]),
-           "grey-as-rgb.png": _saved(Image.fromarray(np.repeat(own[2][0][..., None], 3, 2)), "PNG"),
-           "palette.gif": _saved(Image.fromarray(own[3][0]), "GIF")}
+    odd = odd_valid_items(own)
     for name, data in odd.items():
         (folder / "ok" / name).write_bytes(data)
     outside = tmp_path / "outside.png"
