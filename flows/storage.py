@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import re
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ __all__ = ["ObjectRef", "StorageError", "LocalResults", "Results", "S3Results", 
 
 S3_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 4, "mode": "standard"})
 RESULT_KEY = ["uri", "etag", "model", "version"]
+LEASE_TTL_S = 300.0  # an S3 lease left by a killed run blocks others this long at most
 
 
 class StorageError(RuntimeError):
@@ -180,11 +185,10 @@ class Results:
         """Whether ``path`` is something these results write: never input."""
         return False
 
-    @contextmanager
     def lease(self, timeout_s: float = 3600.0):
-        """Hold the output for one run (see :meth:`LocalResults.lease`). S3 outputs rely on the
-        deployment's concurrency limit (``deploy/prefect.yaml``)."""
-        yield
+        """A context manager that holds the output for one run: a second run on the same output
+        waits until the first has committed, so they never score an item twice."""
+        raise NotImplementedError
 
     def check_writable(self) -> None:
         """Fail with one line, before any scoring, when the output cannot be written."""
@@ -332,6 +336,69 @@ class S3Results(Results):
         self.prefix = prefix.rstrip("/") + "/" if prefix else ""
         self.client = s3_client(endpoint_url)
 
+    @contextmanager
+    def lease(self, timeout_s: float = 3600.0, ttl_s: float = LEASE_TTL_S):
+        """Hold the output for one run with a lease object ``PREFIX/.lease``, created by a
+        conditional PUT (``If-None-Match: *``): of two runs, one creates it and the other waits.
+        The holder renews it every ``ttl_s / 3`` seconds (``If-Match`` its own ETag); a lease left
+        by a killed run expires after ``ttl_s`` and is then taken over, again conditionally."""
+        key = f"{self.prefix}.lease"
+        owner = uuid.uuid4().hex
+        deadline = time.monotonic() + timeout_s
+        etag = [self._acquire(key, owner, ttl_s)]
+        while etag[0] is None:
+            if time.monotonic() > deadline:
+                raise StorageError(f"another run holds {self.output} for more than {timeout_s:.0f} s; wait for it or "
+                                   f"delete s3://{self.bucket}/{key} if no run is left")
+            time.sleep(1.0)
+            etag[0] = self._acquire(key, owner, ttl_s)
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(ttl_s / 3):
+                try:
+                    etag[0] = self.client.put_object(Bucket=self.bucket, Key=key, Body=_lease_body(owner, ttl_s),
+                                                     IfMatch=etag[0])["ETag"]
+                except (BotoCoreError, ClientError):  # lost: the run's commits stay correct, only exclusivity ends
+                    return
+
+        renewer = threading.Thread(target=renew, name="s3-lease", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag[0])
+            except (BotoCoreError, ClientError):  # expired and taken over, or the store is down: it expires
+                pass
+
+    def _acquire(self, key: str, owner: str, ttl_s: float) -> str | None:
+        """The new lease's ETag, or None while another run holds an unexpired one."""
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=_lease_body(owner, ttl_s),
+                                          IfNoneMatch="*")["ETag"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise _s3_error("taking the lease on", self.output, exc) from exc
+        except BotoCoreError as exc:
+            raise _s3_error("taking the lease on", self.output, exc) from exc
+        try:
+            held = self.client.get_object(Bucket=self.bucket, Key=key)
+            if json.loads(held["Body"].read())["expires"] > time.time():
+                return None
+            return self.client.put_object(Bucket=self.bucket, Key=key, Body=_lease_body(owner, ttl_s),
+                                          IfMatch=held["ETag"])["ETag"]
+        except ClientError as exc:  # released or taken over meanwhile: try again
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "PreconditionFailed",
+                                                                "ConditionalRequestConflict"):
+                return None
+            raise _s3_error("taking the lease on", self.output, exc) from exc
+        except (BotoCoreError, ValueError, KeyError) as exc:
+            raise StorageError(f"the lease s3://{self.bucket}/{key} cannot be read ({exc}); delete it if no run "
+                               "is left") from exc
+
     def _part_names(self) -> list[str]:
         names = []
         try:
@@ -375,6 +442,11 @@ class S3Results(Results):
             raise _s3_error("reading", f"s3://{self.bucket}/{self.prefix}{name}", exc) from exc
         except BotoCoreError as exc:
             raise _s3_error("reading", f"s3://{self.bucket}/{self.prefix}{name}", exc) from exc
+
+
+def _lease_body(owner: str, ttl_s: float) -> bytes:
+    return json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(),
+                       "expires": time.time() + ttl_s}).encode()
 
 
 def safe_file_name(text: str, max_length: int = 200) -> str:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -22,7 +25,7 @@ from servers import free_port, prefect_server
 from flipad.io.data import encode_item
 from flows.attribute import AttributeConfig, attribute_stream
 from flows.onboard import OWN, onboard_generator
-from flows.storage import StorageError
+from flows.storage import Results, StorageError
 from monitoring.drift import check_drift, mix_matched
 from registry.pyfunc import FlipadModel
 from registry.runs import load_reference
@@ -214,3 +217,32 @@ def test_reviewer_pages_render_in_headless_chromium(registered, tracking, tmp_pa
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("L"), dtype=float)
         assert image.size[0] == 1400 and pixels.std() > 10, path  # a rendered page, not a blank one
+
+
+def test_s3_lease_excludes_a_second_run_and_expires_when_its_holder_died(s3):
+    endpoint, client = s3
+    client.create_bucket(Bucket="leases")
+    first, second = Results("s3://leases/out/", endpoint), Results("s3://leases/out/", endpoint)
+    entered = threading.Event()
+
+    def wait_for_the_lease() -> None:
+        with second.lease(timeout_s=60):
+            entered.set()
+
+    with first.lease():
+        waiter = threading.Thread(target=wait_for_the_lease)
+        waiter.start()
+        assert not entered.wait(2.5)  # held by the first run
+        with pytest.raises(StorageError, match="another run holds s3://leases/out/"):
+            with Results("s3://leases/out/", endpoint).lease(timeout_s=0):
+                pass
+    assert entered.wait(10)  # released: the waiting run gets it
+    waiter.join()
+    assert "Contents" not in client.list_objects_v2(Bucket="leases", Prefix="out/.lease")
+
+    # a killed run's lease blocks until it expires, then is taken over; a live holder renews its own
+    client.put_object(Bucket="leases", Key="out/.lease", Body=json.dumps({"owner": "dead", "expires": time.time() - 1}))
+    with first.lease(timeout_s=0, ttl_s=0.9):
+        time.sleep(1.5)
+        held = json.loads(client.get_object(Bucket="leases", Key="out/.lease")["Body"].read())
+        assert held["owner"] != "dead" and held["expires"] > time.time()
