@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+# Prefect's temporary servers (in this process and in the commands the tests start) get 120 s
+# to start, as the flipad command gives them: 20 s, Prefect's default, is exceeded on a busy
+# 2-core machine. Set before Prefect is first imported, which reads it then.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
 import numpy as np
 import pytest
 import torch
