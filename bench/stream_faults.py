@@ -113,7 +113,8 @@ def odd_folder(work: Path, own: np.ndarray, real: np.ndarray, env: dict) -> None
     rows = read_rows(output)
     bad_rows = rows[rows["uri"].str.contains("/bad/")]
     ok_rows = rows[rows["uri"].str.contains("/ok/")]
-    odd_scored = sum(1 for n in odd if ok_rows["uri"].str.contains(n[:12], regex=False).any())
+    shown = {os.fsencode(n).decode("utf-8", "backslashreplace") for n in odd}  # how a row names each
+    odd_scored = int(ok_rows[ok_rows["uri"].map(lambda u: u.rsplit("/", 1)[-1] in shown)]["error"].eq("").sum())
     print(f"[odd folder] {regular} regular files ({malformed} malformed, {len(odd)} valid odd-named/format, 40 plain) "
           f"+ {len(links) * 3} symlinks: exit {proc.returncode} in {time.perf_counter() - start:.0f} s; "
           f"{len(rows)} rows, {rows['uri'].nunique()} distinct items (one per regular file: "
@@ -145,16 +146,18 @@ def overlapping(work: Path, images: np.ndarray, env: dict) -> None:
     first = flipad(*args, env=env)
     time.sleep(1.0)
     second = flipad(*args, env=env)
-    codes = [p.wait(timeout=1800) for p in (first, second)]
+    done = [p.communicate(timeout=1800) for p in (first, second)]
     feeder.join()
     third = flipad(*args, env=env)
-    codes.append(third.wait(timeout=1800))
+    done.append(third.communicate(timeout=1800))
+    codes = [p.returncode for p in (first, second, third)]
+    failures = [err.strip().splitlines()[-1][:200] for (_, err), code in zip(done, codes) if code and err.strip()]
     rows = read_rows(output)
     present = set(rows["uri"])
     missing = sum(1 for p in folder.iterdir() if str(p) not in present)
     print(f"[overlapping runs] {len(images)} items (100 before, {len(images) - 100} arriving during the runs): exit codes "
           f"{codes}; {len(rows)} rows, {int(rows.duplicated(['uri', 'model', 'version']).sum())} duplicates, "
-          f"{missing} items missing")
+          f"{missing} items missing{'; failed: ' + ' | '.join(failures) if failures else ''}")
 
 
 def kills(work: Path, images: np.ndarray, env: dict, count: int, rng: random.Random) -> None:

@@ -38,7 +38,7 @@ from registry.versions import (
 )
 
 from .onboard import OWN
-from .storage import ObjectRef, open_results, open_source
+from .storage import ObjectRef, concat_rows, open_results, open_source
 
 __all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "RESULT_COLUMNS"]
 
@@ -259,5 +259,5 @@ def attribute_stream(config: AttributeConfig) -> AttributeResult:
             window = _unmonitored(results, all_rows, detector)
             if (window["error"] == "").sum() >= 2:
                 drift[detector.name], reports[detector.name] = _monitor(config, detector, window, results)
-    new_rows = pd.concat(new_frames, ignore_index=True) if new_frames else pd.DataFrame(columns=RESULT_COLUMNS)
+    new_rows = concat_rows(new_frames, RESULT_COLUMNS)
     return AttributeResult(all_rows, len(new_rows), listed, len(batches), time.perf_counter() - start, drift, reports)

@@ -55,6 +55,7 @@ def main(
     # the run's URL itself and an error stays one line
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false" if verbose else "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose else "false")
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # if already imported
 
 

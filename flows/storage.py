@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from flipad.io.files import atomic_write
 
 __all__ = ["ObjectRef", "StorageError", "LocalResults", "Results", "S3Results", "open_source", "open_results",
-           "safe_file_name", "S3_CONFIG"]
+           "safe_file_name", "concat_rows", "S3_CONFIG"]
 
 S3_CONFIG = Config(connect_timeout=5, read_timeout=30, retries={"total_max_attempts": 4, "mode": "standard"})
 RESULT_KEY = ["uri", "etag", "model", "version"]
@@ -198,7 +199,7 @@ class Results:
     def read_all(self) -> pd.DataFrame:
         """Every committed row."""
         frames = [self._read(name) for name in self._part_names()]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_KEY)
+        return concat_rows(frames, RESULT_KEY)
 
     def processed(self) -> set[tuple[str, str, str, str]]:
         """(uri, etag, model, version) of every committed row: what a rerun must not score again."""
@@ -442,6 +443,18 @@ class S3Results(Results):
             raise _s3_error("reading", f"s3://{self.bucket}/{self.prefix}{name}", exc) from exc
         except BotoCoreError as exc:
             raise _s3_error("reading", f"s3://{self.bucket}/{self.prefix}{name}", exc) from exc
+
+
+def concat_rows(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """Result rows of several batches as one frame (``columns`` when there are none). A batch whose
+    rows are all errors has all-NaN score columns; pandas' current rule (they do not decide the
+    column's dtype) is the one wanted here, so its warning about a future change is not shown."""
+    if not frames:
+        return pd.DataFrame(columns=columns)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The behavior of DataFrame concatenation with empty or all-NA",
+                                FutureWarning)
+        return pd.concat(frames, ignore_index=True)
 
 
 def _lease_body(owner: str, ttl_s: float) -> bytes:
