@@ -213,8 +213,7 @@ def lost_server(work: Path, weights: Path, real: Path, env: dict) -> None:
         server = mlflow_server(store, port)
         url = f"http://127.0.0.1:{port}"
         client = MlflowClient(url)
-        run_env = {**env, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+        run_env = {**env, "MLFLOW_TRACKING_URI": url}  # the command's own retry settings
         start = time.perf_counter()
         proc = flipad(*onboard_args(name, weights, real), env=run_env)
         hit = "finished before the kill point"

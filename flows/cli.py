@@ -56,7 +56,12 @@ def main(
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false" if verbose else "true")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true" if verbose else "false")
+    # a lost tracking server is reported within seconds, not after MLflow's default retries
+    # (7 with a backoff factor of 2: minutes per request); a user's own settings win
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # if already imported
+    logging.getLogger("urllib3").setLevel(logging.INFO if verbose else logging.ERROR)  # its retry warnings
 
 
 def _show_progress() -> None:
@@ -213,7 +218,8 @@ def onboard(
         _fail(exc)
     except MlflowException as exc:  # the tracking server failed mid-run
         _fail(RuntimeError(f"the tracking server failed during onboarding ({str(exc).splitlines()[0][:200]}); "
-                           "nothing was registered; rerun when it is back"))
+                           "nothing was registered (the next onboarding ends a run left RUNNING as KILLED and "
+                           "removes a pending version); rerun when it is back"))
     typer.echo(result.results.to_string(index=False))
     typer.echo(
         f"registered {result.name} version {result.version} as {result.alias} "
@@ -251,6 +257,10 @@ def attribute(
     _show_progress()
     try:
         connect()
+        from registry.versions import parse_model_ref, resolve_version
+
+        for ref in model:  # an unknown model or alias is reported before Prefect starts
+            resolve_version(*parse_model_ref(ref))
         from flows.attribute import AttributeConfig, attribute_stream
 
         if deployment:

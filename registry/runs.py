@@ -138,8 +138,8 @@ def onboarding_run(name: str, tags: dict[str, str] | None = None) -> Iterator[ml
             pass
         try:
             mlflow.end_run("FAILED")  # leaves no run active in this process even when the server is gone
-        except Exception as lost:  # the next onboarding of this name ends the run as KILLED
-            logger.warning("could not mark run %s FAILED (%s)", run.info.run_id, str(lost).splitlines()[0][:200])
+        except Exception as lost:  # the server is gone: the next onboarding of this name ends it KILLED
+            logger.info("could not mark run %s FAILED (%s)", run.info.run_id, str(lost).splitlines()[0][:200])
         raise
     else:
         _OPEN_SESSIONS.discard(session)

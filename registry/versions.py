@@ -148,10 +148,12 @@ def register_version(
     except Exception as exc:
         try:
             client.delete_model_version(name, str(version.version))
-        except Exception:  # the server is gone: the next registration of this name removes it
-            logger.warning("could not delete the half-registered %s version %s", name, version.version)
+            outcome = "the version was removed"
+        except Exception:  # the server is gone
+            outcome = (f"it could not be removed and stays tagged {REGISTRATION_TAG}=pending, without an alias, "
+                       f"until the next registration of {name} removes it")
         raise RegistrationError(f"registering {name} version {version.version} failed ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}); the version was removed") from exc
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); {outcome}") from exc
     if mlflow.active_run() is not None:  # the onboarding run records the decision beside its figures
         mlflow.set_tag("promotion", f"v{version.version} {alias}: {reason}")
         if champion_metric is not None:
