@@ -127,3 +127,16 @@ def test_logged_model_code_imports_in_a_fresh_venv_from_its_requirements(tmp_pat
     assert served.returncode == 0, served.stderr[-3000:]
     rows = json.loads(served.stdout.strip().splitlines()[-1])
     assert rows[0]["error"] == "" and rows[0]["score"] is not None and rows[1]["error"]
+
+
+def test_unknown_model_is_reported_before_prefect_starts(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "attribute", "--model", "nosuch", "--input", str(tmp_path),
+                           "--output", str(tmp_path / "r.csv")], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and lines == ["error: no registered detector nosuch@champion (Registered Model with "
+                                              "name=nosuch not found); run 'flipad models' to see what exists"], lines
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists()  # no temporary Prefect server was started
