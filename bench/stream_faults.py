@@ -236,7 +236,7 @@ def lost_server(work: Path, weights: Path, real: Path, env: dict) -> None:
         _, err = proc.communicate(timeout=1800)
         stop(server)
         lines = err.strip().splitlines()
-        errors.append((point, hit, proc.returncode, len(lines), lines[-1][:160] if lines else ""))
+        errors.append((point, hit, proc.returncode, len(lines), " / ".join(line[:160] for line in lines)))
     port = free_port()
     server = mlflow_server(store, port)
     url = f"http://127.0.0.1:{port}"

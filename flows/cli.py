@@ -62,6 +62,9 @@ def main(
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # if already imported
     logging.getLogger("urllib3").setLevel(logging.INFO if verbose else logging.ERROR)  # its retry warnings
+    # the libraries' Python warnings (two lines each) only with --verbose, as log lines
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _show_progress() -> None:
