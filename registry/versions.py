@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from flipad.detectors.base import Detector
 
-__all__ = ["CHAMPION", "CHALLENGER", "Registration", "RegistrationError", "ResolvedVersion", "register_version", "resolve_version", "load_model", "load_detector", "list_versions", "parse_model_ref"]
+__all__ = ["CHAMPION", "CHALLENGER", "Registration", "RegistrationError", "ResolvedVersion", "register_version", "resolve_version", "load_model", "load_detector", "list_versions", "parse_model_ref", "logged_model_id"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,14 @@ def resolve_version(name: str, which: str = f"@{CHAMPION}") -> ResolvedVersion:
         shown = which if which.startswith("@") else f"/{which}"
         raise LookupError(f"no registered detector {name}{shown} ({exc.message.splitlines()[0]}); "
                           "run 'flipad models' to see what exists") from exc
-    return ResolvedVersion(name, str(mv.version), (mv.tags or {}).get("run_id") or mv.run_id or "",
-                           getattr(mv, "model_id", None) or "")
+    return ResolvedVersion(name, str(mv.version), (mv.tags or {}).get("run_id") or mv.run_id or "", logged_model_id(mv))
+
+
+def logged_model_id(mv) -> str:
+    """The MLflow 3 logged model behind a model version: its ``model_id``, which MLflow 3.17
+    leaves empty for versions registered from ``models:/<id>``, else that source's id."""
+    source = mv.source or ""
+    return mv.model_id or (source.removeprefix("models:/") if source.startswith("models:/m-") else "")
 
 
 def load_model(name: str, which: str = f"@{CHAMPION}"):

@@ -29,7 +29,7 @@ from flows.storage import Results, StorageError
 from monitoring.drift import check_drift, mix_matched
 from registry.pyfunc import FlipadModel
 from registry.runs import load_reference
-from registry.versions import load_model
+from registry.versions import load_model, logged_model_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,11 +118,12 @@ def test_s3_stream_is_scored_exactly_once_and_resumes(registered, s3, fashion_te
     assert resumed.reports[MODEL].startswith("s3://results/run/drift-")
     # the drift report covers the failed run's committed rows too, and its run is linked to the version
     assert resumed.drift[MODEL]["n_current"] == len(good)
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(f"flipad/{MODEL}/monitoring")
-    (monitoring,) = client.search_runs([experiment.experiment_id])
-    version = client.get_model_version(MODEL, registered.version)
-    assert [m.model_id for m in monitoring.inputs.model_inputs] == [version.model_id]
+    tracking = MlflowClient()
+    experiment = tracking.get_experiment_by_name(f"flipad/{MODEL}/monitoring")
+    (found,) = tracking.search_runs([experiment.experiment_id])
+    monitoring = tracking.get_run(found.info.run_id)  # search results carry no model inputs
+    version = tracking.get_model_version(MODEL, registered.version)
+    assert [m.model_id for m in monitoring.inputs.model_inputs] == [logged_model_id(version)] != [""]
     assert monitoring.data.tags["flipad.onboarding_run_id"] == registered.run_id
     assert f"#/models/{MODEL}/versions/{registered.version}" in monitoring.data.tags["mlflow.note.content"]
     named = {k for k in monitoring.data.metrics if k.startswith("drift_score_")}
