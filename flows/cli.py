@@ -262,8 +262,8 @@ def attribute(
         connect()
         from registry.versions import parse_model_ref, resolve_version
 
-        for ref in model:  # an unknown model or alias is reported before Prefect starts
-            resolve_version(*parse_model_ref(ref))
+        for ref in () if deployment else model:  # an unknown model is reported before Prefect starts
+            resolve_version(*parse_model_ref(ref))  # (a deployment's worker resolves its own)
         from flows.attribute import AttributeConfig, attribute_stream
 
         if deployment:
