@@ -262,8 +262,9 @@ def attribute(
         connect()
         from registry.versions import parse_model_ref, resolve_version
 
-        for ref in () if deployment else model:  # an unknown model is reported before Prefect starts
-            resolve_version(*parse_model_ref(ref))  # (a deployment's worker resolves its own)
+        if not deployment:  # an unknown model is reported before Prefect starts (a worker resolves its own)
+            for ref in model:
+                resolve_version(*parse_model_ref(ref))
         from flows.attribute import AttributeConfig, attribute_stream
 
         if deployment:
