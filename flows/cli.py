@@ -399,7 +399,9 @@ def demo(
     num_validation: int = typer.Option(200, help="Generator samples that set the thresholds (half of them also recompressed)."),
     num_test: int = typer.Option(100, help="Held-out items per source, look-alike and recompressed variant."),
     num_stream: int = typer.Option(100, help="Items per source in the attributed folder."),
-    train_steps: int = typer.Option(1000, help="GAN training steps for the demo generators (cached)."),
+    train_steps: int = typer.Option(1000, help="GAN training steps for the demo generators (1000: the shipped ones; "
+                                               "others are trained and cached)."),
+    retrain: bool = typer.Option(False, help="Train the demo generators here even where shipped or cached ones exist."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The whole story on the embedded default: train, onboard (MLflow), attribute a mixed folder."""
@@ -411,8 +413,7 @@ def demo(
         from flows.demo import run_demo
 
         report = run_demo(workdir, num_samples=num_samples, num_validation=num_validation, num_test=num_test,
-                          num_stream=num_stream,
-                          train_steps=train_steps, device=device)
+                          num_stream=num_stream, train_steps=train_steps, device=device, retrain=retrain)
     except (DataError, TrackingUnavailableError) as exc:
         _fail(exc)
     typer.echo(report)

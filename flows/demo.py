@@ -1,6 +1,7 @@
 """``flipad demo``: the whole story on the embedded default (local MLflow store, Prefect's own server).
 
-Trains (or reuses) a small DCGAN on Fashion-MNIST, onboards it through ``onboard_generator`` with
+Takes the two small DCGANs it ships (trained on Fashion-MNIST by :func:`demo_generator` itself;
+other training lengths, or ``retrain``, train them here), onboards the first through ``onboard_generator`` with
 the default detector (registered in MLflow), then attributes a mixed folder through
 ``attribute_stream``: the generator's own new samples as PNG, re-saved as JPEG q90 and q80 and as
 a PNG of a JPEG; real images; a look-alike generator (the same architecture trained from another
@@ -9,8 +10,10 @@ seed); and a broken file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from flipad.generators.architectures import DCGANGenerator
 from flipad.generators.sampling import generate_samples
 from flipad.generators.training import train_gan
-from flipad.io.data import encode_item, load_fashion_mnist
+from flipad.io.data import DataError, encode_item, load_fashion_mnist
 from flipad.io.perturb import perturb
 
 from .attribute import AttributeConfig, attribute_stream
@@ -39,12 +42,32 @@ STREAM_SEED = 9000  # the onboarding flow draws with seeds 1000-5000: these samp
 # briefly trained challengers; `flipad onboard` defaults to the full search (docs/benchmarks.md)
 DEMO_SEARCH = {"steps": 300, "starts": 2}
 DEMO_CHALLENGER_STEPS = 200
+# the demo generators as trained by demo_generator (seeds 0 and 1, 1,000 steps, torch 2.13.0 CPU,
+# 2026-12-02): shipped so that the demo's ten minutes go to the product, not to training GANs
+SHIPPED = Path(__file__).with_name("demo_generators")
+SHIPPED_SHA256 = {
+    "generator-seed0-steps1000.safetensors": "710e97cd1e018ba994872b7ae71be9d9943f05dc56b76f3bcc70d17ae6b60cfa",
+    "generator-seed1-steps1000.safetensors": "452e8b559c779b27ffce2fa5d980c6145bc0d23060e663e51e6eb3fb646495b6",
+}
 
 
-def demo_generator(workdir: Path, seed: int, steps: int, real: np.ndarray, device: str) -> tuple[DCGANGenerator, Path]:
-    """The demo's DCGAN trained on ``real`` for ``steps``, and its weights file (cached in ``workdir``)."""
+def demo_generator(workdir: Path, seed: int, steps: int, real: np.ndarray, device: str,
+                   retrain: bool = False) -> tuple[DCGANGenerator, Path]:
+    """The demo's DCGAN trained on ``real`` for ``steps``, and its weights file in ``workdir``:
+    cached there, else copied from the shipped ones (unless ``retrain``), else trained."""
     path = workdir / f"generator-seed{seed}-steps{steps}.safetensors"
     generator = DCGANGenerator(**DEMO_GENERATOR)
+    shipped = SHIPPED / path.name
+    if retrain:
+        path.unlink(missing_ok=True)
+    elif not path.is_file() and shipped.name in SHIPPED_SHA256:
+        digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
+        if digest != SHIPPED_SHA256[shipped.name]:
+            raise DataError(f"{shipped} is not the shipped demo generator (sha256 {digest}); "
+                             "restore it from the repository or run the demo with --retrain")
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shipped, path)
+        logger.info("demo generator seed %d: the shipped weights %s", seed, shipped)
     if path.is_file():
         generator.load_state_dict(load_file(str(path)))
         return generator.eval(), path
@@ -85,15 +108,15 @@ def source_table(rows: pd.DataFrame, stream: Path) -> pd.DataFrame:
 
 
 def run_demo(workdir: Path, num_samples: int, num_validation: int, num_test: int, num_stream: int, train_steps: int,
-             device: str) -> str:
+             device: str, retrain: bool = False) -> str:
     """Run the demo and return a printable report."""
     start = time.perf_counter()
     workdir = workdir.resolve()
     root = ensure_fashion_mnist()
     train_real = load_fashion_mnist("train", 32, limit=20_000, root=root)
     test_real = load_fashion_mnist("test", 32, root=root)
-    _, weights = demo_generator(workdir, 0, train_steps, train_real, device)
-    other, _ = demo_generator(workdir, 1, train_steps, train_real, device)
+    _, weights = demo_generator(workdir, 0, train_steps, train_real, device, retrain)
+    other, _ = demo_generator(workdir, 1, train_steps, train_real, device, retrain)
     real_path = workdir / "real-train.npy"
     np.save(real_path, np.concatenate([train_real[-num_samples:], test_real[: num_test * 2]]))
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from flipad import FlipadDetector, GeneratorAdapter
@@ -50,6 +52,30 @@ def test_cli_demo_runs_on_the_embedded_default(tmp_path, monkeypatch):
     rows = pd.read_csv(tmp_path / "work" / "results.csv", keep_default_na=False)
     assert len(rows) == 121 and (tmp_path / "mlflow.db").is_file()
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve() / 'mlflow.db'}" in result.output
+
+
+def test_the_demo_takes_its_shipped_generators_and_refuses_altered_ones(tmp_path, monkeypatch):
+    import shutil
+
+    import flows.demo as demo
+    from flipad.io.data import DataError
+
+    no_data = np.zeros((0, 1, 32, 32), np.uint8)  # training on it would fail: the shipped weights must be used
+    generator, path = demo.demo_generator(tmp_path / "work", 0, 1000, no_data, "cpu")
+    assert path == tmp_path / "work" / "generator-seed0-steps1000.safetensors"
+    assert path.read_bytes() == (demo.SHIPPED / path.name).read_bytes()
+    with torch.no_grad():
+        images = generator(torch.randn(64, *demo.DEMO_LATENT, generator=torch.Generator().manual_seed(0)))
+    assert images.shape == (64, 1, 32, 32) and images.std(0).mean() > 0.1  # varied samples, not a constant
+    assert demo.demo_generator(tmp_path / "work", 0, 1000, no_data, "cpu")[1] == path  # cached from now on
+
+    altered = tmp_path / "shipped"
+    shutil.copytree(demo.SHIPPED, altered)
+    (altered / "generator-seed1-steps1000.safetensors").write_bytes(b"not the weights")
+    monkeypatch.setattr(demo, "SHIPPED", altered)
+    with pytest.raises(DataError, match="not the shipped demo generator.*--retrain") as info:
+        demo.demo_generator(tmp_path / "other", 1, 1000, no_data, "cpu")
+    assert "\n" not in str(info.value) and not (tmp_path / "other" / "generator-seed1-steps1000.safetensors").exists()
 
 
 def test_cli_help_lists_the_demo():
