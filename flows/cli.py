@@ -21,6 +21,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class SearchMethod(str, Enum):
+    encoder_lm = "encoder-lm"
+    adam = "adam"
+
+
 class Promote(str, Enum):
     auto = "auto"
     always = "always"
@@ -151,15 +156,19 @@ def onboard(
     option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
     epochs: int = typer.Option(50, help="Deep SAD epochs."),
     constrained: bool = typer.Option(False, help="FLIPAD: bounded + censored inversion."),
-    search_steps: int = typer.Option(600, help="Reconstruction: Adam steps of the latent search per item."),
-    search_starts: int = typer.Option(3, help="Reconstruction: starts of the latent search per item."),
+    search_method: SearchMethod = typer.Option(SearchMethod.encoder_lm, help="Reconstruction: the latent search, "
+                                               "encoder-lm (an encoder trained on the generator's own pairs, refined "
+                                               "by Levenberg-Marquardt) or adam (screened random starts + Adam)."),
+    encoder_steps: int = typer.Option(1000, help="Reconstruction, encoder-lm: training batches of the encoder."),
+    search_steps: int = typer.Option(600, help="Reconstruction, adam: steps of the latent search per item."),
+    search_starts: int = typer.Option(3, help="Reconstruction, adam: starts of the latent search per item."),
     num_perturbed: int = typer.Option(300, help="Reconstruction: validation samples per recompression the thresholds "
                                       "are also set on."),
     challenger_steps: int = typer.Option(300, help="GAN steps of the look-alike challengers onboarding builds (0: only "
                                          "a weight-perturbed copy)."),
     open_world: bool = typer.Option(True, help="Also evaluate recompressed own samples and look-alike challengers."),
-    detector: str = typer.Option("reconstruction", help="The detector kind: reconstruction (the default verdict: exact "
-                                 "latent inversion, thresholds calibrated on recompressed copies), flipad, or "
+    detector: str = typer.Option("reconstruction", help="The detector kind: reconstruction (the default verdict: "
+                                 "full-generator latent inversion, thresholds calibrated on recompressed copies), flipad, or "
                                  "combined (FLIPAD and reconstruction loss must both accept)."),
     device: Device = typer.Option(Device.auto, help="Where the inversions run."),
     promote: Promote = typer.Option(Promote.auto, help="auto (champion if at least as good), always or never."),
@@ -204,7 +213,8 @@ def onboard(
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
             deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device.value,
-            promote=promote.value, search_steps=search_steps, search_starts=search_starts, num_perturbed=num_perturbed,
+            promote=promote.value, search_method=search_method.value, encoder_steps=encoder_steps,
+            search_steps=search_steps, search_starts=search_starts, num_perturbed=num_perturbed,
             challenger_steps=challenger_steps, open_world=open_world,
         )
         if deployment:
@@ -402,6 +412,7 @@ def demo(
     train_steps: int = typer.Option(1000, help="GAN training steps for the demo generators (1000: the shipped ones; "
                                                "others are trained and cached)."),
     retrain: bool = typer.Option(False, help="Train the demo generators here even where shipped or cached ones exist."),
+    encoder_steps: int = typer.Option(600, help="Training batches of the latent search's encoder."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The whole story on the embedded default: train, onboard (MLflow), attribute a mixed folder."""
@@ -413,7 +424,8 @@ def demo(
         from flows.demo import run_demo
 
         report = run_demo(workdir, num_samples=num_samples, num_validation=num_validation, num_test=num_test,
-                          num_stream=num_stream, train_steps=train_steps, device=device, retrain=retrain)
+                          num_stream=num_stream, train_steps=train_steps, device=device, retrain=retrain,
+                          encoder_steps=encoder_steps)
     except (DataError, TrackingUnavailableError) as exc:
         _fail(exc)
     typer.echo(report)

@@ -38,9 +38,9 @@ DEMO_GENERATOR = dict(latent_dim=64, channels=1, image_size=32, width=32)
 DEMO_MODEL = "fashion-dcgan"
 DEMO_LATENT = (64, 1, 1)
 STREAM_SEED = 9000  # the onboarding flow draws with seeds 1000-5000: these samples are new to it
-# the demo's budget (10 minutes on two cores from a fresh clone): a shorter latent search and
-# briefly trained challengers; `flipad onboard` defaults to the full search (docs/benchmarks.md)
-DEMO_SEARCH = {"steps": 300, "starts": 2}
+# the demo's budget (10 minutes on two cores from a fresh clone): a shorter-trained encoder for the
+# latent search and briefly trained challengers; `flipad onboard` trains its encoder 1,000 steps
+DEMO_ENCODER_STEPS = 600
 DEMO_CHALLENGER_STEPS = 200
 # the demo generators as trained by demo_generator (seeds 0 and 1, 1,000 steps, torch 2.13.0 CPU,
 # 2026-12-02): shipped so that the demo's ten minutes go to the product, not to training GANs
@@ -108,7 +108,7 @@ def source_table(rows: pd.DataFrame, stream: Path) -> pd.DataFrame:
 
 
 def run_demo(workdir: Path, num_samples: int, num_validation: int, num_test: int, num_stream: int, train_steps: int,
-             device: str, retrain: bool = False) -> str:
+             device: str, retrain: bool = False, encoder_steps: int = DEMO_ENCODER_STEPS) -> str:
     """Run the demo and return a printable report."""
     start = time.perf_counter()
     workdir = workdir.resolve()
@@ -124,7 +124,7 @@ def run_demo(workdir: Path, num_samples: int, num_validation: int, num_test: int
         name=DEMO_MODEL, generator="dcgan", weights=str(weights), generator_kwargs=DEMO_GENERATOR,
         real=str(real_path), num_samples=num_samples, num_validation=num_validation, num_perturbed=num_validation // 2,
         num_test=num_test, num_challenger=num_test, challenger_steps=DEMO_CHALLENGER_STEPS,
-        search_steps=DEMO_SEARCH["steps"], search_starts=DEMO_SEARCH["starts"], device=device,
+        encoder_steps=encoder_steps, device=device,
     ))
     detector = onboarded.detector
     own = detector.generate(num_stream, seed=STREAM_SEED)

@@ -82,8 +82,11 @@ class OnboardConfig(BaseModel):
     deep_sad_epochs: int = Field(50, ge=1)
     detector: str = Field("reconstruction", description="a registered detector kind (flipad.DETECTOR_KINDS)")
     num_perturbed: int = Field(300, ge=20, description="validation samples per perturbation the thresholds are also set on")
-    search_steps: int = Field(ReconstructionConfig.steps, ge=10, description="Adam steps of the latent search per item")
-    search_starts: int = Field(ReconstructionConfig.starts, ge=1, description="starts of the latent search per item")
+    search_method: str = Field("encoder-lm", pattern="^(encoder-lm|adam)$",
+                               description="latent search: encoder-lm (amortised encoder + Levenberg-Marquardt) or adam")
+    encoder_steps: int = Field(1000, ge=1, description="encoder-lm: training batches of the amortised encoder")
+    search_steps: int = Field(ReconstructionConfig.steps, ge=10, description="adam: steps of the latent search per item")
+    search_starts: int = Field(ReconstructionConfig.starts, ge=1, description="adam: starts of the latent search per item")
     open_world: bool = Field(True, description="also evaluate recompressed own samples and look-alike challengers")
     challenger_steps: int = Field(300, ge=0, description="GAN steps of the retrained and fine-tuned look-alikes (0: none)")
     num_challenger: int = Field(200, ge=10, description="held-out items per look-alike and per recompressed variant")
@@ -104,7 +107,8 @@ class OnboardConfig(BaseModel):
             features=FeatureConfig(kind=self.features, bounded=self.constrained, censored=self.constrained),
             deep_sad=DeepSADConfig(epochs=self.deep_sad_epochs, seed=self.seed),
             search=ReconstructionConfig(steps=self.search_steps, starts=self.search_starts, seed=self.seed,
-                                        candidates=max(ReconstructionConfig.candidates, self.search_starts)),
+                                        candidates=max(ReconstructionConfig.candidates, self.search_starts),
+                                        method=self.search_method, encoder_steps=self.encoder_steps),
             n_perturbed=min(self.num_perturbed, self.num_validation), device=self.device, seed=self.seed, progress=False,
         )
 

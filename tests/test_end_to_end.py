@@ -40,7 +40,7 @@ def test_cli_demo_runs_on_the_embedded_default(tmp_path, monkeypatch):
     result = CliRunner().invoke(
         app,
         ["demo", "--workdir", "work", "--num-samples", "150", "--num-validation", "60", "--num-test", "30",
-         "--num-stream", "20", "--train-steps", "40"],
+         "--num-stream", "20", "--train-steps", "40", "--encoder-steps", "40"],
     )
     assert result.exit_code == 0, result.output
     assert "onboarded fashion-dcgan version 1 (champion)" in result.output and "worst source" in result.output

@@ -22,7 +22,8 @@ from flipad.io.perturb import perturb
 from flows.cli import app
 from registry.pyfunc import to_request_cell
 
-FAST = ReconstructionConfig(steps=150, starts=2)
+# the onboarding default's search (an encoder + Levenberg-Marquardt), its encoder trained briefly
+DEFAULT_SEARCH = ReconstructionConfig(method="encoder-lm", encoder_steps=300)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def lookalike(fashion_train):
 
 @pytest.mark.slow
 def test_recompressed_own_items_are_attributed_and_a_lookalike_is_not(trained_generator, lookalike, fashion_test):
-    robust = ReconstructionLossDetector(trained_generator, fnr=(0.02,), n_validation=150, config=FAST, progress=False,
+    robust = ReconstructionLossDetector(trained_generator, fnr=(0.02,), n_validation=150, config=DEFAULT_SEARCH, progress=False,
                                         perturbations=ROBUST_PERTURBATIONS, n_perturbed=100).fit()
-    pristine_only = ReconstructionLossDetector(trained_generator, fnr=(0.02,), n_validation=150, config=FAST,
+    pristine_only = ReconstructionLossDetector(trained_generator, fnr=(0.02,), n_validation=150, config=DEFAULT_SEARCH,
                                                progress=False).fit()
     assert set(robust.condition_scores_) == set(ROBUST_PERTURBATIONS)
     # the robust threshold is the largest per-condition quantile, so it is at least the pristine one
@@ -75,8 +76,8 @@ def make_skip(width=8):
 ''')
     result = CliRunner().invoke(app, [
         "onboard", "skip-gen", "--generator", f"{code}:make_skip", "--latent-shape", "64", "--real", str(real_folder),
-        "--num-samples", "100", "--num-validation", "60", "--num-test", "30", "--search-steps", "60",
-        "--search-starts", "1", "--challenger-steps", "20",
+        "--num-samples", "100", "--num-validation", "60", "--num-test", "30", "--encoder-steps", "150",
+        "--challenger-steps", "20",
     ])
     assert result.exit_code == 0, result.output
     assert "registered skip-gen version 1 as champion" in result.output and "worst source" in result.output

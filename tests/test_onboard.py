@@ -159,7 +159,8 @@ def test_combined_detector_is_onboarded_registered_and_served(tracking, user_gen
     # a FLIPAD champion exists first: promoting the combined version re-scores it on the same held-out sets
     flipad_only = onboard_generator(small_config(spec, weights, real_folder, name="tiny-combined", seed=3))
     combined = onboard_generator(small_config(spec, weights, real_folder, name="tiny-combined", seed=3,
-                                              detector="combined", promote="always", search_steps=100, search_starts=2))
+                                              detector="combined", promote="always", search_method="adam",
+                                              search_steps=100, search_starts=2))
     assert isinstance(flipad_only.detector, FlipadDetector) and isinstance(combined.detector, AttributionDetector)
     assert (combined.version, combined.alias) == ("2", "champion")
     metrics = MlflowClient().get_run(combined.run_id).data.metrics

@@ -28,6 +28,7 @@ from ..generators.sampling import (
     probe_output_range,
     resolve_latent_shape,
 )
+from ..inversion.amortised import LatentEncoder, quantisation_floor, train_encoder
 from ..inversion.latent import ReconstructionConfig, reconstruction_losses
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
@@ -52,28 +53,40 @@ class LatentSearch:
     """The latent search of one generator on one device: ``losses(samples)`` per item.
 
     ``samples`` are uint8 images or floats in the output range, of the generator's output shape.
+    The ``encoder-lm`` search needs ``encoder`` (:meth:`train_encoder` or a loaded one).
     """
 
     def __init__(self, module: nn.Module, latent_shape: Sequence[int], output_range: tuple[float, float],
-                 output_shape: Sequence[int], config: ReconstructionConfig, progress: bool = False):
+                 output_shape: Sequence[int], config: ReconstructionConfig, progress: bool = False,
+                 encoder: LatentEncoder | None = None):
         self.module = module
         self.latent_shape = tuple(latent_shape)
         self.output_range = output_range
         self.output_shape = tuple(output_shape)
         self.config = config
         self.progress = progress
+        self.encoder = encoder
+
+    def train_encoder(self) -> LatentEncoder:
+        """Train (and keep) the amortised encoder of the ``encoder-lm`` search on fresh generator pairs."""
+        self.encoder = train_encoder(self.module, self.latent_shape, self.output_shape, self.output_range,
+                                     self.config.encoder_steps, seed=self.config.seed)
+        return self.encoder
 
     def losses(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Best reconstruction MSE per item (small = the generator can make it)."""
         check_sample_shape(samples, self.output_shape)
         targets = to_output_range(samples, *self.output_range)
-        return reconstruction_losses(self.module, self.latent_shape, targets, self.config, progress=self.progress)
+        return reconstruction_losses(self.module, self.latent_shape, targets, self.config, progress=self.progress,
+                                     encoder=self.encoder, floor=quantisation_floor(self.output_range))
 
     def fingerprint(self) -> str:
         """A hash of what the losses depend on besides the samples (weights, device kind, search)."""
         device = next(self.module.parameters()).device.type
         parts = {"generator": weights_fingerprint(self.module), "device": device, "search": asdict(self.config),
                  "latent_shape": list(self.latent_shape), "range": list(self.output_range)}
+        if self.encoder is not None:
+            parts["encoder"] = weights_fingerprint(self.encoder)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -159,6 +172,8 @@ class ReconstructionLossDetector(Detector):
         fresh) and, for each of ``perturbations``, from the first ``n_perturbed`` of them after that
         perturbation (so the FNR holds for recompressed copies too). Returns self."""
         self._prepare()
+        if self.config.method == "encoder-lm":
+            self.search_.train_encoder()
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
         pristine = stages.search(self.search_, validation, "generated (validation)")
@@ -210,6 +225,8 @@ class ReconstructionLossDetector(Detector):
                   "perturbations": list(self.condition_scores_), "n_perturbed": self.n_perturbed}
         tensors = {"validation_scores": self.validation_scores_,
                    **{f"condition.{name}": s for name, s in self.condition_scores_.items()}}
+        if self.search_.encoder is not None:
+            tensors |= {f"encoder.{k}": v for k, v in self.search_.encoder.state_dict().items()}
         return write_saved(path, "reconstruction", config, tensors)
 
     @classmethod
@@ -222,6 +239,10 @@ class ReconstructionLossDetector(Detector):
                   perturbations=config.get("perturbations", ()), n_perturbed=config.get("n_perturbed"))
         det._prepare()
         check_generator(path, config["generator_sha256"], det.fingerprint_)
+        if det.config.method == "encoder-lm":
+            encoder = LatentEncoder(det.output_shape_, det.latent_shape_).to(det.device_)
+            encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")})
+            det.search_.encoder = encoder.eval()
         det._calibrate(tensors["validation_scores"],
                        {name: tensors[f"condition.{name}"] for name in config.get("perturbations", ())})
         det.fit_info_ = config["fit_info"]

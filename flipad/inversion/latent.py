@@ -1,7 +1,9 @@
 """Full-generator latent search: the best reconstruction of each target by ``module(z)``.
 
-:func:`reconstruction_losses` is the first-order search (Adam from the best of many screened
-random latents, batched over items and starts, each item stopping once its best loss stalls).
+:func:`reconstruction_losses` runs the configured search: ``method="adam"``, the first-order search
+(Adam from the best of many screened random latents, batched over items and starts, each item
+stopping once its best loss stalls), or ``method="encoder-lm"``, an amortised encoder's guess
+refined by Levenberg-Marquardt (:mod:`flipad.inversion.amortised`).
 """
 
 from __future__ import annotations
@@ -13,19 +15,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["ReconstructionConfig", "reconstruction_losses"]
+from .amortised import LatentEncoder, levenberg_marquardt
+
+__all__ = ["SEARCH_METHODS", "ReconstructionConfig", "reconstruction_losses"]
 
 SCREEN_BATCH = 1024  # latents per forward pass when screening the starts
+SEARCH_METHODS = ("adam", "encoder-lm")
 
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
-    """The latent search: Adam for up to ``steps`` from ``starts`` latents per item.
+    """The latent search.
 
-    The starts are the ``candidates`` random latents with the lowest loss (one forward pass each;
+    ``method="adam"``: Adam for up to ``steps`` from ``starts`` latents per item. The starts are
+    the ``candidates`` random latents with the lowest loss (one forward pass each;
     ``candidates == starts`` skips the screening). An item stops when its best loss improved by
     less than ``tol`` (relative) over ``patience`` steps. ``batch_size`` counts items (each with
     all its starts).
+
+    ``method="encoder-lm"``: an encoder trained for ``encoder_steps`` batches of the generator's
+    own pairs at fit time gives each item's start, then ``lm_iterations`` Levenberg-Marquardt
+    steps (an item stops at twice the quantisation floor). ``seed`` seeds the encoder's training.
     """
 
     steps: int = 600
@@ -36,8 +46,13 @@ class ReconstructionConfig:
     patience: int = 50
     batch_size: int = 128
     seed: int = 0
+    method: str = "adam"
+    encoder_steps: int = 2000
+    lm_iterations: int = 10
 
     def __post_init__(self):
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(f"unknown search method {self.method!r}; use one of {', '.join(SEARCH_METHODS)}")
         if self.candidates < self.starts:
             raise ValueError(f"candidates ({self.candidates}) must be at least starts ({self.starts})")
 
@@ -54,14 +69,25 @@ def reconstruction_losses(
     targets: torch.Tensor,
     config: ReconstructionConfig,
     progress: bool = False,
+    encoder: LatentEncoder | None = None,
+    floor: float = 0.0,
 ) -> torch.Tensor:
-    """Best per-item MSE of ``module(z)`` to ``targets`` (float, in the output range) over the search."""
+    """Best per-item MSE of ``module(z)`` to ``targets`` (float, in the output range) over the search.
+
+    ``method="encoder-lm"`` needs the ``encoder`` trained for ``module`` and the output range's
+    quantisation ``floor`` (where an item stops)."""
+    if config.method == "encoder-lm" and encoder is None:
+        raise ValueError("the encoder-lm search needs the generator's trained encoder")
     device = next(module.parameters()).device
     out = []
     for start in tqdm(range(0, len(targets), config.batch_size), desc="latent search", disable=not progress):
         batch = targets[start : start + config.batch_size].to(device)
-        seed = config.seed + start
-        out.append(_search(module, latent_shape, batch, config, seed).cpu())
+        if config.method == "encoder-lm":
+            with torch.no_grad():
+                z = encoder(batch)
+            out.append(levenberg_marquardt(module, batch, z, config.lm_iterations, floor).cpu())
+        else:
+            out.append(_search(module, latent_shape, batch, config, config.seed + start).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

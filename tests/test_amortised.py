@@ -1,0 +1,68 @@
+"""The encoder-lm latent search: exact on the generator's own 8-bit samples, deterministic, saved whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import SkipToOutput
+
+from flipad import ReconstructionLossDetector
+from flipad.generators.sampling import generate_samples
+from flipad.inversion.amortised import levenberg_marquardt, quantisation_floor, train_encoder
+from flipad.inversion.latent import ReconstructionConfig
+from flipad.io.data import to_output_range
+
+LATENT, SHAPE, RANGE = (64, 1, 1), (1, 32, 32), (-1.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def encoder(trained_generator):
+    return train_encoder(trained_generator, LATENT, SHAPE, RANGE, steps=300, seed=0)
+
+
+@pytest.mark.slow
+def test_own_8bit_samples_invert_to_the_quantisation_floor(trained_generator, encoder, fashion_test):
+    floor = quantisation_floor(RANGE)
+    own = to_output_range(generate_samples(trained_generator, LATENT, 60, 99, RANGE), *RANGE)
+    with torch.no_grad():
+        start = encoder(own)
+        start_loss = ((trained_generator(start) - own) ** 2).flatten(1).mean(1)
+    loss = levenberg_marquardt(trained_generator, own, start.clone(), 10, floor)
+    # an 8-bit copy of G(z) is within half a step of G(z): the exact inversion ends at ~floor
+    assert np.quantile(loss.numpy(), 0.8) <= 3 * floor, loss / floor
+    assert (loss <= start_loss).all()  # LM only accepts improving steps
+    real = to_output_range(fashion_test[:30], *RANGE)
+    with torch.no_grad():
+        real_loss = levenberg_marquardt(trained_generator, real, encoder(real), 10, floor)
+    assert real_loss.min() > 30 * floor  # what the generator cannot make stays far above it
+
+
+def test_encoder_training_is_deterministic_for_a_seed():
+    torch.manual_seed(0)
+    skip = SkipToOutput().eval()
+    a = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=20, seed=3)
+    b = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=20, seed=3)
+    c = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=20, seed=4)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.head[-1].weight, c.head[-1].weight)
+
+
+def test_encoder_lm_detector_scores_the_same_after_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    skip = SkipToOutput().eval()
+    config = ReconstructionConfig(method="encoder-lm", encoder_steps=30, lm_iterations=4)
+    det = ReconstructionLossDetector(skip, n_validation=30, config=config, progress=False).fit()
+    samples = det.generate(8, seed=5)
+    loaded = ReconstructionLossDetector.load(det.save(tmp_path / "det"), skip, device="cpu")
+    np.testing.assert_array_equal(det.score_samples(samples), loaded.score_samples(samples))
+    assert loaded.search_.fingerprint() == det.search_.fingerprint()
+    refit = ReconstructionLossDetector(skip, n_validation=30, config=config, progress=False).fit()
+    np.testing.assert_array_equal(det.score_samples(samples), refit.score_samples(samples))
+
+
+def test_unknown_search_method_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="unknown search method 'lbfgs'; use one of adam, encoder-lm") as info:
+        ReconstructionConfig(method="lbfgs")
+    assert "\n" not in str(info.value)
