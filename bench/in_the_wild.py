@@ -1,7 +1,8 @@
 """The default verdict in the wild: own items recompressed, look-alike generators, real images.
 
     python bench/in_the_wild.py [--targets convT+tanh ...] [--validation 1000] [--perturbed 300]
-                                [--test 200] [--search-steps 600] [--search-starts 3]
+                                [--test 200] [--search-method encoder-lm] [--encoder-steps 1000]
+                                [--search-steps 600] [--search-starts 3]
                                 [--perturbations "jpeg q95" "jpeg q90" ...]
 
 For each target generator of ``bench/core_bar.py`` (trained on Fashion-MNIST, cached under
@@ -10,8 +11,10 @@ reconstruction-loss detector is fitted with its thresholds calibrated on ``--val
 samples and ``--perturbed`` samples after each of ``--perturbations`` (``--perturbations`` with
 no value: pristine calibration only, the earlier behaviour). Then ``--test`` held-out items per
 source are scored pristine and after JPEG q90 / q80 (a PNG of a JPEG has the same pixels as
-the JPEG, so not scored twice). Prints, per source and variant, the share attributed to the target
-at FNR 0.005, the loss quantiles, and the seconds per item of the search.
+the JPEG, so not scored twice). The search is ``flipad onboard``'s default (``encoder-lm``, its
+encoder trained for ``--encoder-steps``) or ``--search-method adam`` (``--search-steps``,
+``--search-starts``). Prints, per source and variant, the share attributed to the target at FNR
+0.005, the loss quantiles, and the seconds per item of the search.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from flipad import ReconstructionConfig, ReconstructionLossDetector  # noqa: E402
 from flipad.detectors.base import ROBUST_PERTURBATIONS  # noqa: E402
 from flipad.generators.training import train_gan  # noqa: E402
+from flipad.inversion.latent import SEARCH_METHODS  # noqa: E402
 from flipad.io.data import load_fashion_mnist  # noqa: E402
 from flipad.io.perturb import perturb  # noqa: E402
 
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", type=int, default=1000)
     parser.add_argument("--perturbed", type=int, default=300)
     parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--search-method", choices=SEARCH_METHODS, default="encoder-lm")
+    parser.add_argument("--encoder-steps", type=int, default=1000)
     parser.add_argument("--search-steps", type=int, default=ReconstructionConfig.steps)
     parser.add_argument("--search-starts", type=int, default=ReconstructionConfig.starts)
     parser.add_argument("--perturbations", nargs="*", default=list(ROBUST_PERTURBATIONS))
@@ -67,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     train_real = load_fashion_mnist("train", 32, limit=20_000)
     test_real = load_fashion_mnist("test", 32, limit=args.test)
     args.cache.mkdir(parents=True, exist_ok=True)
-    search = ReconstructionConfig(steps=args.search_steps, starts=args.search_starts)
+    search = ReconstructionConfig(steps=args.search_steps, starts=args.search_starts, method=args.search_method,
+                                  encoder_steps=args.encoder_steps)
     print(f"search: {search}; calibration: {args.validation} pristine + {args.perturbed} x {args.perturbations}")
     print(f"{'target':20s} {'source':14s} {'variant':10s} {'attributed':>10s} {'loss median':>12s} {'loss 99.5%':>11s}")
     for name in args.targets:
