@@ -1,12 +1,15 @@
 """End-to-end throughput of ``attribute_stream``: from listing objects to committed results.
 
-Registers a detector for the demo architecture (DCGAN 32x32 grayscale, width 32; the demo's
-cached weights when present, else a seeded initialisation: the inversion budget, not the weights,
-sets the cost) in a temporary embedded MLflow store, then scores the same N images from a local
-folder and from an S3 bucket served by moto on 127.0.0.1 (real boto3 calls), and prints images
-per second for each. Runs on CUDA when present (``--device``).
+Onboards the demo's shipped generator (DCGAN 32x32 grayscale, width 32) with ``flipad onboard``'s
+default detector and search (reconstruction loss, encoder-lm; ``--encoder-steps`` as onboarding's
+default; the open-world evaluation skipped: it does not change the detector) in a temporary
+embedded MLflow store, then scores the same N images, half the generator's own new samples and
+half real test images, from a local folder and from an S3 bucket served by moto on 127.0.0.1
+(real boto3 calls), and prints images per second for each, in all and per CPU thread torch uses.
+Runs on CUDA when present (``--device``).
 
-    python bench/attribute_throughput.py [--items 1000] [--batch-size 256] [--device auto]
+    python bench/attribute_throughput.py [--items 1000] [--batch-size 256] [--encoder-steps 1000]
+                                         [--search-method encoder-lm|adam] [--device auto]
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--encoder-steps", type=int, default=1000)
+    parser.add_argument("--search-method", choices=("encoder-lm", "adam"), default="encoder-lm",
+                        help="adam: the earlier search, as the baseline")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -40,34 +46,28 @@ def main() -> None:
     import numpy as np
     import torch
     from moto.server import ThreadedMotoServer
-    from safetensors.torch import save_file
 
     from flipad.device import resolve_device
-    from flipad.generators.architectures import DCGANGenerator
     from flipad.io.data import encode_item, load_fashion_mnist
     from flows.attribute import AttributeConfig, attribute_stream
-    from flows.demo import DEMO_GENERATOR
+    from flows.demo import DEMO_GENERATOR, SHIPPED
     from flows.onboard import OnboardConfig, onboard_generator
 
     device = resolve_device(args.device)
-    cached = sorted(Path(__file__).resolve().parent.parent.glob(".flipad/demo/generator-seed0-*.safetensors"))
-    if cached:
-        weights = cached[-1]
-    else:
-        torch.manual_seed(0)
-        weights = work / "generator.safetensors"
-        save_file(DCGANGenerator(**DEMO_GENERATOR).state_dict(), str(weights))
+    weights = SHIPPED / "generator-seed0-steps1000.safetensors"
     real = load_fashion_mnist("train", 32, limit=600)
     np.save(work / "real.npy", real)
     start = time.perf_counter()
     onboarded = onboard_generator(OnboardConfig(
         name="bench", generator="dcgan", weights=str(weights), generator_kwargs=DEMO_GENERATOR, real=str(work / "real.npy"),
-        num_samples=300, num_validation=200, num_test=100, deep_sad_epochs=5, device=str(device),
+        num_samples=300, num_validation=200, num_test=100, open_world=False, encoder_steps=args.encoder_steps,
+        search_method=args.search_method,
+        device=str(device),
     ))
     print(f"onboarded a detector in {time.perf_counter() - start:.1f} s (weights: {weights.name})")
 
     half = args.items // 2
-    images = [*onboarded.detector.adapter.generate(half, seed=123), *load_fashion_mnist("test", 32, limit=args.items - half)]
+    images = [*onboarded.detector.generate(half, seed=123), *load_fashion_mnist("test", 32, limit=args.items - half)]
     payloads = [encode_item(x) for x in images]
     folder = work / "stream"
     folder.mkdir()
@@ -85,7 +85,9 @@ def main() -> None:
     for i, data in enumerate(payloads):
         s3.put_object(Bucket="bench", Key=f"in/{i:06d}.png", Body=data)
 
-    print(f"device {device}, {len(payloads)} PNG images of 32x32, batch size {args.batch_size}")
+    threads = 1 if device.type == "cuda" else torch.get_num_threads()
+    print(f"device {device}, {len(payloads)} PNG images of 32x32 (half own, half real), batch size {args.batch_size}, "
+          f"{threads} torch threads")
     runs = {
         "folder -> csv": AttributeConfig(models=("bench",), input=str(folder), output=str(work / "out.csv"),
                                          batch_size=args.batch_size, monitor=False),
@@ -95,7 +97,9 @@ def main() -> None:
     for name, config in runs.items():
         result = attribute_stream(config)
         assert result.new_rows == len(payloads), result.new_rows
-        print(f"{name:18s} {result.new_rows} items in {result.seconds:6.1f} s = {result.new_rows / result.seconds:7.1f} images/s")
+        rate = result.new_rows / result.seconds
+        print(f"{name:18s} {result.new_rows} items in {result.seconds:6.1f} s = {rate:7.1f} images/s "
+              f"({rate / threads:.1f} per thread)")
         again = attribute_stream(config)
         print(f"{name:18s} rerun (nothing new): {again.seconds:.1f} s, {again.new_rows} new rows")
     server.stop()
