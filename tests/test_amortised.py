@@ -66,3 +66,25 @@ def test_unknown_search_method_is_refused_in_one_line():
     with pytest.raises(ValueError, match="unknown search method 'lbfgs'; use one of adam, encoder-lm") as info:
         ReconstructionConfig(method="lbfgs")
     assert "\n" not in str(info.value)
+
+
+def test_concurrent_searches_in_threads_match_the_serial_ones():
+    # the attribution flow scores batches in threads; forward-mode AD state is process-global
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    skip = SkipToOutput().eval()
+    encoder = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=20, seed=0)
+    floor = quantisation_floor(RANGE)
+    batches = [torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(6)]
+
+    def search(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = encoder(x)
+        return levenberg_marquardt(skip, x, z, 5, floor)
+
+    serial = [search(x) for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(search, batches))
+    for a, b in zip(serial, threaded):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

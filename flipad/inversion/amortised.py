@@ -11,6 +11,7 @@ lies in the right basin. An item stops once its MSE is below twice the quantisat
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +20,9 @@ from torch import nn
 __all__ = ["LatentEncoder", "quantisation_floor", "train_encoder", "levenberg_marquardt"]
 
 JACOBIAN_BUDGET = 1 << 24  # floats of Jacobian held at once: bounds the memory of one LM chunk
+# PyTorch's forward-mode AD levels are process-global, not per thread: two threads taking a
+# Jacobian at once (the attribution flow scores batches concurrently) corrupt each other's level
+FORWARD_AD = threading.Lock()
 
 
 def quantisation_floor(output_range: tuple[float, float]) -> float:
@@ -122,8 +126,9 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
         if not len(idx):
             break
         za = zf[idx]
-        with torch.no_grad():
+        with torch.no_grad(), FORWARD_AD:
             jac = torch.func.vmap(torch.func.jacfwd(one))(za)
+        with torch.no_grad():
             residual = module(za.view(-1, *latent_shape)).flatten(1) - flat[idx]
             normal = jac.transpose(1, 2) @ jac
             gradient = (jac.transpose(1, 2) @ residual[..., None])[..., 0]
