@@ -84,7 +84,7 @@ class OnboardConfig(BaseModel):
     num_perturbed: int = Field(300, ge=20, description="validation samples per perturbation the thresholds are also set on")
     search_method: str = Field("encoder-lm", pattern="^(encoder-lm|adam)$",
                                description="latent search: encoder-lm (amortised encoder + Levenberg-Marquardt) or adam")
-    encoder_steps: int = Field(1000, ge=1, description="encoder-lm: training batches of the amortised encoder")
+    encoder_steps: int = Field(ReconstructionConfig.encoder_steps, ge=1, description="encoder-lm: training batches of the amortised encoder")
     search_steps: int = Field(ReconstructionConfig.steps, ge=10, description="adam: steps of the latent search per item")
     search_starts: int = Field(ReconstructionConfig.starts, ge=1, description="adam: starts of the latent search per item")
     open_world: bool = Field(True, description="also evaluate recompressed own samples and look-alike challengers")

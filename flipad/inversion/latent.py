@@ -47,7 +47,7 @@ class ReconstructionConfig:
     batch_size: int = 128
     seed: int = 0
     method: str = "adam"
-    encoder_steps: int = 2000
+    encoder_steps: int = 1000
     lm_iterations: int = 10
 
     def __post_init__(self):
