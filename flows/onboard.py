@@ -142,6 +142,10 @@ def _search_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return _stage_key(parameters["search"].fingerprint(), parameters["samples"])
 
 
+def _trajectories_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return _stage_key(parameters["search"].fingerprint() + "\0trajectories", parameters["samples"])
+
+
 @task(name="compute-features", tags=["inversion"], cache_key_fn=_features_key, persist_result=True,
       cache_expiration=STAGE_CACHE_TTL, retries=2, retry_delay_seconds=5, task_run_name="compute-features [{label}]")
 def compute_features(extractor: FeatureExtractor, samples: np.ndarray, label: str) -> FeatureSet:
@@ -154,6 +158,13 @@ def compute_features(extractor: FeatureExtractor, samples: np.ndarray, label: st
 def latent_search(search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
     """Best reconstruction loss per item of the full-generator latent search."""
     return search.losses(samples)
+
+
+@task(name="latent-trajectories", tags=["inversion"], cache_key_fn=_trajectories_key, persist_result=True,
+      cache_expiration=STAGE_CACHE_TTL, retries=2, retry_delay_seconds=5, task_run_name="latent-trajectories [{label}]")
+def latent_trajectories(search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
+    """Per item, the loss after each stage of the full-generator latent search."""
+    return search.trajectories(samples)
 
 
 class PrefectStages(Stages):
@@ -176,6 +187,9 @@ class PrefectStages(Stages):
 
     def search(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
         return self._run(latent_search, search, samples, label)
+
+    def trajectories(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
+        return self._run(latent_trajectories, search, samples, label)
 
 
 @task(name="load-generator", persist_result=False)
@@ -282,9 +296,11 @@ def _git_commit() -> str:
 
 
 def _reference(scores: dict[str, Scores], samples: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Per held-out item: source, score and input/stage summaries, the reference monitoring compares with."""
+    """Per held-out item: source, score and input/stage summaries, the reference monitoring compares
+    with, as attribution scores them (``Scores.attributed`` where it differs from the exhaustive)."""
     frames = []
     for name, s in scores.items():
+        s = s.attributed or s
         pixel_mean, pixel_std = pixel_stats(samples[name])
         nan = np.full(len(s), np.nan)
         frames.append(pd.DataFrame({

@@ -9,7 +9,7 @@ from helpers import SkipToOutput
 
 from flipad import ReconstructionLossDetector
 from flipad.generators.sampling import generate_samples
-from flipad.inversion.amortised import levenberg_marquardt, quantisation_floor, train_encoder
+from flipad.inversion.amortised import Exits, levenberg_marquardt, lm_trajectories, quantisation_floor, train_encoder
 from flipad.inversion.latent import ReconstructionConfig
 from flipad.io.data import to_output_range
 
@@ -58,6 +58,7 @@ def test_encoder_lm_detector_scores_the_same_after_save_and_load(tmp_path):
     loaded = ReconstructionLossDetector.load(det.save(tmp_path / "det"), skip, device="cpu")
     np.testing.assert_array_equal(det.score_samples(samples), loaded.score_samples(samples))
     assert loaded.search_.fingerprint() == det.search_.fingerprint()
+    assert loaded.exits_ == det.exits_ and det.exits_.accept == min(det.thresholds_.values())
     refit = ReconstructionLossDetector(skip, n_validation=30, config=config, progress=False).fit()
     np.testing.assert_array_equal(det.score_samples(samples), refit.score_samples(samples))
 
@@ -88,3 +89,38 @@ def test_concurrent_searches_in_threads_match_the_serial_ones():
         threaded = list(pool.map(search, batches))
     for a, b in zip(serial, threaded):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_exits_settle_where_the_trajectory_first_crosses_an_exit():
+    exits = Exits(accept=0.1, screen=(5.0, 1.0))
+    trajectories = torch.tensor([
+        [0.5, 0.2, 0.05, 0.01],  # accepted once at or below 0.1: stops before its third Jacobian
+        [6.0, 0.2, 0.05, 0.01],  # above the first screen: rejected at the start
+        [0.5, 2.0, 1.5, 0.5],  # above the second screen after one Jacobian
+        [0.5, 0.9, 0.9, 0.9],  # never settled: its last loss
+    ])
+    torch.testing.assert_close(exits.settle(trajectories), torch.tensor([0.05, 6.0, 2.0, 0.9]))
+    torch.testing.assert_close(Exits().settle(trajectories), trajectories[:, -1])
+
+
+def test_a_search_with_exits_stops_where_its_exhaustive_trajectory_settles():
+    torch.manual_seed(0)
+    skip = SkipToOutput().eval()
+    encoder = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=30, seed=0)
+    floor = quantisation_floor(RANGE)
+    own = to_output_range(generate_samples(skip, skip.latent_shape, 24, 7, RANGE), *RANGE)
+    noise = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    targets = torch.cat([own, noise])
+    with torch.no_grad():
+        start = encoder(targets)
+    full = lm_trajectories(skip, targets, start.clone(), 6, floor)
+    assert (full.diff(dim=1) <= 0).all()  # a trajectory only goes down
+    threshold = float(full[:24, -1].quantile(0.9))
+    exits = Exits.calibrated(full[:24], threshold=threshold, accept=threshold)
+    assert len(exits.screen) == 6
+    stopped = lm_trajectories(skip, targets, start.clone(), 6, floor, exits)[:, -1]
+    torch.testing.assert_close(stopped, exits.settle(full), rtol=1e-4, atol=1e-7)
+    # the verdict is the exhaustive one's, and no own item within the threshold is cut by the screen
+    assert torch.equal(stopped <= threshold, full[:, -1] <= threshold)
+    assert (stopped[24:] > threshold).all()
+    assert (stopped[24:] > full[24:, -1]).all()  # each rejected item stopped before its search's end

@@ -49,6 +49,13 @@ def test_recompressed_own_items_are_attributed_and_a_lookalike_is_not(trained_ge
     # the stated FNR (0.02) with the slack of 60 test items: at most 4 own items of 60 missed
     assert min(accepted.values()) >= 0.93, accepted
     assert robust.predict(others).mean() <= 0.1 and robust.predict(fashion_test[:60]).mean() <= 0.05
+    # the default scoring stops each search once its verdict is settled: the exhaustive search's
+    # verdict, and what it reports is what the exhaustive scores say it would (Scores.attributed)
+    mixed = np.concatenate([perturb(own, "jpeg q80"), others, fashion_test[:60]])
+    settled, exhaustive = robust.score(mixed), robust.score(mixed, exhaustive=True)
+    np.testing.assert_allclose(settled.score, exhaustive.attributed.score, rtol=1e-3)
+    assert (settled.is_generated() == exhaustive.is_generated()).mean() >= 0.98
+    assert (settled.score <= exhaustive.score + 1e-9).all()  # a stopped search reports no lower loss
     # calibrated on pristine samples only, the same scores lose recompressed own items
     assert pristine_only.predict(perturb(own, "jpeg q80")).mean() < accepted["jpeg q80"]
 

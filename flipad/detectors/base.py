@@ -82,7 +82,9 @@ class Scores:
     has one per target). ``families``: each family's own score in the same convention with its
     own thresholds in ``family_thresholds`` (for a single family, the same as the verdict).
     ``diagnostics``: per-item figures of the stages (inversion residual and sparsity, latent-search
-    loss), NaN where they do not apply.
+    loss), NaN where they do not apply. ``attributed``: for exhaustive scores, what the default
+    scoring (which stops each item's search once its verdict is settled) reports for the same
+    items, where that differs; the monitoring reference is built from it.
     """
 
     score: np.ndarray
@@ -90,6 +92,7 @@ class Scores:
     families: dict[str, np.ndarray] = field(default_factory=dict)
     family_thresholds: dict[str, dict[float, float]] = field(default_factory=dict)
     diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
+    attributed: Scores | None = None
 
     @property
     def threshold(self) -> float:
@@ -119,6 +122,10 @@ class Stages:
     def search(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
         """Best reconstruction loss per item of the full-generator latent search."""
         return search.losses(samples)
+
+    def trajectories(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
+        """Per item, the loss after each stage of the latent search (the last column is the result)."""
+        return search.trajectories(samples)
 
 
 INLINE = Stages()

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from ..generators.sampling import (
     probe_output_range,
     resolve_latent_shape,
 )
-from ..inversion.amortised import LatentEncoder, quantisation_floor, train_encoder
-from ..inversion.latent import ReconstructionConfig, reconstruction_losses
+from ..inversion.amortised import Exits, LatentEncoder, quantisation_floor, train_encoder
+from ..inversion.latent import ReconstructionConfig, reconstruction_trajectories
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
 from .base import (
@@ -53,12 +53,13 @@ class LatentSearch:
     """The latent search of one generator on one device: ``losses(samples)`` per item.
 
     ``samples`` are uint8 images or floats in the output range, of the generator's output shape.
-    The ``encoder-lm`` search needs ``encoder`` (:meth:`train_encoder` or a loaded one).
+    The ``encoder-lm`` search needs ``encoder`` (:meth:`train_encoder` or a loaded one); ``exits``
+    stop its items once their verdict is settled (:meth:`with_exits`).
     """
 
     def __init__(self, module: nn.Module, latent_shape: Sequence[int], output_range: tuple[float, float],
                  output_shape: Sequence[int], config: ReconstructionConfig, progress: bool = False,
-                 encoder: LatentEncoder | None = None):
+                 encoder: LatentEncoder | None = None, exits: Exits = Exits()):
         self.module = module
         self.latent_shape = tuple(latent_shape)
         self.output_range = output_range
@@ -66,6 +67,12 @@ class LatentSearch:
         self.config = config
         self.progress = progress
         self.encoder = encoder
+        self.exits = exits
+
+    def with_exits(self, exits: Exits) -> LatentSearch:
+        """The same search, stopping each item where ``exits`` settle its verdict."""
+        return LatentSearch(self.module, self.latent_shape, self.output_range, self.output_shape, self.config,
+                            self.progress, self.encoder, exits)
 
     def train_encoder(self) -> LatentEncoder:
         """Train (and keep) the amortised encoder of the ``encoder-lm`` search on fresh generator pairs."""
@@ -75,10 +82,14 @@ class LatentSearch:
 
     def losses(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Best reconstruction MSE per item (small = the generator can make it)."""
+        return self.trajectories(samples)[:, -1]
+
+    def trajectories(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Per item, the MSE after each stage of the search (``reconstruction_trajectories``)."""
         check_sample_shape(samples, self.output_shape)
         targets = to_output_range(samples, *self.output_range)
-        return reconstruction_losses(self.module, self.latent_shape, targets, self.config, progress=self.progress,
-                                     encoder=self.encoder, floor=quantisation_floor(self.output_range))
+        return reconstruction_trajectories(self.module, self.latent_shape, targets, self.config, self.progress,
+                                           self.encoder, quantisation_floor(self.output_range), self.exits)
 
     def fingerprint(self) -> str:
         """A hash of what the losses depend on besides the samples (weights, device kind, search)."""
@@ -87,6 +98,8 @@ class LatentSearch:
                  "latent_shape": list(self.latent_shape), "range": list(self.output_range)}
         if self.encoder is not None:
             parts["encoder"] = weights_fingerprint(self.encoder)
+        if self.exits != Exits():
+            parts["exits"] = asdict(self.exits)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -176,13 +189,14 @@ class ReconstructionLossDetector(Detector):
             self.search_.train_encoder()
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
-        pristine = stages.search(self.search_, validation, "generated (validation)")
+        pristine = stages.trajectories(self.search_, validation, "generated (validation)")
         conditions = {}
         if self.perturbations and validation.ndim == 4 and validation.dtype == np.uint8:
             subset = validation[: self.n_perturbed or len(validation)]
-            conditions = {name: stages.search(self.search_, perturb(subset, name), f"generated (validation, {name})")
+            conditions = {name: stages.trajectories(self.search_, perturb(subset, name), f"generated (validation, {name})")
                           for name in self.perturbations}
-        self._calibrate(pristine, conditions)
+        self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
+        self._set_exits(torch.cat([pristine, *conditions.values()]))
         self.fit_info_ = {"n_validation": len(validation), "validation_loss_median": float(self.validation_scores_.median()),
                           "perturbations": {name: {"n": len(s), "loss_median": float(s.median())}
                                             for name, s in conditions.items()}}
@@ -193,10 +207,29 @@ class ReconstructionLossDetector(Detector):
         self._check_fitted()
         return self.search_.losses(samples)
 
+    def _set_exits(self, trajectories: torch.Tensor) -> None:
+        """The search's early exits (``encoder-lm``): accept at the strictest threshold, screen from
+        the own calibration ``trajectories`` (every condition) against the loosest."""
+        if self.config.method != "encoder-lm":
+            self.exits_ = Exits()
+            return
+        thresholds = self.thresholds_.values()
+        self.exits_ = Exits.calibrated(trajectories, threshold=max(thresholds), accept=min(thresholds))
+
     def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
-        """Scores (the negated best loss) with the loss itself as a diagnostic."""
+        """Scores (the negated loss) with the loss itself as a diagnostic.
+
+        By default each item's search stops where its verdict is settled (:class:`Exits`): an
+        attributed item reports a loss at or below the threshold, a rejected one a loss above it,
+        not always the lowest the search would reach. ``exhaustive=True`` runs every search to its
+        end (the exact loss, for evaluation), with what the default reports as ``attributed``."""
         self._check_fitted()
-        losses = stages.search(self.search_, samples, "score")
+        if not exhaustive:
+            return self._loss_scores(stages.search(self.search_.with_exits(self.exits_), samples, "score"))
+        trajectories = stages.trajectories(self.search_, samples, "score")
+        return replace(self._loss_scores(trajectories[:, -1]), attributed=self._loss_scores(self.exits_.settle(trajectories)))
+
+    def _loss_scores(self, losses: torch.Tensor) -> Scores:
         return self._verdict_scores(losses, {"latent_loss": losses.double().numpy()})
 
     def fit_summary(self) -> dict[str, float]:
@@ -222,7 +255,8 @@ class ReconstructionLossDetector(Detector):
         config = {"generator_sha256": self.fingerprint_, "latent_shape": list(self.latent_shape_),
                   "output_shape": list(self.output_shape_), "output_range": list(self.range_), "fnr": list(self.fnr),
                   "n_validation": self.n_validation, "search": asdict(self.config), "fit_info": self.fit_info_,
-                  "perturbations": list(self.condition_scores_), "n_perturbed": self.n_perturbed}
+                  "perturbations": list(self.condition_scores_), "n_perturbed": self.n_perturbed,
+                  "exits": asdict(self.exits_)}
         tensors = {"validation_scores": self.validation_scores_,
                    **{f"condition.{name}": s for name, s in self.condition_scores_.items()}}
         if self.search_.encoder is not None:
@@ -245,5 +279,7 @@ class ReconstructionLossDetector(Detector):
             det.search_.encoder = encoder.eval()
         det._calibrate(tensors["validation_scores"],
                        {name: tensors[f"condition.{name}"] for name in config.get("perturbations", ())})
+        saved_exits = config.get("exits", {})  # detectors saved before the exits had none
+        det.exits_ = Exits(saved_exits.get("accept", 0.0), tuple(saved_exits.get("screen", ())))
         det.fit_info_ = config["fit_info"]
         return det

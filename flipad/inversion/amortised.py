@@ -5,7 +5,8 @@ fresh, 8-bit quantised samples with nothing from the owner (:func:`train_encoder
 near the item's latent; :func:`levenberg_marquardt` then solves the small normal equations
 ``(J^T J + lambda diag(J^T J)) dz = -J^T r`` per item (``J`` has as many columns as the latent has
 dimensions, taken by forward-mode differentiation), which converges in a few steps once the start
-lies in the right basin. An item stops once its MSE is below twice the quantisation floor.
+lies in the right basin. An item stops once its MSE is below twice the quantisation floor, or,
+where only the verdict is wanted, once :class:`Exits` say it is settled.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["LatentEncoder", "quantisation_floor", "train_encoder", "levenberg_marquardt"]
+__all__ = ["Exits", "LatentEncoder", "levenberg_marquardt", "lm_trajectories", "quantisation_floor", "train_encoder"]
 
 JACOBIAN_BUDGET = 1 << 24  # floats of Jacobian held at once: bounds the memory of one LM chunk
 # PyTorch's forward-mode AD levels are process-global, not per thread: two threads taking a
 # Jacobian at once (the attribution flow scores batches concurrently) corrupt each other's level
 FORWARD_AD = threading.Lock()
+MAX_REJECTED = 8  # rejected steps in a row (damping x5 each) before an item gives up
+SCREEN_MARGIN = 1.5  # how far above the worst attributed own calibration item the screen sits
 
 
 def quantisation_floor(output_range: tuple[float, float]) -> float:
@@ -96,49 +100,119 @@ def train_encoder(
     return encoder.eval()
 
 
-def levenberg_marquardt(
-    module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float
-) -> torch.Tensor:
-    """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place); returns the
-    final MSE per item. An item stops once its MSE is below ``2 * floor``."""
+@dataclass(frozen=True)
+class Exits:
+    """Where an item's verdict is settled before its search ends (attribution, not calibration).
+
+    Checked before each Jacobian: an item stops once its loss is at or below ``accept`` (it is
+    attributed at every threshold, and further steps only lower its loss), or when its loss after
+    ``k`` Jacobians is above ``screen[k]`` (set at fit above every attributed own calibration item,
+    :meth:`calibrated`). The default stops nothing early.
+    """
+
+    accept: float = 0.0
+    screen: tuple[float, ...] = ()
+
+    @classmethod
+    def calibrated(cls, trajectories: torch.Tensor, threshold: float, accept: float, margin: float = SCREEN_MARGIN) -> Exits:
+        """The exits of a fitted detector: ``trajectories`` (n, K+1) of own calibration items
+        (every condition); ``screen[k]`` is ``margin`` times the largest loss after ``k`` Jacobians
+        of those whose final loss is within ``threshold`` (the loosest), so none of them is cut."""
+        kept = trajectories[trajectories[:, -1] <= threshold]
+        if not len(kept):
+            return cls(accept=accept)
+        return cls(accept=accept, screen=tuple(float(v) * margin for v in kept[:, :-1].max(0).values))
+
+    def settle(self, trajectories: torch.Tensor) -> torch.Tensor:
+        """The loss each item stops at under these exits, from its exhaustive ``trajectories``
+        (what :func:`lm_trajectories` with these exits returns in its last column)."""
+        n, columns = trajectories.shape
+        stop = trajectories <= self.accept
+        screen = torch.tensor(self.screen[: columns - 1], dtype=trajectories.dtype)
+        stop[:, : len(screen)] |= trajectories[:, : len(screen)] > screen
+        stop[:, -1] = True
+        first = stop.to(torch.int8).argmax(1)
+        return trajectories[torch.arange(n), first]
+
+
+def levenberg_marquardt(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
+                        exits: Exits = Exits()) -> torch.Tensor:
+    """The final MSE per item of :func:`lm_trajectories` (``z`` changed in place)."""
+    return lm_trajectories(module, targets, z, iterations, floor, exits)[:, -1]
+
+
+def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
+                    exits: Exits = Exits()) -> torch.Tensor:
+    """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place) with at most
+    ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's MSE after the steps
+    taken with its ``k``-th Jacobian (column 0 the start, the last the result; an item that stopped
+    keeps its loss). A rejected step retries with more damping on the same Jacobian. An item stops
+    below ``2 * floor``, at an exit, after ``MAX_REJECTED`` rejected steps in a row, or when its
+    Jacobians are spent."""
     latent_shape = z.shape[1:]
     dim, out_dim = math.prod(latent_shape), targets[0].numel()
     chunk = max(1, JACOBIAN_BUDGET // (dim * out_dim))
-    losses = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, latent_shape)
-              for i in range(0, len(targets), chunk)]
-    return torch.cat(losses) if losses else torch.empty(0, device=targets.device)
+    parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits)
+             for i in range(0, len(targets), chunk)]
+    return torch.cat(parts) if parts else torch.empty(0, iterations + 1, device=targets.device)
 
 
 def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-              latent_shape: torch.Size) -> torch.Tensor:
+              exits: Exits) -> torch.Tensor:
+    latent_shape = z.shape[1:]
     flat = targets.flatten(1)
     zf = z.view(len(z), -1)
+    n, dim = zf.shape
+    device = targets.device
 
     def one(zi: torch.Tensor) -> torch.Tensor:
         return module(zi.view(1, *latent_shape))[0].flatten()
 
     with torch.no_grad():
-        loss = ((module(z).flatten(1) - flat) ** 2).mean(1)
+        residual = module(z).flatten(1) - flat
+    loss = (residual**2).mean(1)
+    trajectory = loss[:, None].repeat(1, iterations + 1)
+    screen = torch.tensor([*exits.screen[:iterations], *[math.inf] * (iterations + 1 - len(exits.screen[:iterations]))],
+                          device=device, dtype=loss.dtype)
     damping = torch.full_like(loss, 1e-3)
-    active = loss > 2 * floor
-    for _ in range(iterations):
-        idx = active.nonzero().squeeze(1)
-        if not len(idx):
-            break
-        za = zf[idx]
-        with torch.no_grad(), FORWARD_AD:
-            jac = torch.func.vmap(torch.func.jacfwd(one))(za)
+    normal = loss.new_empty(n, dim, dim)
+    gradient = loss.new_empty(n, dim)
+    jacobians = torch.zeros(n, dtype=torch.long, device=device)
+    rejected = torch.zeros_like(jacobians)
+    stale = torch.ones(n, dtype=torch.bool, device=device)  # the next step needs a new Jacobian
+
+    def going(idx: torch.Tensor) -> torch.Tensor:
+        settled = stale[idx] & ((loss[idx] <= exits.accept) | (loss[idx] > screen[jacobians[idx]])
+                                | (jacobians[idx] >= iterations))
+        return (loss[idx] > 2 * floor) & (rejected[idx] < MAX_REJECTED) & ~settled
+
+    active = torch.zeros(n, dtype=torch.bool, device=device)
+    every = torch.arange(n, device=device)
+    active[every] = going(every)
+    while (idx := active.nonzero().squeeze(1)).numel():
+        need = idx[stale[idx]]
+        if len(need):
+            with torch.no_grad(), FORWARD_AD:
+                jac = torch.func.vmap(torch.func.jacfwd(one))(zf[need])
+            with torch.no_grad():
+                normal[need] = jac.transpose(1, 2) @ jac
+                gradient[need] = (jac.transpose(1, 2) @ residual[need, :, None])[..., 0]
+            del jac
+            stale[need], jacobians[need] = False, jacobians[need] + 1
         with torch.no_grad():
-            residual = module(za.view(-1, *latent_shape)).flatten(1) - flat[idx]
-            normal = jac.transpose(1, 2) @ jac
-            gradient = (jac.transpose(1, 2) @ residual[..., None])[..., 0]
-            diagonal = torch.diagonal(normal, dim1=1, dim2=2)
-            normal = normal + torch.diag_embed(damping[idx, None] * (diagonal + 1e-9))
-            step = torch.linalg.solve(normal, -gradient)
-            new = ((module((za + step).view(-1, *latent_shape)).flatten(1) - flat[idx]) ** 2).mean(1)
+            a = normal[idx]
+            diagonal = torch.diagonal(a, dim1=1, dim2=2)
+            step = torch.linalg.solve(a + torch.diag_embed(damping[idx, None] * (diagonal + 1e-9)), -gradient[idx])
+            new_residual = module((zf[idx] + step).view(-1, *latent_shape)).flatten(1) - flat[idx]
+            new = (new_residual**2).mean(1)
         better = new < loss[idx]
-        zf[idx[better]] = za[better] + step[better]
-        loss[idx] = torch.minimum(new, loss[idx])
+        moved = idx[better]
+        zf[moved] += step[better]
+        residual[moved], loss[moved] = new_residual[better], new[better]
+        stale[moved], rejected[moved] = True, 0
+        rejected[idx[~better]] += 1
         damping[idx] = torch.where(better, damping[idx] / 5, damping[idx] * 5)
-        active[idx] = loss[idx] > 2 * floor
-    return loss
+        columns = torch.arange(iterations + 1, device=device)
+        trajectory[idx] = torch.where(columns >= jacobians[idx, None], loss[idx, None], trajectory[idx])
+        active[idx] = going(idx)
+    return trajectory

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .amortised import LatentEncoder, levenberg_marquardt
+from .amortised import Exits, LatentEncoder, lm_trajectories
 
-__all__ = ["SEARCH_METHODS", "ReconstructionConfig", "reconstruction_losses"]
+__all__ = ["SEARCH_METHODS", "ReconstructionConfig", "reconstruction_losses", "reconstruction_trajectories"]
 
 SCREEN_BATCH = 1024  # latents per forward pass when screening the starts
 SEARCH_METHODS = ("adam", "encoder-lm")
@@ -76,19 +76,36 @@ def reconstruction_losses(
 
     ``method="encoder-lm"`` needs the ``encoder`` trained for ``module`` and the output range's
     quantisation ``floor`` (where an item stops)."""
+    return reconstruction_trajectories(module, latent_shape, targets, config, progress, encoder, floor)[:, -1]
+
+
+def reconstruction_trajectories(
+    module: nn.Module,
+    latent_shape: Sequence[int],
+    targets: torch.Tensor,
+    config: ReconstructionConfig,
+    progress: bool = False,
+    encoder: LatentEncoder | None = None,
+    floor: float = 0.0,
+    exits: Exits = Exits(),
+) -> torch.Tensor:
+    """Per item, the MSE after each stage of the search, ``(n, stages)``; the last column is the
+    result. ``encoder-lm``: the start and the loss after each Jacobian (:func:`lm_trajectories`,
+    stopping at ``exits``); ``adam``: the result alone."""
     if config.method == "encoder-lm" and encoder is None:
         raise ValueError("the encoder-lm search needs the generator's trained encoder")
     device = next(module.parameters()).device
+    columns = config.lm_iterations + 1 if config.method == "encoder-lm" else 1
     out = []
     for start in tqdm(range(0, len(targets), config.batch_size), desc="latent search", disable=not progress):
         batch = targets[start : start + config.batch_size].to(device)
         if config.method == "encoder-lm":
             with torch.no_grad():
                 z = encoder(batch)
-            out.append(levenberg_marquardt(module, batch, z, config.lm_iterations, floor).cpu())
+            out.append(lm_trajectories(module, batch, z, config.lm_iterations, floor, exits).cpu())
         else:
-            out.append(_search(module, latent_shape, batch, config, config.seed + start).cpu())
-    return torch.cat(out) if out else torch.empty(0)
+            out.append(_search(module, latent_shape, batch, config, config.seed + start).cpu()[:, None])
+    return torch.cat(out) if out else torch.empty(0, columns)
 
 
 def _search(
