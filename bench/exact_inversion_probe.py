@@ -2,6 +2,7 @@
 
     python bench/exact_inversion_probe.py [--target convT+tanh] [--items 100] [--iterations 10]
                                           [--candidates 64] [--starts 1] [--encoder-steps 2000]
+                                          [--num-validation 400]
 
 On one target of ``bench/core_bar.py`` and its look-alike (``bench/in_the_wild.py``'s, same
 cache), the same items (own and look-alike, pristine and after JPEG q90 / q80, and real images)
@@ -11,7 +12,12 @@ are inverted by
 - Levenberg-Marquardt (LM) in latent space from the best screened random latents;
 - the ``encoder-lm`` search of :mod:`flipad.inversion.amortised` (``flipad onboard``'s default):
   LM from an amortised encoder's latent, the encoder trained for ``--encoder-steps`` batches of
-  fresh 8-bit ``(z, G(z))`` pairs of the generator (nothing from the owner but the generator).
+  fresh 8-bit ``(z, G(z))`` pairs of the generator (nothing from the owner but the generator);
+- the same search as the default verdict runs it (``encoder-lm settled``): a
+  :class:`ReconstructionLossDetector` fitted as ``flipad onboard`` fits it (thresholds from
+  ``--num-validation`` own samples and the first half of them re-saved as JPEG q95-q70, at FNR
+  0.005), whose scoring stops each item once its verdict is settled (:class:`Exits`); its loss is
+  not the search's last, so its row prints the verdict: the share of each set attributed.
 
 LM takes the Jacobian by forward-mode differentiation (``torch.func.jacfwd`` batched with
 ``vmap``); an item stops once its MSE is below twice the quantisation floor. Prints seconds per
@@ -36,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bar import output_range, samples, trained  # noqa: E402
 from in_the_wild import lookalike  # noqa: E402
 
-from flipad.inversion.amortised import levenberg_marquardt, quantisation_floor, train_encoder  # noqa: E402
+from flipad import ReconstructionLossDetector  # noqa: E402
+from flipad.detectors.base import ROBUST_PERTURBATIONS  # noqa: E402
+from flipad.inversion.amortised import levenberg_marquardt, quantisation_floor  # noqa: E402
 from flipad.inversion.latent import ReconstructionConfig, _starts, reconstruction_losses  # noqa: E402
 from flipad.io.data import load_fashion_mnist, to_output_range  # noqa: E402
 from flipad.io.perturb import perturb  # noqa: E402
@@ -58,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=64)
     parser.add_argument("--starts", type=int, default=1)
     parser.add_argument("--encoder-steps", type=int, default=2000, help="0: no encoder rows")
+    parser.add_argument("--num-validation", type=int, default=400, help="own samples the settled verdict is fitted on")
     parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -73,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     net = None
     if args.encoder_steps:
         start = time.perf_counter()
-        net = train_encoder(module, module.latent_shape, (1, 32, 32), low_high, args.encoder_steps)
-        print(f"encoder: {args.encoder_steps} steps on fresh (z, G(z)) pairs, {time.perf_counter() - start:.0f} s")
+        detector = ReconstructionLossDetector(
+            module, module.latent_shape, output_range=low_high, n_validation=args.num_validation, progress=False,
+            config=ReconstructionConfig(method="encoder-lm", encoder_steps=args.encoder_steps, lm_iterations=args.iterations),
+            perturbations=ROBUST_PERTURBATIONS, n_perturbed=args.num_validation // 2).fit()
+        net = detector.search_.encoder
+        print(f"encoder: {args.encoder_steps} steps on fresh (z, G(z)) pairs, then the verdict's thresholds: "
+              f"{time.perf_counter() - start:.0f} s; threshold {detector.threshold():.2e}, exits {detector.exits_}")
         searches += ["encoder", "encoder+lm"]
     floor = quantisation_floor(low_high)
     print(f"quantisation floor {floor:.2e}; MSE quantiles: min median 90% 99.5% max")
@@ -100,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             seconds = (time.perf_counter() - start) / len(images)
             losses[name, search] = loss
             print(f"{name:20s} {search:11s} {seconds:.4f} s/item  {quantiles(loss)}", flush=True)
+        if net is not None:
+            start = time.perf_counter()
+            attributed = detector.score(images).is_generated().mean()
+            seconds = (time.perf_counter() - start) / len(images)
+            print(f"{name:20s} encoder-lm settled {seconds:.4f} s/item  attributed {attributed:.3f}", flush=True)
     print("look-alike items rejected at the own items' 99.5% quantile (same variant):")
     for search in searches:
         shares = []
