@@ -186,6 +186,7 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
                                 | (jacobians[idx] >= iterations))
         return (loss[idx] > 2 * floor) & (rejected[idx] < MAX_REJECTED) & ~settled
 
+    columns = torch.arange(iterations + 1, device=device)
     active = torch.zeros(n, dtype=torch.bool, device=device)
     every = torch.arange(n, device=device)
     active[every] = going(every)
@@ -212,7 +213,6 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
         stale[moved], rejected[moved] = True, 0
         rejected[idx[~better]] += 1
         damping[idx] = torch.where(better, damping[idx] / 5, damping[idx] * 5)
-        columns = torch.arange(iterations + 1, device=device)
         trajectory[idx] = torch.where(columns >= jacobians[idx, None], loss[idx, None], trajectory[idx])
         active[idx] = going(idx)
     return trajectory

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,20 +64,11 @@ class ReconstructionConfig:
         return cls(**{"candidates": saved["starts"], **saved})
 
 
-def reconstruction_losses(
-    module: nn.Module,
-    latent_shape: Sequence[int],
-    targets: torch.Tensor,
-    config: ReconstructionConfig,
-    progress: bool = False,
-    encoder: LatentEncoder | None = None,
-    floor: float = 0.0,
-) -> torch.Tensor:
-    """Best per-item MSE of ``module(z)`` to ``targets`` (float, in the output range) over the search.
-
-    ``method="encoder-lm"`` needs the ``encoder`` trained for ``module`` and the output range's
-    quantisation ``floor`` (where an item stops)."""
-    return reconstruction_trajectories(module, latent_shape, targets, config, progress, encoder, floor)[:, -1]
+def reconstruction_losses(module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor,
+                          config: ReconstructionConfig, **options: Any) -> torch.Tensor:
+    """Best per-item MSE of ``module(z)`` to ``targets`` (float, in the output range) over the
+    search: the last column of :func:`reconstruction_trajectories` (the same ``options``)."""
+    return reconstruction_trajectories(module, latent_shape, targets, config, **options)[:, -1]
 
 
 def reconstruction_trajectories(
@@ -90,8 +82,9 @@ def reconstruction_trajectories(
     exits: Exits = Exits(),
 ) -> torch.Tensor:
     """Per item, the MSE after each stage of the search, ``(n, stages)``; the last column is the
-    result. ``encoder-lm``: the start and the loss after each Jacobian (:func:`lm_trajectories`,
-    stopping at ``exits``); ``adam``: the result alone."""
+    result. ``encoder-lm`` needs the ``encoder`` trained for ``module`` and the output range's
+    quantisation ``floor`` (where an item stops): the start and the loss after each Jacobian
+    (:func:`lm_trajectories`, stopping at ``exits``); ``adam``: the result alone."""
     if config.method == "encoder-lm" and encoder is None:
         raise ValueError("the encoder-lm search needs the generator's trained encoder")
     device = next(module.parameters()).device
