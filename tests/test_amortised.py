@@ -9,7 +9,14 @@ from helpers import SkipToOutput
 
 from flipad import ReconstructionLossDetector
 from flipad.generators.sampling import generate_samples
-from flipad.inversion.amortised import Exits, levenberg_marquardt, lm_trajectories, quantisation_floor, train_encoder
+from flipad.inversion.amortised import (
+    Exits,
+    jacobian,
+    levenberg_marquardt,
+    lm_trajectories,
+    quantisation_floor,
+    train_encoder,
+)
 from flipad.inversion.latent import ReconstructionConfig
 from flipad.io.data import to_output_range
 
@@ -63,6 +70,16 @@ def test_encoder_lm_detector_scores_the_same_after_save_and_load(tmp_path):
     np.testing.assert_array_equal(det.score_samples(samples), refit.score_samples(samples))
 
 
+def test_forward_difference_jacobian_matches_forward_mode_differentiation(trained_generator):
+    z = torch.randn(6, *LATENT, generator=torch.Generator().manual_seed(2))
+    exact = torch.func.vmap(torch.func.jacfwd(lambda zi: trained_generator(zi.view(1, *LATENT))[0].flatten()))(z.flatten(1))
+    approx = jacobian(trained_generator, z)
+    assert approx.shape == (6, 32 * 32, 64)
+    assert (approx - exact).norm() / exact.norm() < 0.03  # the ~1% LM tolerates, not a different matrix
+    with pytest.raises(ValueError, match="chord_steps must be at least 1, got 0"):
+        levenberg_marquardt(trained_generator, trained_generator(z), z.clone(), 2, 1e-6, chord_steps=0)
+
+
 def test_unknown_search_method_is_refused_in_one_line():
     with pytest.raises(ValueError, match="unknown search method 'lbfgs'; use one of adam, encoder-lm") as info:
         ReconstructionConfig(method="lbfgs")
@@ -70,7 +87,7 @@ def test_unknown_search_method_is_refused_in_one_line():
 
 
 def test_concurrent_searches_in_threads_match_the_serial_ones():
-    # the attribution flow scores batches in threads; forward-mode AD state is process-global
+    # the attribution flow scores batches in threads: a search must hold no state shared between calls
     from concurrent.futures import ThreadPoolExecutor
 
     torch.manual_seed(0)
