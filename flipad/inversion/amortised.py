@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Exits", "LatentEncoder", "levenberg_marquardt", "lm_trajectories", "quantisation_floor", "train_encoder"]
+__all__ = ["Exits", "LatentEncoder", "jacobian", "levenberg_marquardt", "lm_trajectories", "quantisation_floor", "train_encoder"]
 
-JACOBIAN_BUDGET = 1 << 24  # floats of Jacobian held at once: bounds the memory of one LM chunk
+JACOBIAN_BUDGET = 1 << 22  # floats of Jacobian held at once: bounds the memory of one LM chunk
 CHORD_STEPS = 8  # steps an LM Jacobian serves before a new one is taken
 FD_STEP = 1e-3  # the latent step of the forward differences (latents are ~N(0, 1))
-FD_ROWS = 2048  # latents per forward pass of the forward differences: bounds their activations
+FD_ROWS = 512  # latents per forward pass of the forward differences: bounds their activations (and
+# keeps each allocation small enough for a thread's malloc arena: concurrent batches ran 1.2x faster)
 MIN_DAMPING = 1e-6  # successes lower the damping no further, so a failure soon raises it to where steps help
 STALL = 0.02  # an item whose loss fell by less than this share over a Jacobian's steps has converged
 MAX_REJECTED = 8  # rejected steps in a row (damping x5 each) before an item gives up
