@@ -37,7 +37,7 @@ def test_own_8bit_samples_invert_to_the_quantisation_floor(trained_generator, en
         start_loss = ((trained_generator(start) - own) ** 2).flatten(1).mean(1)
     loss = levenberg_marquardt(trained_generator, own, start.clone(), 10, floor)
     # an 8-bit copy of G(z) is within half a step of G(z): the exact inversion ends at ~floor
-    assert np.quantile(loss.numpy(), 0.8) <= 3 * floor, loss / floor
+    assert np.quantile(loss.numpy(), 0.995) <= 3 * floor, loss / floor
     assert (loss <= start_loss).all()  # LM only accepts improving steps
     real = to_output_range(fashion_test[:30], *RANGE)
     with torch.no_grad():
