@@ -151,9 +151,9 @@ def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, i
     """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place) with at most
     ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's MSE after the steps
     taken with its ``k``-th Jacobian (column 0 the start, the last the result; an item that stopped
-    keeps its loss). A Jacobian serves up to ``chord_steps`` step attempts; after a rejected step
-    the item takes a new Jacobian where it has moved since the last, else retries with more damping. An item stops below
-    ``2 * floor``, at an exit, when a Jacobian's steps lowered its loss by less than ``STALL``,
+    keeps its loss). A Jacobian serves ``chord_steps`` step attempts (a failed one raises the
+    damping); then the item takes a new Jacobian if it has moved, else keeps retrying on this one.
+    An item stops below ``2 * floor``, at an exit, when a Jacobian's steps lowered its loss by less than ``STALL``,
     after ``MAX_REJECTED`` failed steps in a row where its Jacobian was taken, or when its Jacobians
     are spent."""
     if chord_steps < 1:
@@ -222,12 +222,10 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
     while (idx := active.nonzero().squeeze(1)).numel():
         need = idx[stale[idx]]
         if len(need):
-            jac = jacobian(module, zf[need].view(-1, *latent_shape))
-            jacobian_of[need] = jac
+            jac = jacobian_of[need] = jacobian(module, zf[need].view(-1, *latent_shape))
             with torch.no_grad():
                 normal[need] = jac.transpose(1, 2) @ jac
                 gradient[need] = (jac.transpose(1, 2) @ residual[need, :, None])[..., 0]
-            del jac
             stale[need], jacobians[need], attempts[need], moved[need] = False, jacobians[need] + 1, 0, False
             before[need] = loss[need]
         with torch.no_grad():
@@ -248,8 +246,7 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
         rejected[failed] += (~moved[failed]).long()
         moved[went], rejected[went] = True, 0
         attempts[idx] += 1
-        # a new Jacobian once this one has served its steps, or failed after moving the item (it
-        # is out of date there); a first step that fails retries on it with more damping
+        # a new Jacobian once this one has served its steps and the item has moved away from it
         stale[idx] = moved[idx] & (attempts[idx] >= chord_steps)
         damping[idx] = torch.where(better, (damping[idx] / 5).clamp(min=MIN_DAMPING), damping[idx] * 5)
         trajectory[idx] = torch.where(columns >= jacobians[idx, None], loss[idx, None], trajectory[idx])
