@@ -8,7 +8,7 @@ On one target of ``bench/core_bar.py`` and its look-alike (``bench/in_the_wild.p
 cache), the same items (own and look-alike, pristine and after JPEG q90 / q80, and real images)
 are inverted by
 
-- today's search (Adam, ``ReconstructionConfig()``);
+- today's search (Adam, ``ReconstructionConfig()`` in the MSE);
 - Levenberg-Marquardt (LM) in latent space from the best screened random latents;
 - the ``encoder-lm`` search of :mod:`flipad.inversion.amortised` (``flipad onboard``'s default):
   LM from an amortised encoder's latent, the encoder trained for ``--encoder-steps`` batches of
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         for search in searches:
             start = time.perf_counter()
             if search == "adam":
-                loss = reconstruction_losses(module, module.latent_shape, targets, ReconstructionConfig())
+                loss = reconstruction_losses(module, module.latent_shape, targets, ReconstructionConfig(metric="mse"), low_high)
             elif search == "lm":
                 with torch.no_grad():
                     z = _starts(module, module.latent_shape, targets, config, torch.Generator().manual_seed(0))

@@ -2,7 +2,9 @@
 
 A generator reconstructs its own outputs from some latent with a far lower loss than anything
 else. The latent space is searched for each input (:mod:`flipad.inversion.latent`) and the best
-pixel MSE in the generator's output range is the anomaly score. It needs no final-layer
+loss found is the anomaly score: by default the residual measured in JPEG's quantisation steps
+(:mod:`flipad.inversion.metrics`), so a recompressed copy of an own output stays close while real
+images and other generators' outputs do not; the pixel MSE for ``metric="mse"``. It needs no final-layer
 structure, so it covers generators FLIPAD refuses (skip connections into the output,
 non-invertible output activations).
 """
@@ -28,7 +30,7 @@ from ..generators.sampling import (
     probe_output_range,
     resolve_latent_shape,
 )
-from ..inversion.amortised import Exits, LatentEncoder, quantisation_floor, train_encoder
+from ..inversion.amortised import Exits, LatentEncoder, train_encoder
 from ..inversion.latent import ReconstructionConfig, reconstruction_trajectories
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
@@ -81,15 +83,15 @@ class LatentSearch:
         return self.encoder
 
     def losses(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Best reconstruction MSE per item (small = the generator can make it)."""
+        """Best reconstruction loss per item in the search's metric (small = the generator can make it)."""
         return self.trajectories(samples)[:, -1]
 
     def trajectories(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Per item, the MSE after each stage of the search (``reconstruction_trajectories``)."""
+        """Per item, the loss after each stage of the search (``reconstruction_trajectories``)."""
         check_sample_shape(samples, self.output_shape)
         targets = to_output_range(samples, *self.output_range)
-        return reconstruction_trajectories(self.module, self.latent_shape, targets, self.config, self.progress,
-                                           self.encoder, quantisation_floor(self.output_range), self.exits)
+        return reconstruction_trajectories(self.module, self.latent_shape, targets, self.config, self.output_range,
+                                           self.progress, self.encoder, self.exits)
 
     def fingerprint(self) -> str:
         """A hash of what the losses depend on besides the samples (weights, device kind, search)."""
@@ -203,7 +205,7 @@ class ReconstructionLossDetector(Detector):
         return self
 
     def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Best reconstruction MSE per sample (small = the generator can make it)."""
+        """Best reconstruction loss per sample in the search's metric (small = the generator can make it)."""
         self._check_fitted()
         return self.search_.losses(samples)
 

@@ -9,19 +9,22 @@ item), which converges in a few steps once the start lies in the right basin. A 
 much as ``dim`` forward passes and a step one, so each Jacobian serves up to ``chord_steps``
 steps, each with the gradient ``J^T r`` of the current residual (a chord, or Shamanskii, method).
 An item stops once its MSE is below twice the quantisation floor, or, where only the verdict is
-wanted, once :class:`Exits` say it is settled.
+wanted, once :class:`Exits` say it is settled. The steps lower the MSE; what an item scores is
+the lowest loss in a ``metric`` (:mod:`flipad.inversion.metrics`, the MSE by default) among the
+latents its steps reached.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["Exits", "LatentEncoder", "jacobian", "levenberg_marquardt", "lm_trajectories", "quantisation_floor", "train_encoder"]
+__all__ = ["Exits", "LatentEncoder", "Metric", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse", "quantisation_floor",
+           "train_encoder"]
 
 JACOBIAN_BUDGET = 1 << 22  # floats of Jacobian held at once: bounds the memory of one LM chunk
 CHORD_STEPS = 8  # steps an LM Jacobian serves before a new one is taken
@@ -140,28 +143,38 @@ class Exits:
         return trajectories[torch.arange(n), first]
 
 
+Metric = Callable[[torch.Tensor], torch.Tensor]  # residuals (n, out_dim) -> loss per item
+
+
+def mse(residual: torch.Tensor) -> torch.Tensor:
+    """The mean squared residual per item (the default metric)."""
+    return (residual**2).mean(1)
+
+
 def levenberg_marquardt(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-                        exits: Exits = Exits(), chord_steps: int = CHORD_STEPS) -> torch.Tensor:
-    """The final MSE per item of :func:`lm_trajectories` (``z`` changed in place)."""
-    return lm_trajectories(module, targets, z, iterations, floor, exits, chord_steps)[:, -1]
+                        exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse) -> torch.Tensor:
+    """The final loss per item of :func:`lm_trajectories` (``z`` changed in place)."""
+    return lm_trajectories(module, targets, z, iterations, floor, exits, chord_steps, metric)[:, -1]
 
 
 def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-                    exits: Exits = Exits(), chord_steps: int = CHORD_STEPS) -> torch.Tensor:
+                    exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse) -> torch.Tensor:
     """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place) with at most
-    ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's MSE after the steps
-    taken with its ``k``-th Jacobian (column 0 the start, the last the result; an item that stopped
-    keeps its loss). A Jacobian serves ``chord_steps`` step attempts (a failed one raises the
-    damping); then the item takes a new Jacobian if it has moved, else keeps retrying on this one.
-    An item stops below ``2 * floor``, at an exit, when a Jacobian's steps lowered its loss by less than ``STALL``,
-    after ``MAX_REJECTED`` failed steps in a row where its Jacobian was taken, or when its Jacobians
-    are spent."""
+    ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's loss in ``metric``
+    (of the flattened residuals) after the steps taken with its ``k``-th Jacobian, the lowest among
+    the latents reached so far (column 0 the start, the last the result; an item that stopped
+    keeps its loss). The exits compare that loss; ``z`` ends at the lowest MSE. A Jacobian serves
+    ``chord_steps`` step attempts (a failed one raises the damping); then the item takes a new
+    Jacobian if it has moved, else keeps retrying on this one. An item stops once its MSE is below
+    ``2 * floor``, at an exit, when a Jacobian's steps lowered its MSE by less than ``STALL``, after
+    ``MAX_REJECTED`` failed steps in a row where its Jacobian was taken, or when its Jacobians are
+    spent."""
     if chord_steps < 1:
         raise ValueError(f"chord_steps must be at least 1, got {chord_steps}")
     latent_shape = z.shape[1:]
     dim, out_dim = math.prod(latent_shape), targets[0].numel()
     chunk = max(1, JACOBIAN_BUDGET // (dim * out_dim))
-    parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits, chord_steps)
+    parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits, chord_steps, metric)
              for i in range(0, len(targets), chunk)]
     return torch.cat(parts) if parts else torch.empty(0, iterations + 1, device=targets.device)
 
@@ -186,7 +199,7 @@ def jacobian(module: nn.Module, z: torch.Tensor, step: float = FD_STEP) -> torch
 
 
 def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-              exits: Exits, chord_steps: int) -> torch.Tensor:
+              exits: Exits, chord_steps: int, metric: Metric) -> torch.Tensor:
     latent_shape = z.shape[1:]
     flat = targets.flatten(1)
     zf = z.view(len(z), -1)
@@ -196,7 +209,8 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
     with torch.no_grad():
         residual = module(z).flatten(1) - flat
     loss = (residual**2).mean(1)
-    trajectory = loss[:, None].repeat(1, iterations + 1)
+    score = metric(residual)  # the lowest loss in the metric so far: what the trajectory and exits hold
+    trajectory = score[:, None].repeat(1, iterations + 1)
     screen = torch.tensor([*exits.screen[:iterations], *[math.inf] * (iterations + 1 - len(exits.screen[:iterations]))],
                           device=device, dtype=loss.dtype)
     damping = torch.full_like(loss, 1e-3)
@@ -211,7 +225,7 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
     before = torch.full_like(loss, math.inf)  # the loss when the current Jacobian was taken
 
     def going(idx: torch.Tensor) -> torch.Tensor:
-        settled = stale[idx] & ((loss[idx] <= exits.accept) | (loss[idx] > screen[jacobians[idx]])
+        settled = stale[idx] & ((score[idx] <= exits.accept) | (score[idx] > screen[jacobians[idx]])
                                 | (jacobians[idx] >= iterations) | (loss[idx] > (1 - STALL) * before[idx]))
         return (loss[idx] > 2 * floor) & (rejected[idx] < MAX_REJECTED) & ~settled
 
@@ -238,6 +252,7 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
         went = idx[better]
         zf[went] += step[better]
         residual[went], loss[went] = new_residual[better], new[better]
+        score[went] = torch.minimum(score[went], metric(new_residual[better]))
         with torch.no_grad():  # the chord: the same Jacobian, the gradient of the new residual
             gradient[went] = (jacobian_of[went].transpose(1, 2) @ residual[went, :, None])[..., 0]
         # only a step that fails where the Jacobian was taken counts towards giving up; one that
@@ -249,6 +264,6 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
         # a new Jacobian once this one has served its steps and the item has moved away from it
         stale[idx] = moved[idx] & (attempts[idx] >= chord_steps)
         damping[idx] = torch.where(better, (damping[idx] / 5).clamp(min=MIN_DAMPING), damping[idx] * 5)
-        trajectory[idx] = torch.where(columns >= jacobians[idx, None], loss[idx, None], trajectory[idx])
+        trajectory[idx] = torch.where(columns >= jacobians[idx, None], score[idx, None], trajectory[idx])
         active[idx] = going(idx)
     return trajectory

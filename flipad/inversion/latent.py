@@ -3,7 +3,8 @@
 :func:`reconstruction_losses` runs the configured search: ``method="adam"``, the first-order search
 (Adam from the best of many screened random latents, batched over items and starts, each item
 stopping once its best loss stalls), or ``method="encoder-lm"``, an amortised encoder's guess
-refined by Levenberg-Marquardt (:mod:`flipad.inversion.amortised`).
+refined by Levenberg-Marquardt (:mod:`flipad.inversion.amortised`). Both lower the pixel MSE;
+an item's loss is measured in the configured metric (:mod:`flipad.inversion.metrics`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .amortised import Exits, LatentEncoder, lm_trajectories
+from .amortised import Exits, LatentEncoder, lm_trajectories, quantisation_floor
+from .metrics import METRICS, ResidualMetric
 
 __all__ = ["SEARCH_METHODS", "ReconstructionConfig", "reconstruction_losses", "reconstruction_trajectories"]
 
@@ -37,6 +39,10 @@ class ReconstructionConfig:
     ``method="encoder-lm"``: an encoder trained for ``encoder_steps`` batches of the generator's
     own pairs at fit time gives each item's start, then ``lm_iterations`` Levenberg-Marquardt
     steps (an item stops at twice the quantisation floor). ``seed`` seeds the encoder's training.
+
+    ``metric``: what an item's loss is, the lowest among the latents the search reached: ``jpeg``
+    (the residual in JPEG's quantisation steps, so recompressed copies of the generator's outputs
+    stay close) or ``mse``.
     """
 
     steps: int = 600
@@ -50,25 +56,28 @@ class ReconstructionConfig:
     method: str = "adam"
     encoder_steps: int = 1000
     lm_iterations: int = 10
+    metric: str = "jpeg"
 
     def __post_init__(self):
         if self.method not in SEARCH_METHODS:
             raise ValueError(f"unknown search method {self.method!r}; use one of {', '.join(SEARCH_METHODS)}")
         if self.candidates < self.starts:
             raise ValueError(f"candidates ({self.candidates}) must be at least starts ({self.starts})")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown reconstruction metric {self.metric!r}; use one of {', '.join(METRICS)}")
 
     @classmethod
     def from_dict(cls, saved: dict) -> ReconstructionConfig:
-        """The config of a saved detector; searches saved before screening existed keep their
-        unscreened random starts (their thresholds were set with them)."""
-        return cls(**{"candidates": saved["starts"], **saved})
+        """The config of a saved detector; searches saved before screening or metrics existed keep
+        their unscreened random starts and the MSE (their thresholds were set with them)."""
+        return cls(**{"candidates": saved["starts"], "metric": "mse", **saved})
 
 
 def reconstruction_losses(module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor,
-                          config: ReconstructionConfig, **options: Any) -> torch.Tensor:
-    """Best per-item MSE of ``module(z)`` to ``targets`` (float, in the output range) over the
+                          config: ReconstructionConfig, output_range: tuple[float, float], **options: Any) -> torch.Tensor:
+    """Best per-item loss of ``module(z)`` to ``targets`` (float, in ``output_range``) over the
     search: the last column of :func:`reconstruction_trajectories` (the same ``options``)."""
-    return reconstruction_trajectories(module, latent_shape, targets, config, **options)[:, -1]
+    return reconstruction_trajectories(module, latent_shape, targets, config, output_range, **options)[:, -1]
 
 
 def reconstruction_trajectories(
@@ -76,17 +85,20 @@ def reconstruction_trajectories(
     latent_shape: Sequence[int],
     targets: torch.Tensor,
     config: ReconstructionConfig,
+    output_range: tuple[float, float],
     progress: bool = False,
     encoder: LatentEncoder | None = None,
-    floor: float = 0.0,
     exits: Exits = Exits(),
 ) -> torch.Tensor:
-    """Per item, the MSE after each stage of the search, ``(n, stages)``; the last column is the
-    result. ``encoder-lm`` needs the ``encoder`` trained for ``module`` and the output range's
-    quantisation ``floor`` (where an item stops): the start and the loss after each Jacobian
-    (:func:`lm_trajectories`, stopping at ``exits``); ``adam``: the result alone."""
+    """Per item, the loss in ``config.metric`` after each stage of the search, ``(n, stages)``; the
+    last column is the result. ``targets`` lie in ``output_range`` (it sets the metric's 8-bit step
+    and the quantisation floor an LM item stops at). ``encoder-lm`` needs the ``encoder`` trained
+    for ``module``: the start and the loss after each Jacobian (:func:`lm_trajectories`, stopping at
+    ``exits``); ``adam``: the result alone."""
     if config.method == "encoder-lm" and encoder is None:
         raise ValueError("the encoder-lm search needs the generator's trained encoder")
+    metric = ResidualMetric(config.metric, targets.shape[1:], output_range)
+    floor = quantisation_floor(output_range)
     device = next(module.parameters()).device
     columns = config.lm_iterations + 1 if config.method == "encoder-lm" else 1
     out = []
@@ -95,14 +107,15 @@ def reconstruction_trajectories(
         if config.method == "encoder-lm":
             with torch.no_grad():
                 z = encoder(batch)
-            out.append(lm_trajectories(module, batch, z, config.lm_iterations, floor, exits).cpu())
+            out.append(lm_trajectories(module, batch, z, config.lm_iterations, floor, exits, metric=metric).cpu())
         else:
-            out.append(_search(module, latent_shape, batch, config, config.seed + start).cpu()[:, None])
+            out.append(_search(module, latent_shape, batch, config, config.seed + start, metric).cpu()[:, None])
     return torch.cat(out) if out else torch.empty(0, columns)
 
 
 def _search(
-    module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor, config: ReconstructionConfig, seed: int
+    module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor, config: ReconstructionConfig, seed: int,
+    metric: ResidualMetric,
 ) -> torch.Tensor:
     n, starts, device = len(targets), config.starts, targets.device
     gen = torch.Generator().manual_seed(seed)
@@ -114,8 +127,9 @@ def _search(
     history: list[torch.Tensor] = []
     check = max(1, config.patience // 5)
     for step in range(1, config.steps + 2):
-        per_start = ((module(z) - targets[active].repeat_interleave(starts, dim=0)) ** 2).flatten(1).mean(1)
-        best = torch.minimum(best, per_start.detach().view(-1, starts).min(1).values)
+        residual = (module(z) - targets[active].repeat_interleave(starts, dim=0)).flatten(1)
+        per_start = (residual**2).mean(1)
+        best = torch.minimum(best, metric(residual.detach()).view(-1, starts).min(1).values)
         if step > config.steps:
             break  # the loss after the last update is counted, no further step
         # only the latents (not the generator's weights) get gradients
