@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..device import resolve_device
+from ..device import resolve_device, search_layout
 from ..generators.adapter import weights_fingerprint
 from ..generators.sampling import (
     generate_samples,
@@ -167,8 +167,8 @@ class ReconstructionLossDetector(Detector):
             probe = self.module_(torch.zeros(2, *self.latent_shape_, device=self.device_))
         self.output_shape_ = tuple(probe.shape[1:])
         self.fingerprint_ = weights_fingerprint(self.module_)
-        self.search_ = LatentSearch(self.module_, self.latent_shape_, self.range_, self.output_shape_, self.config,
-                                    progress=self.progress)
+        self.search_ = LatentSearch(search_layout(self.module_, self.latent_shape_), self.latent_shape_, self.range_,
+                                    self.output_shape_, self.config, progress=self.progress)
 
     def generate(self, n: int, seed: int) -> np.ndarray:
         if not hasattr(self, "search_"):

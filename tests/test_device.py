@@ -1,0 +1,57 @@
+"""The device and memory layout a latent search runs a generator in."""
+
+from __future__ import annotations
+
+import torch
+from helpers import VectorLatentGenerator
+from torch import nn
+
+from flipad import ReconstructionLossDetector
+from flipad.device import search_layout
+from flipad.generators.adapter import weights_fingerprint
+from flipad.inversion.latent import ReconstructionConfig
+
+
+class FlattensConvOutput(nn.Module):
+    """A generator whose forward calls ``.view`` on a convolution's output: it fails channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4 * 8 * 8)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv(self.fc(z).view(-1, 4, 8, 8))
+        return h.view(len(z), -1).tanh().view(-1, 1, 16, 16)
+
+
+def test_a_conv_generator_runs_channels_last_in_a_copy_with_the_same_outputs_and_fingerprint():
+    torch.manual_seed(0)
+    module = VectorLatentGenerator().eval()
+    fast = search_layout(module, (16,))
+    assert fast is not module
+    assert fast.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous() for p in module.parameters())  # the user's module is left as it was
+    assert weights_fingerprint(fast) == weights_fingerprint(module)
+    z = torch.randn(32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(z), module(z), rtol=1e-5, atol=1e-6)
+
+
+def test_a_generator_that_fails_channels_last_or_has_no_conv_weights_keeps_its_own_layout():
+    failing = FlattensConvOutput().eval()
+    assert search_layout(failing, (16,)) is failing
+    linear = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Unflatten(1, (1, 8, 8))).eval()
+    assert search_layout(linear, (16,)) is linear
+
+
+def test_the_detector_searches_with_the_fast_copy_and_saves_the_users_weights(tmp_path):
+    torch.manual_seed(0)
+    module = VectorLatentGenerator()
+    det = ReconstructionLossDetector(module, (16,), n_validation=20, progress=False,
+                                     config=ReconstructionConfig(steps=5, candidates=4, starts=2)).fit()
+    assert det.search_.module is not module and det.module_ is module
+    det.save(tmp_path / "det")
+    loaded = ReconstructionLossDetector.load(tmp_path / "det", module)
+    samples = det.generate(6, seed=1)
+    torch.testing.assert_close(loaded.anomaly_scores(samples), det.anomaly_scores(samples))
