@@ -6,6 +6,9 @@ default; the open-world evaluation skipped: it does not change the detector) in 
 embedded MLflow store, then scores the same N images, half the generator's own new samples and
 half real test images, from a local folder and from an S3 bucket served by moto on 127.0.0.1
 (real boto3 calls), and prints images per second for each, in all and per CPU thread torch uses.
+The moto server runs in a process of its own on the same cores; for the S3 run the bench also
+prints the CPU seconds that server used and the rate per core left to the attribution
+(``items / (seconds * threads - server CPU seconds)``), what a remote S3 would leave.
 Runs on CUDA when present (``--device``).
 
     python bench/attribute_throughput.py [--items 1000] [--batch-size 256] [--encoder-steps 1000]
@@ -15,16 +18,23 @@ Runs on CUDA when present (``--device``).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flows.processes import free_port  # noqa: E402
+from flows.processes import free_port, spawn, stop, wait_http  # noqa: E402
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def main() -> None:
@@ -45,7 +55,6 @@ def main() -> None:
     import boto3
     import numpy as np
     import torch
-    from moto.server import ThreadedMotoServer
 
     from flipad.device import resolve_device
     from flipad.io.data import encode_item, load_fashion_mnist
@@ -74,10 +83,10 @@ def main() -> None:
     for i, data in enumerate(payloads):
         (folder / f"{i:06d}.png").write_bytes(data)
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], work / "moto.log",
+                   dict(os.environ))
+    wait_http(f"http://127.0.0.1:{port}/moto-api/", 60, server)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     endpoint = f"http://127.0.0.1:{port}"
     s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -95,14 +104,19 @@ def main() -> None:
                                            batch_size=args.batch_size, endpoint_url=endpoint, monitor=False),
     }
     for name, config in runs.items():
+        before = server_cpu(server.pid)
         result = attribute_stream(config)
         assert result.new_rows == len(payloads), result.new_rows
         rate = result.new_rows / result.seconds
         print(f"{name:18s} {result.new_rows} items in {result.seconds:6.1f} s = {rate:7.1f} images/s "
               f"({rate / threads:.1f} per thread)")
+        if config.endpoint_url:
+            used = server_cpu(server.pid) - before
+            left = result.new_rows / (result.seconds * threads - used)
+            print(f"{name:18s} the S3 server used {used:.1f} CPU s: {left:.1f} images/s per core left to the attribution")
         again = attribute_stream(config)
         print(f"{name:18s} rerun (nothing new): {again.seconds:.1f} s, {again.new_rows} new rows")
-    server.stop()
+    stop(server)
 
 
 if __name__ == "__main__":

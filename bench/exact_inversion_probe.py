@@ -8,7 +8,8 @@ On one target of ``bench/core_bar.py`` and its look-alike (``bench/in_the_wild.p
 cache), the same items (own and look-alike, pristine and after JPEG q90 / q80, and real images)
 are inverted by
 
-- today's search (Adam, ``ReconstructionConfig()`` in the MSE);
+- today's search (Adam, ``ReconstructionConfig()`` in the MSE), on the module as it is (``adam``) and on
+  the channels-last copy the search now runs (``adam-cl``, :func:`flipad.device.search_layout`);
 - Levenberg-Marquardt (LM) in latent space from the best screened random latents;
 - the ``encoder-lm`` search of :mod:`flipad.inversion.amortised` (``flipad onboard``'s default):
   LM from an amortised encoder's latent, the encoder trained for ``--encoder-steps`` batches of
@@ -19,7 +20,7 @@ are inverted by
   0.005), whose scoring stops each item once its verdict is settled (:class:`Exits`); its loss is
   not the search's last, so its row prints the verdict: the share of each set attributed.
 
-LM takes the Jacobian by forward differences (:func:`flipad.inversion.amortised.jacobian`), each
+The LM rows run on the channels-last copy, as the detector does. LM takes the Jacobian by forward differences (:func:`flipad.inversion.amortised.jacobian`), each
 serving up to 8 chord steps; an item stops once its MSE is below twice the quantisation floor. Prints seconds per
 item, the MSE quantiles (min, median, 90%, 99.5%, max) beside the floor ``(2/255)^2 / 12``, and
 per variant the share of look-alike items above the own items' 99.5% quantile (rejection at an
@@ -43,6 +44,7 @@ from core_bar import output_range, samples, trained  # noqa: E402
 from in_the_wild import lookalike  # noqa: E402
 
 from flipad import ReconstructionLossDetector  # noqa: E402
+from flipad.device import search_layout  # noqa: E402
 from flipad.detectors.base import ROBUST_PERTURBATIONS  # noqa: E402
 from flipad.inversion.amortised import levenberg_marquardt, quantisation_floor  # noqa: E402
 from flipad.inversion.latent import ReconstructionConfig, _starts, reconstruction_losses  # noqa: E402
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = {**{f"own {v}": own if v == "pristine" else perturb(own, v) for v in VARIANTS},
             **{f"lookalike {v}": look if v == "pristine" else perturb(look, v) for v in VARIANTS},
             "real": load_fashion_mnist("test", 32, limit=args.items)}
-    searches = ["adam", "lm"]
+    fast = search_layout(module, module.latent_shape)
+    searches = ["adam", "adam-cl", "lm"]
     net = None
     if args.encoder_steps:
         start = time.perf_counter()
@@ -98,19 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         targets = to_output_range(images, *low_high)
         for search in searches:
             start = time.perf_counter()
-            if search == "adam":
-                loss = reconstruction_losses(module, module.latent_shape, targets, ReconstructionConfig(metric="mse"), low_high)
+            if search.startswith("adam"):
+                loss = reconstruction_losses(module if search == "adam" else fast, module.latent_shape, targets,
+                                             ReconstructionConfig(metric="mse"), low_high)
             elif search == "lm":
                 with torch.no_grad():
-                    z = _starts(module, module.latent_shape, targets, config, torch.Generator().manual_seed(0))
-                loss = levenberg_marquardt(module, targets.repeat_interleave(args.starts, 0), z, args.iterations, floor)
+                    z = _starts(fast, module.latent_shape, targets, config, torch.Generator().manual_seed(0))
+                loss = levenberg_marquardt(fast, targets.repeat_interleave(args.starts, 0), z, args.iterations, floor)
                 loss = loss.view(len(images), args.starts).min(1).values
             else:
                 with torch.no_grad():
                     z = net(targets)
-                    loss = ((module(z) - targets) ** 2).flatten(1).mean(1)
+                    loss = ((fast(z) - targets) ** 2).flatten(1).mean(1)
                 if search == "encoder+lm":
-                    loss = levenberg_marquardt(module, targets, z, args.iterations, floor)
+                    loss = levenberg_marquardt(fast, targets, z, args.iterations, floor)
             seconds = (time.perf_counter() - start) / len(images)
             losses[name, search] = loss
             print(f"{name:20s} {search:11s} {seconds:.4f} s/item  {quantiles(loss)}", flush=True)
