@@ -20,9 +20,9 @@ are inverted by
   0.005), whose scoring stops each item once its verdict is settled (:class:`Exits`); its loss is
   not the search's last, so its row prints the verdict: the share of each set attributed.
 
-The LM rows run on the channels-last copy, as the detector does. LM takes the Jacobian by forward differences (:func:`flipad.inversion.amortised.jacobian`), each
-serving up to 8 chord steps; an item stops once its MSE is below twice the quantisation floor. Prints seconds per
-item, the MSE quantiles (min, median, 90%, 99.5%, max) beside the floor ``(2/255)^2 / 12``, and
+The LM rows run on the channels-last copy, as the detector does. LM takes the Jacobian by forward
+differences (:func:`flipad.inversion.amortised.jacobian`), each serving up to 8 chord steps; an
+item stops once its MSE is below twice the quantisation floor. Prints seconds per item, the MSE quantiles (min, median, 90%, 99.5%, max) beside the floor ``(2/255)^2 / 12``, and
 per variant the share of look-alike items above the own items' 99.5% quantile (rejection at an
 FNR of 0.005).
 """
