@@ -20,10 +20,11 @@ are inverted by
   0.005), whose scoring stops each item once its verdict is settled (:class:`Exits`); its loss is
   not the search's last, so its row prints the verdict: the share of each set attributed.
 
-The LM rows run on the channels-last copy, as the detector does. LM takes the Jacobian by forward
-differences (:func:`flipad.inversion.amortised.jacobian`), each serving up to 8 chord steps; an
-item stops once its MSE is below twice the quantisation floor. Prints seconds per item, the MSE quantiles (min, median, 90%, 99.5%, max) beside the floor ``(2/255)^2 / 12``, and
-per variant the share of look-alike items above the own items' 99.5% quantile (rejection at an
+The LM rows run on the channels-last copy and take their Jacobians as the detector does
+(:func:`flipad.inversion.tangents.search_jacobian`: bfloat16 tangents where the CPU has native
+bfloat16, else forward differences), each serving up to 8 chord steps; an item stops once its MSE
+is below twice the quantisation floor. Prints seconds per item, the MSE quantiles (min, median,
+90%, 99.5%, max) beside the floor ``(2/255)^2 / 12``, and per variant the share of look-alike items above the own items' 99.5% quantile (rejection at an
 FNR of 0.005).
 """
 
@@ -49,6 +50,7 @@ from flipad.detectors.base import ROBUST_PERTURBATIONS  # noqa: E402
 from flipad.inversion.amortised import levenberg_marquardt, quantisation_floor  # noqa: E402
 from flipad.inversion.latent import ReconstructionConfig, _starts, reconstruction_losses  # noqa: E402
 from flipad.io.data import load_fashion_mnist, to_output_range  # noqa: E402
+from flipad.inversion.tangents import search_jacobian  # noqa: E402
 from flipad.io.perturb import perturb  # noqa: E402
 
 VARIANTS = ("pristine", "jpeg q90", "jpeg q80")
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             **{f"lookalike {v}": look if v == "pristine" else perturb(look, v) for v in VARIANTS},
             "real": load_fashion_mnist("test", 32, limit=args.items)}
     fast = search_layout(module, module.latent_shape)
+    differentiate = search_jacobian(fast, module.latent_shape)
+    print(f"LM Jacobians: {differentiate.name}")
     searches = ["adam", "adam-cl", "lm"]
     net = None
     if args.encoder_steps:
@@ -107,14 +111,15 @@ def main(argv: list[str] | None = None) -> int:
             elif search == "lm":
                 with torch.no_grad():
                     z = _starts(fast, module.latent_shape, targets, config, torch.Generator().manual_seed(0))
-                loss = levenberg_marquardt(fast, targets.repeat_interleave(args.starts, 0), z, args.iterations, floor)
+                loss = levenberg_marquardt(fast, targets.repeat_interleave(args.starts, 0), z, args.iterations, floor,
+                                          differentiate=differentiate)
                 loss = loss.view(len(images), args.starts).min(1).values
             else:
                 with torch.no_grad():
                     z = net(targets)
                     loss = ((fast(z) - targets) ** 2).flatten(1).mean(1)
                 if search == "encoder+lm":
-                    loss = levenberg_marquardt(fast, targets, z, args.iterations, floor)
+                    loss = levenberg_marquardt(fast, targets, z, args.iterations, floor, differentiate=differentiate)
             seconds = (time.perf_counter() - start) / len(images)
             losses[name, search] = loss
             print(f"{name:20s} {search:11s} {seconds:.4f} s/item  {quantiles(loss)}", flush=True)

@@ -18,6 +18,7 @@ from flipad.inversion.amortised import (
     train_encoder,
 )
 from flipad.inversion.latent import ReconstructionConfig
+from flipad.inversion.tangents import search_jacobian
 from flipad.io.data import to_output_range
 
 LATENT, SHAPE, RANGE = (64, 1, 1), (1, 32, 32), (-1.0, 1.0)
@@ -29,19 +30,21 @@ def encoder(trained_generator):
 
 
 @pytest.mark.slow
-def test_own_8bit_samples_invert_to_the_quantisation_floor(trained_generator, encoder, fashion_test):
+@pytest.mark.parametrize("tangents", [False, True], ids=["forward-differences", "search-jacobian"])
+def test_own_8bit_samples_invert_to_the_quantisation_floor(trained_generator, encoder, fashion_test, tangents):
     floor = quantisation_floor(RANGE)
     own = to_output_range(generate_samples(trained_generator, LATENT, 60, 99, RANGE), *RANGE)
+    differentiate = search_jacobian(trained_generator, LATENT) if tangents else None
     with torch.no_grad():
         start = encoder(own)
         start_loss = ((trained_generator(start) - own) ** 2).flatten(1).mean(1)
-    loss = levenberg_marquardt(trained_generator, own, start.clone(), 10, floor)
+    loss = levenberg_marquardt(trained_generator, own, start.clone(), 10, floor, differentiate=differentiate)
     # an 8-bit copy of G(z) is within half a step of G(z): the exact inversion ends at ~floor
     assert np.quantile(loss.numpy(), 0.995) <= 3 * floor, loss / floor
     assert (loss <= start_loss).all()  # LM only accepts improving steps
     real = to_output_range(fashion_test[:30], *RANGE)
     with torch.no_grad():
-        real_loss = levenberg_marquardt(trained_generator, real, encoder(real), 10, floor)
+        real_loss = levenberg_marquardt(trained_generator, real, encoder(real), 10, floor, differentiate=differentiate)
     assert real_loss.min() > 30 * floor  # what the generator cannot make stays far above it
 
 

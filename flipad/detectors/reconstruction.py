@@ -30,8 +30,9 @@ from ..generators.sampling import (
     probe_output_range,
     resolve_latent_shape,
 )
-from ..inversion.amortised import Exits, LatentEncoder, train_encoder
+from ..inversion.amortised import Differentiate, Exits, LatentEncoder, train_encoder
 from ..inversion.latent import ReconstructionConfig, reconstruction_trajectories
+from ..inversion.tangents import search_jacobian
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
 from .base import (
@@ -56,12 +57,15 @@ class LatentSearch:
 
     ``samples`` are uint8 images or floats in the output range, of the generator's output shape.
     The ``encoder-lm`` search needs ``encoder`` (:meth:`train_encoder` or a loaded one); ``exits``
-    stop its items once their verdict is settled (:meth:`with_exits`).
+    stop its items once their verdict is settled (:meth:`with_exits`). Its Jacobians are taken
+    by ``differentiate``, by default the one :func:`~flipad.inversion.tangents.search_jacobian`
+    picks for the module.
     """
 
     def __init__(self, module: nn.Module, latent_shape: Sequence[int], output_range: tuple[float, float],
                  output_shape: Sequence[int], config: ReconstructionConfig, progress: bool = False,
-                 encoder: LatentEncoder | None = None, exits: Exits = Exits()):
+                 encoder: LatentEncoder | None = None, exits: Exits = Exits(),
+                 differentiate: Differentiate | None = None):
         self.module = module
         self.latent_shape = tuple(latent_shape)
         self.output_range = output_range
@@ -70,11 +74,14 @@ class LatentSearch:
         self.progress = progress
         self.encoder = encoder
         self.exits = exits
+        if differentiate is None and config.method == "encoder-lm":
+            differentiate = search_jacobian(module, self.latent_shape)
+        self.differentiate = differentiate
 
     def with_exits(self, exits: Exits) -> LatentSearch:
         """The same search, stopping each item where ``exits`` settle its verdict."""
         return LatentSearch(self.module, self.latent_shape, self.output_range, self.output_shape, self.config,
-                            self.progress, self.encoder, exits)
+                            self.progress, self.encoder, exits, self.differentiate)
 
     def train_encoder(self) -> LatentEncoder:
         """Train (and keep) the amortised encoder of the ``encoder-lm`` search on fresh generator pairs."""
@@ -91,7 +98,7 @@ class LatentSearch:
         check_sample_shape(samples, self.output_shape)
         targets = to_output_range(samples, *self.output_range)
         return reconstruction_trajectories(self.module, self.latent_shape, targets, self.config, self.output_range,
-                                           self.progress, self.encoder, self.exits)
+                                           self.progress, self.encoder, self.exits, self.differentiate)
 
     def fingerprint(self) -> str:
         """A hash of what the losses depend on besides the samples (weights, device kind, search)."""
@@ -102,6 +109,8 @@ class LatentSearch:
             parts["encoder"] = weights_fingerprint(self.encoder)
         if self.exits != Exits():
             parts["exits"] = asdict(self.exits)
+        if self.differentiate is not None:
+            parts["jacobian"] = getattr(self.differentiate, "name", "custom")
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

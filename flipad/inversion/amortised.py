@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-__all__ = ["Exits", "LatentEncoder", "Metric", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse", "quantisation_floor",
+__all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse", "quantisation_floor",
            "train_encoder"]
 
 JACOBIAN_BUDGET = 1 << 22  # floats of Jacobian held at once: bounds the memory of one LM chunk
@@ -144,6 +145,7 @@ class Exits:
 
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # residuals (n, out_dim) -> loss per item
+Differentiate = Callable[[torch.Tensor], torch.Tensor]  # latents (n, *latent_shape) -> Jacobians (n, out_dim, dim)
 
 
 def mse(residual: torch.Tensor) -> torch.Tensor:
@@ -152,13 +154,15 @@ def mse(residual: torch.Tensor) -> torch.Tensor:
 
 
 def levenberg_marquardt(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-                        exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse) -> torch.Tensor:
+                        exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse,
+                        differentiate: Differentiate | None = None) -> torch.Tensor:
     """The final loss per item of :func:`lm_trajectories` (``z`` changed in place)."""
-    return lm_trajectories(module, targets, z, iterations, floor, exits, chord_steps, metric)[:, -1]
+    return lm_trajectories(module, targets, z, iterations, floor, exits, chord_steps, metric, differentiate)[:, -1]
 
 
 def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-                    exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse) -> torch.Tensor:
+                    exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse,
+                    differentiate: Differentiate | None = None) -> torch.Tensor:
     """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place) with at most
     ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's loss in ``metric``
     (of the flattened residuals) after the steps taken with its ``k``-th Jacobian, the lowest among
@@ -168,13 +172,16 @@ def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, i
     Jacobian if it has moved, else keeps retrying on this one. An item stops once its MSE is below
     ``2 * floor``, at an exit, when a Jacobian's steps lowered its MSE by less than ``STALL``, after
     ``MAX_REJECTED`` failed steps in a row where its Jacobian was taken, or when its Jacobians are
-    spent."""
+    spent. ``differentiate(z)`` takes the Jacobians (:func:`flipad.inversion.tangents.search_jacobian`);
+    forward differences of ``module`` (:func:`jacobian`) by default."""
     if chord_steps < 1:
         raise ValueError(f"chord_steps must be at least 1, got {chord_steps}")
     latent_shape = z.shape[1:]
     dim, out_dim = math.prod(latent_shape), targets[0].numel()
     chunk = max(1, JACOBIAN_BUDGET // (dim * out_dim))
-    parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits, chord_steps, metric)
+    differentiate = differentiate or partial(jacobian, module)
+    parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits, chord_steps, metric,
+                       differentiate)
              for i in range(0, len(targets), chunk)]
     return torch.cat(parts) if parts else torch.empty(0, iterations + 1, device=targets.device)
 
@@ -199,7 +206,7 @@ def jacobian(module: nn.Module, z: torch.Tensor, step: float = FD_STEP) -> torch
 
 
 def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-              exits: Exits, chord_steps: int, metric: Metric) -> torch.Tensor:
+              exits: Exits, chord_steps: int, metric: Metric, differentiate: Differentiate) -> torch.Tensor:
     latent_shape = z.shape[1:]
     flat = targets.flatten(1)
     zf = z.view(len(z), -1)
@@ -236,7 +243,7 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
     while (idx := active.nonzero().squeeze(1)).numel():
         need = idx[stale[idx]]
         if len(need):
-            jac = jacobian_of[need] = jacobian(module, zf[need].view(-1, *latent_shape))
+            jac = jacobian_of[need] = differentiate(zf[need].view(-1, *latent_shape))
             with torch.no_grad():
                 normal[need] = jac.transpose(1, 2) @ jac
                 gradient[need] = (jac.transpose(1, 2) @ residual[need, :, None])[..., 0]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .amortised import Exits, LatentEncoder, lm_trajectories, quantisation_floor
+from .amortised import Differentiate, Exits, LatentEncoder, lm_trajectories, quantisation_floor
 from .metrics import METRICS, ResidualMetric
 
 __all__ = ["SEARCH_METHODS", "ReconstructionConfig", "reconstruction_losses", "reconstruction_trajectories"]
@@ -89,12 +89,13 @@ def reconstruction_trajectories(
     progress: bool = False,
     encoder: LatentEncoder | None = None,
     exits: Exits = Exits(),
+    differentiate: Differentiate | None = None,
 ) -> torch.Tensor:
     """Per item, the loss in ``config.metric`` after each stage of the search, ``(n, stages)``; the
     last column is the result. ``targets`` lie in ``output_range`` (it sets the metric's 8-bit step
     and the quantisation floor an LM item stops at). ``encoder-lm`` needs the ``encoder`` trained
     for ``module``: the start and the loss after each Jacobian (:func:`lm_trajectories`, stopping at
-    ``exits``); ``adam``: the result alone."""
+    ``exits``, taking Jacobians with ``differentiate``); ``adam``: the result alone."""
     if config.method == "encoder-lm" and encoder is None:
         raise ValueError("the encoder-lm search needs the generator's trained encoder")
     metric = ResidualMetric(config.metric, targets.shape[1:], output_range)
@@ -107,7 +108,8 @@ def reconstruction_trajectories(
         if config.method == "encoder-lm":
             with torch.no_grad():
                 z = encoder(batch)
-            out.append(lm_trajectories(module, batch, z, config.lm_iterations, floor, exits, metric=metric).cpu())
+            out.append(lm_trajectories(module, batch, z, config.lm_iterations, floor, exits, metric=metric,
+                                       differentiate=differentiate).cpu())
         else:
             out.append(_search(module, latent_shape, batch, config, config.seed + start, metric).cpu()[:, None])
     return torch.cat(out) if out else torch.empty(0, columns)
