@@ -57,7 +57,8 @@ def main() -> None:
     import torch
 
     from flipad.device import resolve_device
-    from flipad.io.data import encode_item, load_fashion_mnist
+    from flipad.io.data import encode_item
+    from flows.datasets import load_fashion_mnist
     from flows.attribute import AttributeConfig, attribute_stream
     from flows.demo import DEMO_GENERATOR, SHIPPED
     from flows.onboard import OnboardConfig, onboard_generator

@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flipad import AttributionDetector, FlipadDetector, GeneratorAdapter, ReconstructionLossDetector  # noqa: E402
-from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.detectors.evaluation import evaluate_pairs, evaluate_scores  # noqa: E402
 from flipad.detectors.features import DETECTOR_INVERSION, FeatureConfig  # noqa: E402
 from flipad.detectors.negatives import perturbed_samples  # noqa: E402

@@ -49,7 +49,8 @@ from flipad.device import search_layout  # noqa: E402
 from flipad.detectors.base import ROBUST_PERTURBATIONS  # noqa: E402
 from flipad.inversion.amortised import levenberg_marquardt, quantisation_floor  # noqa: E402
 from flipad.inversion.latent import ReconstructionConfig, _starts, reconstruction_losses  # noqa: E402
-from flipad.io.data import load_fashion_mnist, to_output_range  # noqa: E402
+from flipad.io.data import to_output_range  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.inversion.tangents import search_jacobian  # noqa: E402
 from flipad.io.perturb import perturb  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bar import TARGETS, samples, trained  # noqa: E402
 
 from flipad import AttributionDetector  # noqa: E402
-from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):

@@ -37,7 +37,7 @@ from flipad import ReconstructionConfig, ReconstructionLossDetector  # noqa: E40
 from flipad.detectors.base import ROBUST_PERTURBATIONS  # noqa: E402
 from flipad.generators.training import train_gan  # noqa: E402
 from flipad.inversion.latent import SEARCH_METHODS  # noqa: E402
-from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.io.perturb import perturb  # noqa: E402
 
 VARIANTS = ("pristine", "jpeg q90", "jpeg q80")

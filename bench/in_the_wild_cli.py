@@ -38,7 +38,8 @@ from core_bar import TARGETS, output_range, samples, trained  # noqa: E402
 from in_the_wild import lookalike  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from flipad.io.data import encode_item, load_fashion_mnist  # noqa: E402
+from flipad.io.data import encode_item  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.io.perturb import perturb  # noqa: E402
 from flows.demo import source_table, write_stream  # noqa: E402
 

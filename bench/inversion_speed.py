@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flipad import GeneratorAdapter, LassoOptions  # noqa: E402
 from flipad.generators.architectures import DCGANGenerator  # noqa: E402
-from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.inversion.lasso import lasso_objective, solve_lasso  # noqa: E402
 from flows.demo import DEMO_GENERATOR, demo_generator  # noqa: E402
 

@@ -29,7 +29,7 @@ from core_bar import TARGETS, trained  # noqa: E402
 from flipad.device import search_layout  # noqa: E402
 from flipad.inversion.amortised import jacobian  # noqa: E402
 from flipad.inversion.tangents import TangentJacobian, search_jacobian  # noqa: E402
-from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 
 
 def ms_per_item(take: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, repeats: int) -> float:

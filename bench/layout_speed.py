@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core_bar import TARGETS, trained  # noqa: E402
 
 from flipad.device import search_layout  # noqa: E402
-from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 
 
 def seconds_per_item(module: torch.nn.Module, z: torch.Tensor, repeats: int) -> float:

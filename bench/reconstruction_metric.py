@@ -32,7 +32,8 @@ from in_the_wild import lookalike  # noqa: E402
 from flipad.detectors.base import ROBUST_PERTURBATIONS  # noqa: E402
 from flipad.inversion.amortised import lm_trajectories, quantisation_floor, train_encoder  # noqa: E402
 from flipad.inversion.metrics import METRICS, ResidualMetric  # noqa: E402
-from flipad.io.data import load_fashion_mnist, to_output_range  # noqa: E402
+from flipad.io.data import to_output_range  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.io.perturb import perturb  # noqa: E402
 
 SHAPE = (1, 32, 32)

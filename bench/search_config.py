@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from core_bar import TARGETS, trained  # noqa: E402
 
-from flipad.io.data import load_fashion_mnist, quantize  # noqa: E402
+from flipad.io.data import quantize  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.inversion.latent import ReconstructionConfig, reconstruction_losses  # noqa: E402
 
 # the Adam search's settings ("default": today's), each scored in the MSE they were measured in

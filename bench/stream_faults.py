@@ -268,7 +268,7 @@ def main() -> int:
 
     from flipad.generators.architectures import DCGANGenerator
     from flipad.generators.sampling import generate_samples
-    from flipad.io.data import load_fashion_mnist
+    from flows.datasets import load_fashion_mnist
 
     torch.manual_seed(args.seed)
     generator = DCGANGenerator(latent_dim=64, channels=1, image_size=32, width=16).eval()

@@ -45,7 +45,8 @@ from flipad.io.perturb import PERTURBATIONS, perturb  # noqa: E402
 from zoo import FAMILIES, SEEDS, ZOO_SIZES, generator_name, train_zoo  # noqa: E402
 
 from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter  # noqa: E402
-from flipad.io.data import load_fashion_mnist, load_images  # noqa: E402
+from flipad.io.data import load_images  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.detectors.deepsad import DeepSADConfig  # noqa: E402
 from flipad.detectors.evaluation import evaluate_scores  # noqa: E402
 from flipad.detectors.features import FeatureExtractor  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flipad import GeneratorAdapter  # noqa: E402
 from flipad.generators.architectures import DCGANGenerator, EBGANGenerator, LSGANGenerator, WGANGPGenerator  # noqa: E402
-from flipad.io.data import load_fashion_mnist  # noqa: E402
+from flows.datasets import load_fashion_mnist  # noqa: E402
 from flipad.generators.training import train_gan  # noqa: E402
 
 FAMILIES = {

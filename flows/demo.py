@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from flipad.generators.architectures import DCGANGenerator
 from flipad.generators.sampling import generate_samples
 from flipad.generators.training import train_gan
-from flipad.io.data import DataError, encode_item, load_fashion_mnist
+from flipad.io.data import DataError, encode_item, read_fashion_mnist
 from flipad.io.perturb import perturb
 
 from .attribute import AttributeConfig, attribute_stream
@@ -113,8 +113,8 @@ def run_demo(workdir: Path, num_samples: int, num_validation: int, num_test: int
     start = time.perf_counter()
     workdir = workdir.resolve()
     root = ensure_fashion_mnist()
-    train_real = load_fashion_mnist("train", 32, limit=20_000, root=root)
-    test_real = load_fashion_mnist("test", 32, root=root)
+    train_real = read_fashion_mnist(root, "train", 32, limit=20_000)
+    test_real = read_fashion_mnist(root, "test", 32)
     _, weights = demo_generator(workdir, 0, train_steps, train_real, device, retrain)
     other, _ = demo_generator(workdir, 1, train_steps, train_real, device, retrain)
     real_path = workdir / "real-train.npy"

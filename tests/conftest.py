@@ -16,7 +16,8 @@ from helpers import GENERATOR_CODE, VectorLatentGenerator
 from torch import nn
 
 from flipad.generators.architectures import DCGANGenerator
-from flipad.io.data import encode_item, load_fashion_mnist
+from flipad.io.data import encode_item
+from flows.datasets import load_fashion_mnist
 from flipad.generators.training import train_gan
 
 

@@ -9,10 +9,11 @@ from PIL import Image
 from flipad.io.data import (
     DataError,
     decode_image,
-    load_fashion_mnist,
     load_images,
     load_table,
+    read_fashion_mnist,
 )
+from flows.datasets import ensure_fashion_mnist, load_fashion_mnist
 
 
 def _save(path, array):
@@ -88,6 +89,6 @@ def test_csv_with_and_without_header(tmp_path):
 def test_fashion_mnist_idx():
     images = load_fashion_mnist("test", size=28, limit=10)
     assert images.shape == (10, 1, 28, 28) and images.dtype == np.uint8
-    resized = load_fashion_mnist("test", size=32, limit=10)
+    resized = read_fashion_mnist(ensure_fashion_mnist(), "test", size=32, limit=10)
     assert resized.shape == (10, 1, 32, 32)
     assert (images == 0).mean() > 0.3  # Fashion-MNIST backgrounds are black

@@ -32,10 +32,7 @@ __all__ = [
     "load_table",
     "load_array",
     "load_idx",
-    "load_fashion_mnist",
-    "find_fashion_mnist",
-    "fashion_mnist_cache",
-    "fashion_mnist_candidates",
+    "read_fashion_mnist",
     "resize_images",
     "quantize",
     "to_output_range",
@@ -43,10 +40,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-FASHION_MNIST_DIRS = (
-    Path(__file__).resolve().parents[3] / "shared" / "datasets" / "fashion-mnist",
-    Path("/usr/share/datasets/fashion-mnist"),
-)
 
 
 class DataError(ValueError):
@@ -278,41 +271,17 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     return data.reshape(dims)
 
 
-def fashion_mnist_candidates(root: str | os.PathLike | None = None) -> list[Path]:
-    """Where Fashion-MNIST is looked for, in order: ``root``, ``$FLIPAD_DATA`` (or
-    ``$FLIPAD_FASHION_MNIST``), ``../shared/datasets/fashion-mnist``, the Debian package's folder,
-    and the fetch cache ``~/.cache/flipad/fashion-mnist``."""
-    candidates = [Path(p) for p in (root, os.environ.get("FLIPAD_DATA"), os.environ.get("FLIPAD_FASHION_MNIST")) if p]
-    candidates += [Path.cwd().parent / "shared" / "datasets" / "fashion-mnist", *FASHION_MNIST_DIRS, fashion_mnist_cache()]
-    return candidates
-
-
-def fashion_mnist_cache() -> Path:
-    """The folder a fetched copy of Fashion-MNIST lives in."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "flipad" / "fashion-mnist"
-
-
-def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The folder holding the Fashion-MNIST IDX files (see :func:`fashion_mnist_candidates`)."""
-    candidates = fashion_mnist_candidates(root)
-    for folder in candidates:
-        if (folder / "train-images-idx3-ubyte.gz").is_file():
-            return folder
-    raise DataError(
-        f"Fashion-MNIST not found in {', '.join(map(str, candidates))}; set FLIPAD_DATA to the folder with "
-        "train-images-idx3-ubyte.gz or install the Debian package dataset-fashion-mnist"
-    )
-
-
-def load_fashion_mnist(
-    split: str = "train", size: int = 32, limit: int | None = None, root: str | os.PathLike | None = None
-) -> np.ndarray:
-    """Fashion-MNIST images as uint8 (N, 1, size, size), resized bilinearly from 28x28."""
+def read_fashion_mnist(root: str | os.PathLike, split: str = "train", size: int = 32, limit: int | None = None) -> np.ndarray:
+    """Fashion-MNIST images from the folder ``root`` (its gzipped IDX files) as uint8
+    (N, 1, size, size), resized bilinearly from 28x28. Where the data lives is the caller's
+    business (``flows.datasets`` finds or fetches it)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     prefix = "train" if split == "train" else "t10k"
-    images = load_idx(find_fashion_mnist(root) / f"{prefix}-images-idx3-ubyte.gz")[:limit]
+    path = Path(root) / f"{prefix}-images-idx3-ubyte.gz"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; point at a folder holding Fashion-MNIST's IDX files")
+    images = load_idx(path)[:limit]
     return resize_images(images[:, None], size)
 
 
