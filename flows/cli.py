@@ -146,7 +146,10 @@ def _options(values: list[str]) -> dict:
 def onboard(
     name: str = typer.Argument(..., help="Registered model name for this generator's detector."),
     generator: str = typer.Option(..., help="Built-in name, path/to/file.py:factory or package.module:factory."),
-    weights: Path | None = typer.Option(None, help="Weights: .safetensors or a torch.save'd state dict."),
+    weights: Path | None = typer.Option(None, help="Weights: .safetensors or a torch.save'd state dict, also nested in a "
+                                        "checkpoint (state_dict, netG_state_dict, g_ema, ...; module. prefixes removed)."),
+    weights_key: str | None = typer.Option(None, help="The key of the generator's state dict in a checkpoint that "
+                                           "holds several (the error lists the keys found)."),
     latent_shape: str | None = typer.Option(None, help="Latent shape, e.g. 64 or 64,1,1."),
     real: str = typer.Option(..., help="Real data: a folder of images, .npy/.npz, or a CSV."),
     negatives: list[str] = typer.Option([], help="Other generators' samples (repeatable)."),
@@ -209,7 +212,7 @@ def onboard(
             generator, real = absolute_generator(generator), absolute_location(real)
             weights, negatives = (weights and weights.resolve()), [absolute_location(n) for n in negatives]
         config = OnboardConfig(
-            name=name, generator=generator, weights=str(weights) if weights else None,
+            name=name, generator=generator, weights=str(weights) if weights else None, weights_key=weights_key,
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
             deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device.value,

@@ -69,6 +69,7 @@ class OnboardConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="registered model name")
     generator: str = Field(description="built-in name, path/to/file.py:factory or package.module:factory")
     weights: str | None = None
+    weights_key: str | None = Field(None, description="the key of the generator's state dict in a checkpoint that holds several")
     generator_kwargs: dict[str, Any] = Field(default_factory=dict)
     latent_shape: tuple[int, ...] | None = None
     real: str = Field(description="folder of images, .npy/.npz, or CSV of real data")
@@ -196,7 +197,7 @@ class PrefectStages(Stages):
 def build_detector(config: OnboardConfig) -> tuple[Detector, GeneratorSource]:
     """The generator from its spec and weights, wrapped in an unfitted detector of the asked kind."""
     source = GeneratorSource(config.generator, dict(config.generator_kwargs), config.latent_shape)
-    module = source.load(config.weights)
+    module = source.load(config.weights, weights_key=config.weights_key)
     detector = detector_class(config.detector).from_settings(module, config.latent_shape, config.settings())
     return detector, source
 

@@ -21,7 +21,7 @@ from flipad.io.scoring import ITEM_COLUMNS, ItemResult, score_items
 __all__ = ["FlipadModel", "INPUT_COLUMN", "OUTPUT_COLUMNS", "to_request_cell"]
 
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ["score", "threshold", "is_generated", "error"]
+OUTPUT_COLUMNS = ["score", "threshold", "is_generated", "verdict", "reason", "error"]
 
 
 def to_request_cell(data: bytes) -> str:
@@ -42,7 +42,9 @@ class FlipadModel(mlflow.pyfunc.PythonModel):
     """Scores a DataFrame column ``image`` of base64 PNG/JPEG (or ``.npy``) items.
 
     Returns one row per input with ``score`` (higher = more typical of the generator),
-    ``threshold``, ``is_generated`` and ``error`` (empty unless the item could not be scored).
+    ``threshold``, ``is_generated`` (None when undecided), ``verdict`` (attributed, not
+    attributed, undecided or error), ``reason`` (why undecided) and ``error`` (empty unless the
+    item could not be scored).
     Runs on CUDA when the serving machine has it (``FLIPAD_DEVICE`` overrides).
     """
 

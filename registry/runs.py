@@ -44,7 +44,8 @@ REFERENCE_ARTIFACT = "monitoring/reference.parquet"
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
     outputs=Schema([ColSpec("double", "score"), ColSpec("double", "threshold"),
-                    ColSpec("boolean", "is_generated"), ColSpec("string", "error")]),
+                    ColSpec("boolean", "is_generated", required=False), ColSpec("string", "verdict"),
+                    ColSpec("string", "reason"), ColSpec("string", "error")]),
 )
 
 

@@ -218,6 +218,11 @@ class ReconstructionLossDetector(Detector):
         self._check_fitted()
         return self.search_.losses(samples)
 
+    def calibrated_jpeg_quality(self) -> float | None:
+        self._check_fitted()
+        qualities = [PERTURBATIONS[name][1] for name in self.condition_scores_ if PERTURBATIONS[name][0] == "jpeg"]
+        return float(min(qualities)) if qualities else None
+
     def _set_exits(self, trajectories: torch.Tensor) -> None:
         """The search's early exits (``encoder-lm``): accept at the strictest threshold, screen from
         the own calibration ``trajectories`` (every condition) against the loosest."""

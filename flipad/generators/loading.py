@@ -66,14 +66,17 @@ def _factory_from_spec(spec: str):
     return factory
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` file or a ``torch.save``d state dict (weights_only)."""
+def load_weights(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a ``torch.save``d checkpoint (weights_only), as
+    checkpoints ship: the state dict itself or nested under a key (``state_dict``,
+    ``netG_state_dict``, ``generator``, ``g_ema``, ...; ``key`` picks one where several are
+    stored), with the ``module.`` (DataParallel) or ``_orig_mod.`` (torch.compile) prefix removed."""
     path = Path(path)
     if not path.is_file():
         raise GeneratorLoadError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            return _without_wrapper_prefix(_state_dict(load_file(str(path)), path, key))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -81,34 +84,63 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"cannot load weights from {path} safely, without unpickling objects ({type(exc).__name__}: {first[:200]}); "
             "save them with torch.save(model.state_dict(), ...) or as .safetensors"
         ) from exc
-    return _state_dict(state, path)
+    return _without_wrapper_prefix(_state_dict(state, path, key))
 
 
-def _state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The generator's tensors in a loaded checkpoint: the dict itself, or the one dict of tensors
-    nested under a key (``{"netG_state_dict": ...}``, ``{"state_dict": ...}``, as GAN code saves)."""
+# names under which GAN code stores the generator's weights beside a discriminator and optimisers
+# (first the names of a generator, then the generic names of a lone model's weights)
+GENERATOR_KEY_WORDS = ("gen", "netg", "g_state", "ema")
+MODEL_KEYS = ("state_dict", "model", "model_state_dict")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _state_dict(state: Any, path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """The generator's tensors in a loaded checkpoint: the dict itself, the dict nested under
+    ``key``, or the one dict of tensors nested under a key that names a generator."""
     def tensors(value: Any) -> bool:
         return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
+    nested = {str(k): v for k, v in state.items() if tensors(v)} if isinstance(state, dict) else {}
+    if key is not None:
+        if key not in nested:
+            found = ", ".join(nested) or "none"
+            raise GeneratorLoadError(f"--weights-key {key!r}: {path} holds no state dict under that key (state dicts "
+                                     f"found under: {found})")
+        return nested[key]
     if tensors(state):
+        # a flat file of one model (safetensors) may still prefix a generator's tensors by its name
         return state
-    if isinstance(state, dict):
-        nested = {k: v for k, v in state.items() if tensors(v)}
-        preferred = [k for k in nested if any(w in str(k).lower() for w in ("gen", "netg", "g_state"))]
-        if len(nested) == 1 or len(preferred) == 1:
-            key = preferred[0] if len(preferred) == 1 else next(iter(nested))
-            logger.warning("%s: using the state dict stored under %r", path, key)
-            return nested[key]
-        if nested:
-            raise GeneratorLoadError(f"{path} holds several state dicts ({', '.join(map(str, nested))}); save the "
-                                     "generator's alone: torch.save(checkpoint[KEY], 'generator.pt')")
+    preferred = [k for k in nested if any(w in k.lower() for w in GENERATOR_KEY_WORDS)] or \
+        [k for k in nested if k.lower() in MODEL_KEYS]
+    if len(nested) == 1 or len(preferred) == 1:
+        key = preferred[0] if len(preferred) == 1 else next(iter(nested))
+        logger.warning("%s: using the state dict stored under %r", path, key)
+        return nested[key]
+    if nested:
+        raise GeneratorLoadError(f"{path} holds several state dicts ({', '.join(nested)}); pick the generator's "
+                                 "with --weights-key KEY")
     raise GeneratorLoadError(f"{path} does not hold a state dict of tensors")
 
 
+def _without_wrapper_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the prefix a training wrapper adds to every key removed (DataParallel's
+    ``module.``, torch.compile's ``_orig_mod.``), repeatedly where wrappers nest."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+                changed = True
+    return state
+
+
 def load_generator(
-    spec: str, weights: str | os.PathLike | None = None, **factory_kwargs: Any
+    spec: str, weights: str | os.PathLike | None = None, *, weights_key: str | None = None, **factory_kwargs: Any
 ) -> nn.Module:
-    """Build the generator named by ``spec`` (with ``factory_kwargs``), load ``weights``, return it in eval mode."""
+    """Build the generator named by ``spec`` (with ``factory_kwargs``), load ``weights`` (the state
+    dict under ``weights_key`` where the checkpoint holds several: :func:`load_weights`), return
+    it in eval mode."""
     factory = _factory_from_spec(spec)
     try:
         module = factory(**factory_kwargs)
@@ -118,7 +150,7 @@ def load_generator(
         raise GeneratorLoadError(f"the factory of {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
     if weights is not None:
         try:
-            module.load_state_dict(load_weights(weights))
+            module.load_state_dict(load_weights(weights, weights_key))
         except RuntimeError as exc:
             detail = "; ".join(line.strip() for line in str(exc).strip().splitlines()[1:4])
             raise GeneratorLoadError(f"weights {weights} do not fit {spec!r}: {detail or str(exc).strip()[:300]}") from exc
@@ -143,13 +175,15 @@ class GeneratorSource:
     kwargs: dict[str, Any] = field(default_factory=dict)
     latent_shape: tuple[int, ...] | None = None
 
-    def load(self, weights: str | os.PathLike | None = None, base: str | os.PathLike | None = None) -> nn.Module:
-        """The generator in eval mode; a relative ``file.py`` in the spec is resolved against ``base``."""
+    def load(self, weights: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
+             weights_key: str | None = None) -> nn.Module:
+        """The generator in eval mode; a relative ``file.py`` in the spec is resolved against ``base``;
+        ``weights_key`` picks the state dict of a checkpoint that holds several."""
         spec = self.spec
         target, sep, name = spec.rpartition(":")
         if base is not None and sep and target.endswith(".py") and not Path(target).is_absolute():
             spec = f"{Path(base) / target}:{name}"
-        return load_generator(spec, weights, **self.kwargs)
+        return load_generator(spec, weights, weights_key=weights_key, **self.kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "kwargs": self.kwargs, "latent_shape": list(self.latent_shape or []) or None}

@@ -8,20 +8,26 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from ..detectors.base import Detector
-from .data import DataError, decode_item, pixel_stats
+from .data import DataError, ItemInfo, decode_item, item_info, pixel_stats
 
-__all__ = ["ItemResult", "ITEM_COLUMNS", "score_items"]
+__all__ = ["ItemResult", "ITEM_COLUMNS", "VERDICTS", "score_items", "undecided_reason"]
 
 NAN = float("nan")
+# the answers a row can give: the item's verdict, or why there is none
+ATTRIBUTED, NOT_ATTRIBUTED, UNDECIDED, ERROR = "attributed", "not attributed", "undecided", "error"
+VERDICTS = (ATTRIBUTED, NOT_ATTRIBUTED, UNDECIDED, ERROR)
 
 
 @dataclass(frozen=True)
 class ItemResult:
     """``score`` is higher for items more typical of the generator; attributed when ``score >= threshold``.
 
-    ``residual`` and ``sparsity`` describe the final-layer inversion, ``latent_loss`` the latent
-    search, ``pixel_mean``/``pixel_std`` the input (the summaries drift monitoring compares); NaN
-    where they do not apply or the item failed.
+    ``verdict`` is one of :data:`VERDICTS`: ``undecided`` where the item lies outside what the
+    thresholds were calibrated on (``reason`` says why; ``is_generated`` is then None, the score is
+    still reported), ``error`` where it could not be scored (``error`` says why). ``residual``
+    and ``sparsity`` describe the final-layer inversion, ``latent_loss`` the latent search,
+    ``pixel_mean``/``pixel_std`` the input; ``format``, ``height``, ``width`` and
+    ``jpeg_quality`` (estimated, JPEG only) what arrived. NaN where they do not apply.
     """
 
     score: float | None
@@ -33,6 +39,12 @@ class ItemResult:
     latent_loss: float = NAN
     pixel_mean: float = NAN
     pixel_std: float = NAN
+    verdict: str = ERROR
+    reason: str = ""
+    format: str = ""
+    height: float = NAN
+    width: float = NAN
+    jpeg_quality: float = NAN
 
     def as_row(self) -> dict:
         """The result as the columns :data:`ITEM_COLUMNS` of an output row."""
@@ -42,21 +54,34 @@ class ItemResult:
 ITEM_COLUMNS = [f.name for f in fields(ItemResult)]
 
 
+def undecided_reason(info: ItemInfo, lowest_quality: float | None) -> str:
+    """Why an item with ``info`` is outside what thresholds calibrated down to JPEG quality
+    ``lowest_quality`` cover (empty when it is inside, or when nothing was calibrated)."""
+    if lowest_quality is not None and info.format == "jpeg" and info.jpeg_quality < lowest_quality:
+        return (f"JPEG of estimated quality {info.jpeg_quality:.0f}, below the lowest the thresholds were calibrated on "
+                f"({lowest_quality:.0f}): the stated error rates do not cover it")
+    return ""
+
+
 def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
     """Decode each item for the detector's generator and score the decodable ones in batches.
 
     Items that cannot be decoded or have the wrong shape get an ``error`` and no score; they never
-    stop the others. The threshold is the detector's default (its first FNR target). Works for
+    stop the others. JPEGs re-saved below the lowest quality the detector's thresholds were
+    calibrated on (:meth:`~flipad.detectors.base.Detector.calibrated_jpeg_quality`) are scored
+    but ``undecided``. The threshold is the detector's default (its first FNR target). Works for
     every detector kind.
     """
     threshold = -detector.threshold()
+    lowest_quality = detector.calibrated_jpeg_quality()
     results: list[ItemResult | None] = [None] * len(items)
+    infos = [item_info(data) for data in items]
     groups: dict[bool, list[tuple[int, np.ndarray]]] = {}
     for i, data in enumerate(items):
         try:
             arr = decode_item(data, detector.output_shape, value_range=detector.sample_range)
         except DataError as exc:
-            results[i] = ItemResult(None, threshold, None, str(exc))
+            results[i] = _result(None, threshold, str(exc), infos[i])
             continue
         groups.setdefault(arr.dtype == np.uint8, []).append((i, arr))
     for members in groups.values():  # 8-bit pixels and output-range floats are scored apart
@@ -66,7 +91,7 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: these items fail, the request does not
             message = f"scoring failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
             for i, _ in members:
-                results[i] = ItemResult(None, threshold, None, message)
+                results[i] = _result(None, threshold, message, infos[i])
             continue
         pixel_mean, pixel_std = pixel_stats(batch)
         nan = np.full(len(batch), NAN)
@@ -74,10 +99,25 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
         for k, (i, _) in enumerate(members):
             value = scores.score[k]
             ok = bool(np.isfinite(value))
-            results[i] = ItemResult(
-                float(value) if ok else None, threshold, bool(value >= threshold) if ok else None,
-                "" if ok else "the detector returned a non-finite score",
-                *(float(diagnostics[name][k]) for name in ("residual", "sparsity", "latent_loss")),
-                float(pixel_mean[k]), float(pixel_std[k]),
+            results[i] = _result(
+                float(value) if ok else None, threshold, "" if ok else "the detector returned a non-finite score",
+                infos[i], undecided_reason(infos[i], lowest_quality),
+                {**{name: float(values[k]) for name, values in diagnostics.items()},
+                 "pixel_mean": float(pixel_mean[k]), "pixel_std": float(pixel_std[k])},
             )
     return results  # type: ignore[return-value]
+
+
+def _result(score: float | None, threshold: float, error: str, info: ItemInfo, undecided: str = "",
+            figures: dict[str, float] | None = None) -> ItemResult:
+    """One item's result: its verdict from the score (none on an error, undecided with a reason)."""
+    if error or score is None:
+        verdict, is_generated = ERROR, None
+    elif undecided:
+        verdict, is_generated = UNDECIDED, None
+    else:
+        is_generated = bool(score >= threshold)
+        verdict = ATTRIBUTED if is_generated else NOT_ATTRIBUTED
+    size = (float(info.height), float(info.width)) if info.height else (NAN, NAN)
+    return ItemResult(score, threshold, is_generated, error, **(figures or {}), verdict=verdict, reason=undecided,
+                      format=info.format, height=size[0], width=size[1], jpeg_quality=info.jpeg_quality)
