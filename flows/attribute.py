@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flipad.io.scoring import ITEM_COLUMNS, ItemResult
 from monitoring.drift import DRIFT_SHARE, check_drift, metric_name
+from monitoring.monitors import MonitorResult, run_monitors
 from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run
 from registry.store import connect
@@ -63,8 +64,8 @@ class AttributeConfig(BaseModel):
     max_item_bytes: int = Field(32 * 2**20, ge=1)
     in_flight: int = Field(2, ge=1, description="batches submitted at once (memory grows with it)")
     monitor: bool = True
-    drift_share: float = Field(DRIFT_SHARE, gt=0, le=1, description="share of monitored columns that must drift")
-    webhook: str | None = Field(None, description="URL that receives a JSON POST when drift is detected")
+    drift_share: float = Field(DRIFT_SHARE, gt=0, le=1, description="Evidently report: share of columns that make it say drift")
+    webhook: str | None = Field(None, description="URL that receives a JSON POST when a monitor alarms")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class AttributeResult:
     listed: int
     batches: int
     seconds: float
-    drift: dict[str, dict]  # model -> machine-readable drift verdict (this run's rows)
+    drift: dict[str, dict]  # model -> machine-readable monitoring of this run's rows: alarm, monitors, Evidently drift
     reports: dict[str, str]  # model -> where the HTML report went
 
 
@@ -157,44 +158,62 @@ def _unmonitored(results, rows: pd.DataFrame, detector: ResolvedVersion) -> pd.D
 
 
 def _monitor(config: AttributeConfig, detector: ResolvedVersion, window: pd.DataFrame, results) -> tuple[dict, str]:
-    """Drift of the unmonitored rows of one detector against its onboarding reference; the report
-    is stored next to the results and logged to MLflow, the watermark moved past the rows."""
+    """The monitors (:mod:`monitoring.monitors`) of the unmonitored rows of one detector against its
+    onboarding reference, and the Evidently drift report (for reading, not alarming). The report
+    is stored next to the results; metrics, sentences and the report go to MLflow; alarms to the
+    run log, a Prefect artifact and the webhook; the watermark moves past the rows."""
+    reference = load_reference(detector.run_id)
+    monitors = run_monitors(reference, window)
+    alarms = [m for m in monitors if m.alarm]
     scored = window[window["error"] == ""]
-    reference = load_reference(detector.run_id, sources=(OWN, "real"))
-    drift = check_drift(reference, scored, drift_share=config.drift_share)
+    base = reference[reference["source"].isin((OWN, "real"))]
+    drift = check_drift(base, scored, drift_share=config.drift_share) if len(scored) >= 2 else None
     stamps = window["scored_at"].astype(str)
     span = f"{len(window)} items scored {stamps.min()} to {stamps.max()}"
-    title = f"flipad drift: {detector.name} v{detector.version}, {span}"
-    html = drift.html(title)
+    title = f"flipad monitoring: {detector.name} v{detector.version}, {span}"
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    where = results.put(results.side_file_name(f"drift-{detector.name}-v{detector.version}-{stamp}.html"), html.encode())
-    summary = {**drift.summary(), "window": span, "report": where}
-    metrics = {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share, "items": float(len(window)),
+    where = ""
+    html = drift.html(title) if drift is not None else ""
+    if drift is not None:
+        where = results.put(results.side_file_name(f"drift-{detector.name}-v{detector.version}-{stamp}.html"), html.encode())
+    summary = {"alarm": bool(alarms), "alarms": [m.sentence for m in alarms], "monitors": [m.as_dict() for m in monitors],
+               **(drift.summary() if drift is not None else {"n_current": 0}), "window": span, "report": where}
+    metrics = {"alarm": float(bool(alarms)), "items": float(len(window)),
                "error_fraction": float((window["error"] != "").mean()),
-               "attributed_fraction": drift.attributed_fraction,
-               "reference_attributed_fraction": drift.reference_attributed_fraction,
-               **{metric_name(c, v): v["value"] for c, v in drift.columns.items()}}
-    log_monitoring_run(detector.name, detector.version, detector.run_id, detector.model_id, metrics, summary, html, span)
+               **{f"monitor_{m.name}_{k}": v for m in monitors
+                  for k, v in (("value", m.value), ("reference", m.reference), ("alarm", float(m.alarm)))}}
+    if drift is not None:
+        metrics |= {"drift_detected": float(drift.drifted), "drift_share": drift.drift_share,
+                    "attributed_fraction": drift.attributed_fraction,
+                    "reference_attributed_fraction": drift.reference_attributed_fraction,
+                    **{metric_name(c, v): v["value"] for c, v in drift.columns.items()}}
+    log_monitoring_run(detector.name, detector.version, detector.run_id, detector.model_id, metrics, summary, html, span,
+                       [m.sentence for m in monitors], [m.sentence for m in alarms])
     results.put(results.side_file_name(_watermark_name(detector)), json.dumps({"through": stamps.max()}).encode())
-    table = "\n".join(f"| {c} | {v['method']} | {v['kind'].replace('_', '-')} {v['value']:.4g} | "
-                      f"{'yes' if v['drifted'] else 'no'} |" for c, v in drift.columns.items())
     create_markdown_artifact(
-        key=f"drift-{detector.name}".lower().replace("_", "-").replace(".", "-"),
-        markdown=(f"## Drift of {detector.name} v{detector.version}: {'DRIFT' if drift.drifted else 'no drift'}\n\n"
-                  f"{span}; {drift.attributed_fraction:.3f} attributed (reference {drift.reference_attributed_fraction:.3f}, "
-                  f"compared at the stream's mix); report: {where}\n\n"
-                  f"| column | test | statistic | drifted |\n|---|---|---|---|\n{table}\n"),
-        description="flipad stream drift",
+        key=f"monitoring-{detector.name}".lower().replace("_", "-").replace(".", "-"),
+        markdown=_monitor_markdown(detector, monitors, span, where),
+        description="flipad stream monitoring",
     )
     log = get_run_logger()
-    if drift.drifted:
-        log.warning("drift detected for %s v%s: %.0f%% of monitored columns drifted over %s; report %s",
-                    detector.name, detector.version, 100 * drift.drift_share, span, where)
-        if config.webhook:
-            _post_alert(config.webhook, {"model": detector.name, "version": detector.version, **summary})
-    else:
-        log.info("no drift for %s v%s over %s; report %s", detector.name, detector.version, span, where)
+    for alarm in alarms:
+        log.warning("ALARM %s v%s, %s: %s", detector.name, detector.version, alarm.name, alarm.sentence)
+    if alarms and config.webhook:
+        _post_alert(config.webhook, {"model": detector.name, "version": detector.version, **summary})
+    if not alarms:
+        log.info("no alarm for %s v%s over %s; report %s", detector.name, detector.version, span, where)
     return summary, where
+
+
+def _monitor_markdown(detector: ResolvedVersion, monitors: list[MonitorResult], span: str, where: str) -> str:
+    """The monitors of one window as a Prefect artifact: the alarms' sentences, then every monitor."""
+    alarms = [m for m in monitors if m.alarm]
+    rows = "\n".join(f"| {m.name} | {m.protects} | {m.value:.4g} | {m.reference:.4g} | {m.n} | {m.p_value:.3g} | "
+                     f"{'**ALARM**' if m.alarm else 'ok'} |" for m in monitors)
+    said = "\n".join(f"- **{m.name}**: {m.sentence}" for m in alarms) or "No alarm."
+    return (f"## Monitoring of {detector.name} v{detector.version}: {'ALARM' if alarms else 'no alarm'}\n\n{span}; "
+            f"Evidently drift report: {where or 'none'}\n\n{said}\n\n"
+            f"| monitor | protects | value | reference | items | p-value | state |\n|---|---|---|---|---|---|---|\n{rows}\n")
 
 
 def _post_alert(url: str, body: dict) -> None:
@@ -202,7 +221,7 @@ def _post_alert(url: str, body: dict) -> None:
     try:
         urllib.request.urlopen(request, timeout=10).close()
     except OSError as exc:  # the alert is best effort; the warning above is already logged
-        get_run_logger().warning("drift webhook %s failed: %s", redact_url(url), exc)
+        get_run_logger().warning("alarm webhook %s failed: %s", redact_url(url), exc)
 
 
 def _score_and_commit(config: AttributeConfig, tracking_uri: str, detectors: list[ResolvedVersion],
@@ -257,7 +276,7 @@ def attribute_stream(config: AttributeConfig) -> AttributeResult:
         drift, reports = {}, {}
         for detector in detectors if config.monitor and len(all_rows) else ():
             window = _unmonitored(results, all_rows, detector)
-            if (window["error"] == "").sum() >= 2:
+            if len(window):
                 drift[detector.name], reports[detector.name] = _monitor(config, detector, window, results)
     new_rows = concat_rows(new_frames, RESULT_COLUMNS)
     return AttributeResult(all_rows, len(new_rows), listed, len(batches), time.perf_counter() - start, drift, reports)

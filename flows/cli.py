@@ -72,14 +72,38 @@ def main(
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
+class _ProgressHandler(logging.StreamHandler):
+    """Progress lines on stderr. On a terminal the running stage's status (the heartbeat's
+    indented lines, with their bar) is redrawn in place; elsewhere (logs, CI) each is a line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.live = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        terminal = getattr(self.stream, "isatty", lambda: False)()
+        message = self.format(record)
+        if terminal and message.startswith("  "):
+            self.stream.write(f"\r\033[K{message.strip()}")
+            self.live = True
+        else:
+            self.stream.write(("\r\033[K" if self.live else "") + message + "\n")
+            self.live = False
+        self.flush()
+
+
 def _show_progress() -> None:
-    """Progress lines of the flows (``flipad.progress``) on stderr, whatever the log level."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    """Progress lines (``flipad.progress``) on stderr, whatever the log level; a status redrawn
+    every second on a terminal, a line every 15 s otherwise."""
+    from flipad.progress import INTERVAL, set_interval
+
+    handler = _ProgressHandler()
     shown = logging.getLogger("flipad.progress")
     shown.handlers[:] = [handler]
     shown.setLevel(logging.INFO)
     shown.propagate = False
+    set_interval(1.0 if sys.stderr.isatty() else INTERVAL)
 
 
 def _fail(exc: Exception) -> None:
@@ -134,7 +158,7 @@ def _options(values: list[str]) -> dict:
     for item in values:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            _fail(ValueError(f"--option {item!r} is not KEY=VALUE"))
+            raise ValueError(f"--option {item!r} is not KEY=VALUE")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -188,6 +212,27 @@ def onboard(
         _check_device(device.value)
     except ValueError as exc:
         _fail(exc)
+    _show_progress()
+    from flipad.progress import stage
+
+    try:  # never silent: the stage's heartbeat speaks while the imports and Prefect start, and between stages
+        with stage(f"onboard {name}"):
+            _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples,
+                             num_validation, num_test, option, epochs, constrained, search_method, encoder_steps,
+                             search_steps, search_starts, num_perturbed, challenger_steps, open_world, detector, device,
+                             promote, deployment)
+    except _Failed as exc:  # said once the stage has said it failed, so the error is the last line
+        _fail(exc.args[0])
+
+
+class _Failed(Exception):
+    """An error a user can act on, raised inside a progress stage and reported by :func:`_fail` after it."""
+
+
+def _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples, num_validation,
+                     num_test, option, epochs, constrained, search_method, encoder_steps, search_steps, search_starts,
+                     num_perturbed, challenger_steps, open_world, detector, device, promote, deployment) -> None:
+    """The body of ``flipad onboard`` after the quick checks (inside its progress stage)."""
     from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
 
@@ -228,14 +273,14 @@ def onboard(
             return
         result = onboard_generator(config)
     except ValidationError as exc:
-        _fail(ValueError(_invalid(exc)))
+        raise _Failed(ValueError(_invalid(exc))) from None
     except (GeneratorLoadError, DataError, NotInvertibleError, TrackingUnavailableError, DeploymentRunError,
             RegistrationError, ValueError, LookupError) as exc:
-        _fail(exc)
+        raise _Failed(exc) from None
     except MlflowException as exc:  # the tracking server failed mid-run
-        _fail(RuntimeError(f"the tracking server failed during onboarding ({str(exc).splitlines()[0][:200]}); "
-                           "nothing was registered (the next onboarding ends a run left RUNNING as KILLED and "
-                           "removes a pending version); rerun when it is back"))
+        raise _Failed(RuntimeError(f"the tracking server failed during onboarding ({str(exc).splitlines()[0][:200]}); "
+                                   "nothing was registered (the next onboarding ends a run left RUNNING as KILLED and "
+                                   "removes a pending version); rerun when it is back")) from None
     typer.echo(result.results.to_string(index=False))
     typer.echo(
         f"registered {result.name} version {result.version} as {result.alias} "
@@ -255,7 +300,7 @@ def attribute(
     endpoint_url: str | None = typer.Option(None, help="S3-compatible endpoint URL (MinIO, ...)."),
     workers: int = typer.Option(0, help="Score on a local Dask cluster with this many worker processes (0: in-process)."),
     monitor: bool = typer.Option(True, help="Drift report against the onboarding reference."),
-    webhook: str | None = typer.Option(None, help="POST a JSON alert here when drift is detected."),
+    webhook: str | None = typer.Option(None, help="POST a JSON alert here when a monitor alarms."),
     deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
                                           "(e.g. attribute-stream/attribute-stream-hourly) instead of in this process."),
 ) -> None:
@@ -303,9 +348,10 @@ def attribute(
         _fail(exc)
     typer.echo(f"{result.new_rows} new rows from {result.listed} listed items in {result.batches} batches "
                f"({result.seconds:.1f} s); {len(result.rows)} rows in {output}")
-    for name, verdict in result.drift.items():
-        state = "DRIFT" if verdict["drifted"] else "no drift"
-        typer.echo(f"{name}: {state} ({verdict['drift_share']:.0%} of monitored columns); report {result.reports[name]}")
+    from monitoring.monitors import report_lines
+
+    for name, summary in result.drift.items():
+        typer.echo("\n".join(report_lines(name, summary, result.reports[name])))
 
 
 stack_app = typer.Typer(no_args_is_help=True, help="The production topology on this machine: MLflow + S3 + Prefect server + workers.")

@@ -27,6 +27,7 @@ from flipad.generators.sampling import generate_samples
 from flipad.generators.training import train_gan
 from flipad.io.data import DataError, encode_item, read_fashion_mnist
 from flipad.io.perturb import perturb
+from monitoring.monitors import report_lines
 
 from .attribute import AttributeConfig, attribute_stream
 from .datasets import ensure_fashion_mnist
@@ -147,9 +148,8 @@ def run_demo(workdir: Path, num_samples: int, num_validation: int, num_test: int
         f"attributed {stream} -> {workdir / 'results.csv'} ({attributed.new_rows} new rows, {attributed.seconds:.0f} s):",
         source_table(rows, stream).to_string(),
     ]
-    for name, verdict in attributed.drift.items():
-        lines.append(f"drift vs. the onboarding reference: {'DRIFT' if verdict['drifted'] else 'none'} "
-                     f"({verdict['drift_share']:.0%} of monitored columns; report {attributed.reports[name]})")
+    for name, summary in attributed.drift.items():
+        lines += ["monitoring against the onboarding reference:", *report_lines(name, summary, attributed.reports[name])]
     lines += [f"MLflow run: {onboarded.run_url}", f"open the MLflow UI on the same store: {onboarded.ui_command}",
               f"total {time.perf_counter() - start:.0f} s"]
     return "\n".join(lines)

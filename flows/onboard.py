@@ -14,6 +14,8 @@ import hashlib
 import logging
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -46,6 +48,7 @@ from flipad.generators.sampling import generate_samples
 from flipad.inversion.latent import ReconstructionConfig
 from flipad.io.data import encode_item, load_dataset, pixel_stats
 from flipad.io.perturb import perturb
+from flipad.progress import stage
 from registry.card import model_card
 from registry.runs import OnboardingRecord, log_run, onboarding_run
 from registry.store import connect, ui_command
@@ -176,7 +179,9 @@ class PrefectStages(Stages):
         self.computed = 0
 
     def _run(self, task_fn, *args) -> Any:
-        state = task_fn(*args, return_state=True)
+        _, samples, label = args
+        with stage(f"{task_fn.name} [{label}]", len(samples)):
+            state = task_fn(*args, return_state=True)
         if state.name == "Cached":
             self.cached += 1
         else:
@@ -298,7 +303,8 @@ def _git_commit() -> str:
 
 def _reference(scores: dict[str, Scores], samples: dict[str, np.ndarray]) -> pd.DataFrame:
     """Per held-out item: source, score and input/stage summaries, the reference monitoring compares
-    with, as attribution scores them (``Scores.attributed`` where it differs from the exhaustive)."""
+    with, as attribution scores them (``Scores.attributed`` where it differs from the exhaustive):
+    the own items pristine and re-saved, real items, negatives and look-alikes."""
     frames = []
     for name, s in scores.items():
         s = s.attributed or s
@@ -308,6 +314,8 @@ def _reference(scores: dict[str, Scores], samples: dict[str, np.ndarray]) -> pd.
             "source": name, "score": s.score, "is_generated": s.is_generated(),
             "residual": s.diagnostics.get("residual", nan), "sparsity": s.diagnostics.get("sparsity", nan),
             "latent_loss": s.diagnostics.get("latent_loss", nan), "pixel_mean": pixel_mean, "pixel_std": pixel_std,
+            **({"height": float(samples[name].shape[-2]), "width": float(samples[name].shape[-1])}
+               if samples[name].ndim == 4 else {}),
         }))
     return pd.concat(frames, ignore_index=True)
 
@@ -323,7 +331,7 @@ def open_world_sets(detector: Detector, config: OnboardConfig, real: np.ndarray,
     challengers: dict[str, np.ndarray] = {}
     if not config.open_world or own.ndim != 4 or own.dtype != np.uint8:
         return variants, challengers
-    for name in ("jpeg q90", "jpeg q80"):
+    for name in ("jpeg q90", "jpeg q80", "jpeg q70"):  # q70: the lowest the default thresholds are calibrated on
         variants[f"{OWN} {name}"] = perturb(own[:n], name)
     latent_shape = detector.generator_info()["latent_shape"]
     built = build_challengers(detector.module, latent_shape, real, detector.sample_range, seeds.challengers,
@@ -343,34 +351,63 @@ def onboard_generator(config: OnboardConfig) -> OnboardResult:
     Everything after the tracking server answers runs inside one MLflow run, so a failure at any
     step leaves a FAILED run with its reason, never a half-registered version."""
     tracking_uri = connect()  # an unreachable server fails here, before any work
-    with onboarding_run(config.name):
+    with onboarding_run(config.name), progress_to_run_log():
         return _onboard(config, tracking_uri)
+
+
+class _RunLogHandler(logging.Handler):
+    """Forwards ``flipad.progress`` lines to a flow run's logger (the Prefect UI's run log)."""
+
+    def __init__(self, run_logger: logging.LoggerAdapter) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.info(record.getMessage())
+
+
+@contextmanager
+def progress_to_run_log() -> Iterator[None]:
+    """While the flow runs, its progress lines (:mod:`flipad.progress`) also go to its run log."""
+    handler = _RunLogHandler(get_run_logger())
+    shown = logging.getLogger("flipad.progress")
+    shown.addHandler(handler)
+    if shown.level == logging.NOTSET or shown.level > logging.INFO:
+        shown.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        shown.removeHandler(handler)
 
 
 def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    detector, source = build_detector(config)
-    test = {OWN: detector.generate(config.num_test, seed=Seeds(config.seed).test)}
-    shape = tuple(test[OWN].shape[1:])
-    train: dict[str, np.ndarray] = {}
-    for k, path in enumerate((config.real, *config.negatives)):
-        label = "real" if k == 0 else f"negatives_{k}"
-        train[label], test[label] = load_split(path, shape, config.num_samples, config.num_test, config.seed + k)
+    with stage("load the generator and the data"):
+        detector, source = build_detector(config)
+        test = {OWN: detector.generate(config.num_test, seed=Seeds(config.seed).test)}
+        shape = tuple(test[OWN].shape[1:])
+        train: dict[str, np.ndarray] = {}
+        for k, path in enumerate((config.real, *config.negatives)):
+            label = "real" if k == 0 else f"negatives_{k}"
+            train[label], test[label] = load_split(path, shape, config.num_samples, config.num_test, config.seed + k)
     timings["time_sample_and_load_s"] = time.perf_counter() - start
 
     stages = PrefectStages()
     start = time.perf_counter()
-    detector.fit(real=train["real"], negatives=[v for k, v in train.items() if k != "real"], stages=stages)
+    with stage(f"fit the {detector.kind} detector"):
+        detector.fit(real=train["real"], negatives=[v for k, v in train.items() if k != "real"], stages=stages)
     timings["time_fit_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    variants, challengers = open_world_sets(detector, config, train["real"], test[OWN])
+    with stage("build the look-alike challengers", config.challenger_steps if config.open_world else None, "GAN steps"):
+        variants, challengers = open_world_sets(detector, config, train["real"], test[OWN])
     test.update(challengers)
     timings["time_challengers_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    scores = {name: detector.score(x, stages, exhaustive=True) for name, x in test.items()}
-    own_variants = {name: detector.score(x, stages, exhaustive=True) for name, x in variants.items()}
-    metrics, table = evaluate(detector, scores, own_variants)
+    with stage("evaluate on the held-out sets", sum(map(len, [*test.values(), *variants.values()]))):
+        scores = {name: detector.score(x, stages, exhaustive=True) for name, x in test.items()}
+        own_variants = {name: detector.score(x, stages, exhaustive=True) for name, x in variants.items()}
+        metrics, table = evaluate(detector, scores, own_variants)
     timings["time_evaluate_s"] = time.perf_counter() - start
     metrics.update(detector.fit_summary())
     metrics.update(timings)
@@ -389,7 +426,7 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
         scores={name: s.score for name, s in scores.items()},
         own_source=OWN,
         mean_activations=detector.feature_means(test, stages),
-        reference=_reference(scores, test),
+        reference=_reference({**scores, **own_variants}, {**test, **variants}),
         input_example=[encode_item(test[OWN][i]) for i in range(min(2, config.num_test))],
         tags={"generator_sha256": weights_fingerprint(detector.module), "detector_kind": detector.kind,
               "flipad_version": flipad.__version__, "git_commit": _git_commit(), "mlflow.source.git.commit": _git_commit(),
@@ -408,16 +445,17 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
         f"git checkout {record.tags['git_commit']}\npython -c 'from flows.onboard import OnboardConfig, onboard_generator; "
         f"onboard_generator(OnboardConfig.model_validate_json({config.model_dump_json()!r}))'",
     )
-    logged = log_run(record)
-    registration: Registration = register_version(
-        config.name,
-        logged.model_uri,
-        metrics["worst_balanced_accuracy"],
-        lambda champion: primary_metric(champion, test, stages),
-        promote=config.promote,
-        tags={**record.tags, "run_id": logged.run_id},
-        description=record.card,
-    )
+    with stage("log the run and register the version in MLflow"):
+        logged = log_run(record)
+        registration: Registration = register_version(
+            config.name,
+            logged.model_uri,
+            metrics["worst_balanced_accuracy"],
+            lambda champion: primary_metric(champion, test, stages),
+            promote=config.promote,
+            tags={**record.tags, "run_id": logged.run_id},
+            description=record.card,
+        )
     return OnboardResult(
         config.name, registration.version, registration.alias, logged.run_id, logged.run_url, tracking_uri,
         ui_command(tracking_uri), metrics, table, cached, detector,

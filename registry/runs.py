@@ -216,18 +216,22 @@ def load_reference(run_id: str, sources: tuple[str, ...] | None = None) -> pd.Da
 
 
 def log_monitoring_run(name: str, version: str, onboarding_run_id: str, model_id: str, metrics: dict[str, float],
-                       summary: dict, report_html: str, window: str) -> str:
+                       summary: dict, report_html: str, window: str, sentences: list[str] = (),
+                       alarms: list[str] = ()) -> str:
     """One monitoring run per attribution execution in ``flipad/NAME/monitoring``; returns its run id.
 
     The run is linked to what it monitors: the version's logged model as the run's model input
-    (MLflow 3), and a description with links to the registered version and its onboarding run.
+    (MLflow 3), and a description with links to the registered version and its onboarding run,
+    each alarm's sentence (``alarms``) and every monitor's (``sentences``).
     """
     from mlflow.entities import LoggedModelInput
 
     mlflow.set_experiment(f"{experiment_name(name)}/monitoring")
-    description = (f"Drift of the stream scored by [{name} v{version}](#/models/{name}/versions/{version}) "
+    said = "".join(f"\n- **ALARM**: {s}" for s in alarms) + "".join(f"\n- {s}" for s in sentences if s not in alarms)
+    description = (f"Monitoring of the stream scored by [{name} v{version}](#/models/{name}/versions/{version}) "
                    f"({window}) against the reference of its onboarding run `{onboarding_run_id}`: "
-                   f"{'**DRIFT**' if summary.get('drifted') else 'no drift'}. Report: `drift/report.html`.")
+                   f"{'**ALARM**' if alarms else 'no alarm'}.{said}\n\nEvidently drift report (for reading): "
+                   "`drift/report.html`.")
     tags = {"model": name, "version": version, "flipad.onboarding_run_id": onboarding_run_id,
             "flipad.window": window, "mlflow.note.content": description}
     with mlflow.start_run(run_name=f"attribute-{name}-v{version}", tags=tags) as run:
@@ -235,5 +239,6 @@ def log_monitoring_run(name: str, version: str, onboarding_run_id: str, model_id
             mlflow.MlflowClient().log_inputs(run.info.run_id, models=[LoggedModelInput(model_id)])
         mlflow.log_metrics(metrics)
         mlflow.log_dict(redact_params(summary), "drift/summary.json")
-        mlflow.log_text(report_html, "drift/report.html")
+        if report_html:
+            mlflow.log_text(report_html, "drift/report.html")
     return run.info.run_id

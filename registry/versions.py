@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlflow
@@ -106,6 +107,22 @@ def load_detector(name: str, which: str = f"@{CHAMPION}") -> tuple[Detector, str
     return python_model.detector, version
 
 
+@contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """MLflow's own prints to stderr ("Registered model ... already exists. Creating a new version")
+    silenced, unless its logger is at INFO or below (``flipad -v``)."""
+    from mlflow.utils import logging_utils
+
+    if logging.getLogger("mlflow").getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    logging_utils.disable_logging()
+    try:
+        yield
+    finally:
+        logging_utils.enable_logging()
+
+
 def register_version(
     name: str,
     model_uri: str,
@@ -144,7 +161,8 @@ def register_version(
     except MlflowException:
         client.create_registered_model(name, description=f"Attribution detectors for generator {name} (flipad)")
     _remove_unfinished(client, name)
-    version = mlflow.register_model(model_uri, name, tags={**(tags or {}), REGISTRATION_TAG: "pending"})
+    with _quiet_mlflow():
+        version = mlflow.register_model(model_uri, name, tags={**(tags or {}), REGISTRATION_TAG: "pending"})
     try:
         decision = f"## Promotion\n{alias} when registered: {reason}.\n"
         client.update_model_version(name, str(version.version), description=f"{description}\n\n{decision}".lstrip())

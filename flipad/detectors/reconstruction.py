@@ -35,6 +35,7 @@ from ..inversion.latent import ReconstructionConfig, reconstruction_trajectories
 from ..inversion.tangents import search_jacobian
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
+from ..progress import stage
 from .base import (
     INLINE,
     Detector,
@@ -197,7 +198,8 @@ class ReconstructionLossDetector(Detector):
         perturbation (so the FNR holds for recompressed copies too). Returns self."""
         self._prepare()
         if self.config.method == "encoder-lm":
-            self.search_.train_encoder()
+            with stage("train the latent search's encoder", self.config.encoder_steps, "batches"):
+                self.search_.train_encoder()
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
         pristine = stages.trajectories(self.search_, validation, "generated (validation)")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..device import resolve_device
 from ..io.data import to_output_range
+from ..progress import report
 from .architectures import DCGANDiscriminator, EBGANDiscriminator
 
 __all__ = ["train_gan", "LOSSES"]
@@ -89,6 +90,7 @@ def train_gan(
         g_loss = _generator_loss(loss, disc, fake)
         g_loss.backward()
         opt_g.step()
+        report(1)
     logger.info("GAN (%s) trained for %d steps: d_loss %.3f, g_loss %.3f", loss, steps, d_loss.item(), g_loss.item())
     return generator.cpu().eval()
 

@@ -24,6 +24,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..progress import report
+
 __all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse", "quantisation_floor",
            "train_encoder"]
 
@@ -106,6 +108,7 @@ def train_encoder(
             p.grad = g
         opt.step()
         schedule.step()
+        report(1)
     return encoder.eval()
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..progress import report
+
 from .amortised import Differentiate, Exits, LatentEncoder, lm_trajectories, quantisation_floor
 from .metrics import METRICS, ResidualMetric
 
@@ -112,6 +114,7 @@ def reconstruction_trajectories(
                                        differentiate=differentiate).cpu())
         else:
             out.append(_search(module, latent_shape, batch, config, config.seed + start, metric).cpu()[:, None])
+        report(len(batch))
     return torch.cat(out) if out else torch.empty(0, columns)
 
 
