@@ -252,7 +252,7 @@ def run_monitors(reference: pd.DataFrame, window: pd.DataFrame, tolerances: Tole
         raise ValueError("no rows to monitor")
     scored = pd.to_numeric(window["threshold"], errors="coerce").dropna()
     threshold = float(scored.iloc[0]) if len(scored) else float("nan")
-    window = window.assign(score=pd.to_numeric(window["score"], errors="coerce"))
+    window = window.reset_index(drop=True).assign(score=pd.to_numeric(window["score"], errors="coerce").to_numpy())
     verdicts = _verdicts(window)
     return [monitor(reference, window, verdicts, threshold, tolerances) for monitor in MONITORS.values()]
 
