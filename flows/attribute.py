@@ -28,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from flipad.io.scoring import ITEM_COLUMNS, ItemResult
 from monitoring.drift import DRIFT_SHARE, check_drift, metric_name
 from monitoring.monitors import MonitorResult, run_monitors
+from flipad.keys import KeySet, check_secret, read_secret_file, secret_from_environment
+from registry.keysets import keysets, public_keysets
 from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run
 from registry.store import connect
@@ -66,6 +68,9 @@ class AttributeConfig(BaseModel):
     monitor: bool = True
     drift_share: float = Field(DRIFT_SHARE, gt=0, le=1, description="Evidently report: share of columns that make it say drift")
     webhook: str | None = Field(None, description="URL that receives a JSON POST when a monitor alarms")
+    secret_file: str | None = Field(None, description="the key sets' master secret, a file with owner-only permissions "
+                                    "(default $FLIPAD_KEY_SECRET_FILE, else $FLIPAD_KEY_SECRET)")
+    secret_block: str | None = Field(None, description="the master secret as a Prefect Secret block of this name")
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,29 @@ def _model(tracking_uri: str, name: str, version: str):
     """The registered pyfunc's Python model, loaded once per process (also in each Dask worker)."""
     mlflow.set_tracking_uri(tracking_uri)
     return load_model(name, version)[0]
+
+
+def master_secret(secret_file: str | None = None, secret_block: str | None = None) -> bytes | None:
+    """The key sets' master secret: ``secret_file``, the Prefect ``Secret`` block ``secret_block``,
+    or the environment (:func:`flipad.keys.secret_from_environment`); None when none is given.
+    Only where it comes from travels in the flow's parameters, never the secret."""
+    if secret_file:
+        return read_secret_file(secret_file)
+    if secret_block:
+        from prefect.blocks.system import Secret
+
+        return check_secret(str(Secret.load(secret_block).get()).encode(), f"Prefect Secret block {secret_block!r}")
+    return secret_from_environment()
+
+
+@lru_cache(maxsize=16)
+def _keysets(tracking_uri: str, name: str, secret_file: str | None, secret_block: str | None) -> tuple[KeySet, ...]:
+    """The key sets of the model ``name`` rebuilt from the master secret (empty without key sets or a secret)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    if not public_keysets(name):
+        return ()
+    secret = master_secret(secret_file, secret_block)
+    return tuple(keysets(name, secret)) if secret else ()
 
 
 @task(name="list-new-items", retries=2, retry_delay_seconds=2, persist_result=False)
@@ -129,7 +157,8 @@ def score_batch(
         refs = [ref for ref, need in batch if k in need and ref.uri in payload]
         if not refs:
             continue
-        results = _model(tracking_uri, detector.name, detector.version).score_bytes([payload[r.uri] for r in refs])
+        keys = list(_keysets(tracking_uri, detector.name, config.secret_file, config.secret_block))
+        results = _model(tracking_uri, detector.name, detector.version).score_bytes([payload[r.uri] for r in refs], keys)
         rows += [_row(ref, detector, result) for ref, result in zip(refs, results)]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
@@ -176,10 +205,13 @@ def _monitor(config: AttributeConfig, detector: ResolvedVersion, window: pd.Data
     html = drift.html(title) if drift is not None else ""
     if drift is not None:
         where = results.put(results.side_file_name(f"drift-{detector.name}-v{detector.version}-{stamp}.html"), html.encode())
+    keyed = _keyed_shares(window)
     summary = {"alarm": bool(alarms), "alarms": [m.sentence for m in alarms], "monitors": [m.as_dict() for m in monitors],
+               "keyed_share": keyed,
                **(drift.summary() if drift is not None else {"n_current": 0}), "window": span, "report": where}
     metrics = {"alarm": float(bool(alarms)), "items": float(len(window)),
                "error_fraction": float((window["error"] != "").mean()),
+               **{f"keyed_share_v{version}": share for version, share in keyed.items()},
                **{f"monitor_{m.name}_{k}": v for m in monitors
                   for k, v in (("value", m.value), ("reference", m.reference), ("alarm", float(m.alarm)))}}
     if drift is not None:
@@ -203,6 +235,20 @@ def _monitor(config: AttributeConfig, detector: ResolvedVersion, window: pd.Data
     if not alarms:
         log.info("no alarm for %s v%s over %s; report %s", detector.name, detector.version, span, where)
     return summary, where
+
+
+def _keyed_shares(window: pd.DataFrame) -> dict[str, float]:
+    """Per key set version, the share of attributed items that carry one of its keys (reported,
+    never alarmed on: which recipients' content arrives is the stream's business)."""
+    if "key_set" not in window:
+        return {}
+    attributed = window[window["verdict"] == "attributed"] if "verdict" in window else window.iloc[:0]
+    read = attributed[attributed["key_set"].fillna("").astype(str) != ""]
+    if not len(read):
+        return {}
+    keyed = read[read["key_id"].fillna("").astype(str) != ""]
+    return {str(v): float((keyed["key_set"].astype(str) == str(v)).sum() / len(attributed))
+            for v in sorted(read["key_set"].astype(str).unique())}
 
 
 def _monitor_markdown(detector: ResolvedVersion, monitors: list[MonitorResult], span: str, where: str) -> str:
@@ -263,6 +309,7 @@ def attribute_stream(config: AttributeConfig) -> AttributeResult:
     start = time.perf_counter()
     tracking_uri = connect()
     detectors = [resolve_version(*parse_model_ref(ref)) for ref in config.models]
+    master_secret(config.secret_file, config.secret_block)  # a missing or world-readable secret file fails here, before any work
     results = open_results(config.output, config.endpoint_url)
     results.check_writable()
     with results.lease():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from enum import Enum
@@ -301,10 +302,15 @@ def attribute(
     workers: int = typer.Option(0, help="Score on a local Dask cluster with this many worker processes (0: in-process)."),
     monitor: bool = typer.Option(True, help="Drift report against the onboarding reference."),
     webhook: str | None = typer.Option(None, help="POST a JSON alert here when a monitor alarms."),
+    secret_file: Path | None = typer.Option(None, help="The key sets' master secret (owner-only permissions; default "
+                                            "$FLIPAD_KEY_SECRET_FILE): adds the recipient of keyed items."),
+    secret_block: str | None = typer.Option(None, help="The master secret as a Prefect Secret block of this name."),
     deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
                                           "(e.g. attribute-stream/attribute-stream-hourly) instead of in this process."),
 ) -> None:
     """Score new items of a folder or S3 prefix with registered detectors (exactly once per item version)."""
+    if secret_file is not None:
+        _check_secret_file(secret_file)
     from pydantic import ValidationError
 
     from flows.storage import StorageError
@@ -330,7 +336,9 @@ def attribute(
                 raise ValueError("--workers applies to runs in this process; a deployment's work pool decides where it runs")
             input, output = absolute_location(input), absolute_location(output)
         config = AttributeConfig(models=tuple(model), input=input, output=output, batch_size=batch_size,
-                                 endpoint_url=endpoint_url, monitor=monitor, webhook=webhook)
+                                 endpoint_url=endpoint_url, monitor=monitor, webhook=webhook,
+                                 secret_file=str(secret_file.resolve()) if secret_file else None,
+                                 secret_block=secret_block)
         if deployment:
             run = run_through_deployment(deployment, config)
             typer.echo(f"flow run {run.name} ({run.id}) of {deployment} completed on a worker; results in {output}")
@@ -352,6 +360,104 @@ def attribute(
 
     for name, summary in result.drift.items():
         typer.echo("\n".join(report_lines(name, summary, result.reports[name])))
+
+
+def _check_secret_file(path: Path) -> bytes:
+    """The master secret in ``path``, or one line saying why it is refused (missing, readable by
+    others, too short)."""
+    from flipad.keys import SecretError, read_secret_file
+
+    try:
+        return read_secret_file(path)
+    except SecretError as exc:
+        _fail(exc)
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Keyed sampling: key sets that tell which recipient made an image.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    name: str = typer.Argument(..., help="An onboarded generator's registered model."),
+    secret_file: Path = typer.Option(..., help="The master secret: a file with owner-only permissions (chmod 600)."),
+    recipients: str = typer.Option(..., help="A file with one recipient name per line, or N (named r0001...)."),
+) -> None:
+    """Register a new key set version for NAME (only names and key ids reach MLflow)."""
+    secret = _check_secret_file(secret_file)
+    from flipad.keys import KeySet, recipient_names
+    from registry.keysets import next_keyset_version, register_keyset
+    from registry.store import TrackingUnavailableError, connect
+    from registry.versions import load_detector
+
+    try:
+        names = recipient_names(int(recipients) if recipients.isdigit() else Path(recipients).read_text().splitlines())
+        connect()
+        detector, _ = load_detector(name)
+        latent_dim = math.prod(detector.generator_info()["latent_shape"])
+        keys = KeySet(secret, names, latent_dim, next_keyset_version(name))
+        run_id = register_keyset(name, keys)
+    except (OSError, ValueError, LookupError, TrackingUnavailableError) as exc:
+        _fail(exc)
+    typer.echo(f"registered key set version {keys.version} of {name}: {len(names)} recipients (run {run_id}); "
+               "keep the secret file: every version's keys are derived from it")
+
+
+@keys_app.command("list")
+def keys_list(name: str = typer.Argument(..., help="A registered model.")) -> None:
+    """The key set versions of NAME with their recipients' names and key ids."""
+    from registry.keysets import public_keysets
+    from registry.store import connect
+
+    try:
+        connect()
+        sets = public_keysets(name)
+    except (ValueError, LookupError) as exc:
+        _fail(exc)
+    for version, public in sets.items():
+        shown = ", ".join(f"{r['name']} ({r['key_id']})" for r in public["recipients"][:5])
+        more = len(public["recipients"]) - 5
+        typer.echo(f"v{version}: {len(public['recipients'])} recipients: {shown}{f', ... {more} more' if more > 0 else ''}")
+
+
+@app.command()
+def sample(
+    name: str = typer.Argument(..., help="An onboarded generator's registered model (its champion's generator)."),
+    secret_file: Path = typer.Option(..., help="The master secret the key set was made with."),
+    key: str = typer.Option(..., help="The recipient's name."),
+    n: int = typer.Option(16, "-n", help="How many samples."),
+    out: Path = typer.Option(..., help="The folder the PNGs are written to."),
+    key_set: str | None = typer.Option(None, help="The key set version (default: the newest)."),
+    seed: int | None = typer.Option(None, help="Seed of the magnitudes (default: fresh randomness)."),
+) -> None:
+    """Draw N samples keyed for one recipient as PNGs (what a serving application does with flipad.keys.KeyedSampler)."""
+    secret = _check_secret_file(secret_file)
+    import secrets
+
+    from flipad.io.data import encode_item
+    from flipad.io.files import atomic_write
+    from flipad.keys import KeyedSampler
+    from registry.keysets import keysets
+    from registry.store import connect
+    from registry.versions import load_detector
+
+    try:
+        connect()
+        detector, _ = load_detector(name)
+        versions = {k.version: k for k in keysets(name, secret)}
+        if not versions:
+            raise LookupError(f"{name} has no key set; create one with 'flipad keys new {name}'")
+        version = key_set or max(versions, key=int)
+        if version not in versions:
+            raise LookupError(f"--key-set {key_set}: {name} has key sets {', '.join(sorted(versions, key=int))}")
+        chosen = versions[version]
+        sampler = KeyedSampler(detector.module, detector.generator_info()["latent_shape"], chosen, detector.sample_range)
+        images = sampler.sample(key, n, secrets.randbits(63) if seed is None else seed)
+    except (KeyError, ValueError, LookupError) as exc:
+        _fail(exc if not isinstance(exc, KeyError) else LookupError(f"--key: {exc.args[0]}"))
+    for i, image in enumerate(images):
+        atomic_write(out / f"{key}-{i:05d}.png", encode_item(image))
+    typer.echo(f"{len(images)} samples keyed for {key} (key set v{chosen.version}) in {out}")
 
 
 stack_app = typer.Typer(no_args_is_help=True, help="The production topology on this machine: MLflow + S3 + Prefect server + workers.")

@@ -17,11 +17,15 @@ import pandas as pd
 
 from flipad.detectors.bundle import load_bundle
 from flipad.io.scoring import ITEM_COLUMNS, ItemResult, score_items
+from flipad.keys import KeySet, secret_from_environment
+
+from .keysets import keysets
 
 __all__ = ["FlipadModel", "INPUT_COLUMN", "OUTPUT_COLUMNS", "to_request_cell"]
 
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ["score", "threshold", "is_generated", "verdict", "reason", "error"]
+OUTPUT_COLUMNS = ["score", "threshold", "is_generated", "verdict", "reason", "error", "key_id", "key_bits_correct",
+                  "key_p_value"]
 
 
 def to_request_cell(data: bytes) -> str:
@@ -44,16 +48,22 @@ class FlipadModel(mlflow.pyfunc.PythonModel):
     Returns one row per input with ``score`` (higher = more typical of the generator),
     ``threshold``, ``is_generated`` (None when undecided), ``verdict`` (attributed, not
     attributed, undecided or error), ``reason`` (why undecided) and ``error`` (empty unless the
-    item could not be scored).
+    item could not be scored); for a generator with key sets, served with the owner's secret
+    (``FLIPAD_KEY_SECRET_FILE`` or ``FLIPAD_KEY_SECRET``) and its tracking server reachable,
+    ``key_id`` (the recipient; empty for "no key"), ``key_bits_correct`` and ``key_p_value``.
     Runs on CUDA when the serving machine has it (``FLIPAD_DEVICE`` overrides).
     """
 
     def load_context(self, context) -> None:
         self.detector = load_bundle(context.artifacts["bundle"], device=os.environ.get("FLIPAD_DEVICE", "auto"))
+        name = (getattr(context, "model_config", None) or {}).get("name")
+        secret = secret_from_environment()
+        self.keysets = keysets(name, secret) if name and secret else []
 
-    def score_bytes(self, items: list[bytes]) -> list[ItemResult]:
-        """Score raw encoded items (the flow's entry point, without base64)."""
-        return score_items(self.detector, items)
+    def score_bytes(self, items: list[bytes], keysets: list[KeySet] | None = None) -> list[ItemResult]:
+        """Score raw encoded items (the flow's entry point, without base64); ``keysets`` (default:
+        those loaded with the model) read the recipients of attributed items."""
+        return score_items(self.detector, items, self.keysets if keysets is None else keysets)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):

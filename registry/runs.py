@@ -34,6 +34,7 @@ from flipad.generators.loading import GeneratorSource
 from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell
 from .redact import redact_params
+from .store import experiment_name
 
 __all__ = ["OnboardingRecord", "LoggedRun", "log_run", "experiment_name", "load_reference", "log_monitoring_run", "model_definition", "model_requirements", "onboarding_run", "REFERENCE_ARTIFACT"]
 
@@ -45,7 +46,8 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
     outputs=Schema([ColSpec("double", "score"), ColSpec("double", "threshold"),
                     ColSpec("boolean", "is_generated", required=False), ColSpec("string", "verdict"),
-                    ColSpec("string", "reason"), ColSpec("string", "error")]),
+                    ColSpec("string", "reason"), ColSpec("string", "error"), ColSpec("string", "key_id"),
+                    ColSpec("double", "key_bits_correct", required=False), ColSpec("double", "key_p_value", required=False)]),
 )
 
 
@@ -75,10 +77,6 @@ class LoggedRun:
     experiment_id: str
     model_uri: str
     run_url: str
-
-
-def experiment_name(name: str) -> str:
-    return f"flipad/{name}"
 
 
 def model_definition(bundle: Path) -> dict[str, Any]:
@@ -199,6 +197,7 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
             info = mlflow.pyfunc.log_model(
                 name=record.name,  # the logged model is named after the generator it attributes to
                 input_example=example,
+                model_config={"name": record.name},  # the served model finds its key sets by it
                 **model_definition(bundle),
             )
     uri = mlflow.get_tracking_uri()

@@ -12,7 +12,7 @@ import mlflow
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrackingUnavailableError", "connect", "ui_command"]
+__all__ = ["TrackingUnavailableError", "connect", "experiment_name", "ui_command"]
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -55,3 +55,9 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def experiment_name(name: str) -> str:
+    """The MLflow experiment of the registered model ``name``'s onboarding runs (its monitoring and
+    key set runs live in sub-experiments ``/monitoring`` and ``/keys``)."""
+    return f"flipad/{name}"

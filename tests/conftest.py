@@ -113,3 +113,27 @@ def real_folder(tmp_path_factory, fashion_test):
         sub.mkdir(exist_ok=True)
         (sub / f"{i:04d}.png").write_bytes(encode_item(img))
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_onboarded(tracking, tmp_path_factory, fashion_train, fashion_test):
+    """The demo's shipped generator (32x32 grey DCGAN trained 1,000 steps, latent 64) onboarded as
+    ``demo-default`` with the default detector (reconstruction loss, calibrated on JPEG q95-q70) at
+    reduced sizes: (the flow's result, the served model, the monitoring reference, the demo's
+    other-seed look-alike generator)."""
+    from flows import demo
+    from flows.onboard import OnboardConfig, onboard_generator
+    from registry.runs import load_reference
+    from registry.versions import load_model
+
+    work = tmp_path_factory.mktemp("demo-default")
+    _, weights = demo.demo_generator(work, 0, 1000, fashion_train, "cpu")
+    other, _ = demo.demo_generator(work, 1, 1000, fashion_train, "cpu")
+    real = work / "real.npy"
+    np.save(real, np.concatenate([fashion_train[-400:], fashion_test[:300]]))
+    result = onboard_generator(OnboardConfig(
+        name="demo-default", generator="dcgan", weights=str(weights), generator_kwargs=demo.DEMO_GENERATOR,
+        real=str(real), num_samples=400, num_validation=200, num_perturbed=150, num_test=150, num_challenger=150,
+        challenger_steps=100, encoder_steps=400, fnr=(0.005,)))
+    model, _ = load_model("demo-default", result.version)
+    return result, model, load_reference(result.run_id), other

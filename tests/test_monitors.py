@@ -16,30 +16,15 @@ from flipad.generators.sampling import generate_samples
 from flipad.io.data import encode_item
 from flows import demo
 from flows.attribute import AttributeConfig, attribute_stream
-from flows.onboard import OnboardConfig, onboard_generator
 from monitoring.monitors import ALPHA, MONITORS, run_monitors
-from registry.runs import load_reference
-from registry.versions import load_model
 
-MODEL = "monitored-gen"
+MODEL = "demo-default"
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def onboarded(tracking, tmp_path_factory, fashion_train, fashion_test):
-    """The demo's shipped generator, onboarded with the default detector (reconstruction loss,
-    calibrated on JPEG q95-q70) at reduced sizes; its served model and its reference."""
-    work = tmp_path_factory.mktemp("monitored")
-    generator, weights = demo.demo_generator(work, 0, 1000, fashion_train, "cpu")
-    other, _ = demo.demo_generator(work, 1, 1000, fashion_train, "cpu")
-    real = work / "real.npy"
-    np.save(real, np.concatenate([fashion_train[-400:], fashion_test[:300]]))
-    result = onboard_generator(OnboardConfig(
-        name=MODEL, generator="dcgan", weights=str(weights), generator_kwargs=demo.DEMO_GENERATOR, real=str(real),
-        num_samples=400, num_validation=200, num_perturbed=150, num_test=150, num_challenger=150, challenger_steps=100,
-        encoder_steps=400, fnr=(0.005,)))
-    model, _ = load_model(MODEL, result.version)
-    return result, model, load_reference(result.run_id), other
+def onboarded(demo_onboarded):
+    return demo_onboarded
 
 
 def _rows(model, items: list[bytes]) -> pd.DataFrame:

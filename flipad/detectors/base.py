@@ -204,6 +204,11 @@ class Detector(CalibratedDetector):
         """The verdict's score negated (small = typical): the space the thresholds are set in."""
         return -torch.as_tensor(self.score(samples).score, dtype=torch.float64)
 
+    def latent_search(self) -> LatentSearch | None:
+        """The fitted latent search with its encoder, which reading keys inverts with
+        (:mod:`flipad.keys`); None for families without one."""
+        return None
+
     def calibrated_jpeg_quality(self) -> float | None:
         """The lowest JPEG quality the thresholds were calibrated on (JPEG items re-saved below it
         are ``undecided``); None when no JPEG re-save was calibrated and every item is decided."""

@@ -220,6 +220,10 @@ class ReconstructionLossDetector(Detector):
         self._check_fitted()
         return self.search_.losses(samples)
 
+    def latent_search(self) -> LatentSearch | None:
+        self._check_fitted()
+        return self.search_ if self.search_.encoder is not None else None
+
     def calibrated_jpeg_quality(self) -> float | None:
         self._check_fitted()
         qualities = [PERTURBATIONS[name][1] for name in self.condition_scores_ if PERTURBATIONS[name][0] == "jpeg"]

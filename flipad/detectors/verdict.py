@@ -115,6 +115,10 @@ class AttributionDetector(Detector):
     def feature_means(self, samples: dict[str, np.ndarray], stages: Stages = INLINE) -> dict[str, np.ndarray]:
         return {} if self.flipad_ is None else self.flipad_.feature_means(samples, stages)
 
+    def latent_search(self):
+        self._check_fitted()
+        return self.reconstruction_.latent_search()
+
     def fit(
         self,
         generated: np.ndarray | None = None,

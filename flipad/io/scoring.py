@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
 from ..detectors.base import Detector
+from ..keys import KeySet, best_matches
 from .data import DataError, ItemInfo, decode_item, item_info, pixel_stats
 
 __all__ = ["ItemResult", "ITEM_COLUMNS", "VERDICTS", "score_items", "undecided_reason"]
@@ -27,7 +28,10 @@ class ItemResult:
     still reported), ``error`` where it could not be scored (``error`` says why). ``residual``
     and ``sparsity`` describe the final-layer inversion, ``latent_loss`` the latent search,
     ``pixel_mean``/``pixel_std`` the input; ``format``, ``height``, ``width`` and
-    ``jpeg_quality`` (estimated, JPEG only) what arrived. NaN where they do not apply.
+    ``jpeg_quality`` (estimated, JPEG only) what arrived. For a generator with key sets
+    (:mod:`flipad.keys`), an attributed item's ``key_id`` (the recipient's name; empty for "no
+    key"), ``key_set`` (its key set version), ``key_bits_correct`` and ``key_p_value``. NaN
+    where they do not apply.
     """
 
     score: float | None
@@ -45,6 +49,10 @@ class ItemResult:
     height: float = NAN
     width: float = NAN
     jpeg_quality: float = NAN
+    key_id: str = ""
+    key_set: str = ""
+    key_bits_correct: float = NAN
+    key_p_value: float = NAN
 
     def as_row(self) -> dict:
         """The result as the columns :data:`ITEM_COLUMNS` of an output row."""
@@ -63,14 +71,15 @@ def undecided_reason(info: ItemInfo, lowest_quality: float | None) -> str:
     return ""
 
 
-def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
+def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[KeySet] = ()) -> list[ItemResult]:
     """Decode each item for the detector's generator and score the decodable ones in batches.
 
     Items that cannot be decoded or have the wrong shape get an ``error`` and no score; they never
     stop the others. JPEGs re-saved below the lowest quality the detector's thresholds were
     calibrated on (:meth:`~flipad.detectors.base.Detector.calibrated_jpeg_quality`) are scored
-    but ``undecided``. The threshold is the detector's default (its first FNR target). Works for
-    every detector kind.
+    but ``undecided``. With ``keysets`` (the generator's key sets, built from the owner's
+    secret), attributed items are inverted once more and their recipient read. The threshold is
+    the detector's default (its first FNR target). Works for every detector kind.
     """
     threshold = -detector.threshold()
     lowest_quality = detector.calibrated_jpeg_quality()
@@ -105,7 +114,20 @@ def score_items(detector: Detector, items: Sequence[bytes]) -> list[ItemResult]:
                 {**{name: float(values[k]) for name, values in diagnostics.items()},
                  "pixel_mean": float(pixel_mean[k]), "pixel_std": float(pixel_std[k])},
             )
+        if keysets:
+            _read_keys(detector, members, batch, results, keysets)
     return results  # type: ignore[return-value]
+
+
+def _read_keys(detector: Detector, members: list, batch: np.ndarray, results: list, keysets: Sequence[KeySet]) -> None:
+    """The recipient of each attributed item of ``members`` (rows of ``batch``), into its result."""
+    chosen = [k for k, (i, _) in enumerate(members) if results[i].verdict == ATTRIBUTED]
+    if not chosen:
+        return
+    for k, (version, match) in zip(chosen, best_matches(detector.latent_search(), batch[chosen], keysets)):
+        i = members[k][0]
+        results[i] = replace(results[i], key_id=match.recipient or "", key_set=version,
+                             key_bits_correct=float(match.bits_correct), key_p_value=match.p_value)
 
 
 def _result(score: float | None, threshold: float, error: str, info: ItemInfo, undecided: str = "",
