@@ -73,25 +73,29 @@ def main(
     logging.getLogger("py.warnings").setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
-class _ProgressHandler(logging.StreamHandler):
-    """Progress lines on stderr. On a terminal the running stage's status (the heartbeat's
-    indented lines, with their bar) is redrawn in place; elsewhere (logs, CI) each is a line."""
+class _ProgressHandler(logging.Handler):
+    """Progress lines on whatever ``sys.stderr`` is when each is written. On a terminal the
+    running stage's status (the heartbeat's indented lines, with their bar) is redrawn in place;
+    elsewhere (logs, CI) each is a line."""
 
     def __init__(self) -> None:
-        super().__init__(sys.stderr)
+        super().__init__(logging.INFO)
         self.setFormatter(logging.Formatter("%(message)s"))
         self.live = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        terminal = getattr(self.stream, "isatty", lambda: False)()
-        message = self.format(record)
-        if terminal and message.startswith("  "):
-            self.stream.write(f"\r\033[K{message.strip()}")
-            self.live = True
-        else:
-            self.stream.write(("\r\033[K" if self.live else "") + message + "\n")
-            self.live = False
-        self.flush()
+        try:
+            stream = sys.stderr
+            message = self.format(record)
+            if stream.isatty() and message.startswith("  "):
+                stream.write(f"\r\033[K{message.strip()}")
+                self.live = True
+            else:
+                stream.write(("\r\033[K" if self.live else "") + message + "\n")
+                self.live = False
+            stream.flush()
+        except Exception:  # a closed or broken stream never fails the work it reports on
+            self.handleError(record)
 
 
 def _show_progress() -> None:

@@ -122,7 +122,9 @@ def test_cli_onboard_serve_and_errors(tracking, user_generator, real_folder, tmp
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
             rows = json.loads(response.read())["predictions"]
-    assert len(rows) == 4 and set(rows[0]) == {"score", "threshold", "is_generated", "error"}
+    assert len(rows) == 4 and set(rows[0]) == {"score", "threshold", "is_generated", "verdict", "reason", "error", "key_id",
+                                               "key_bits_correct", "key_p_value"}
+    assert [r["verdict"] for r in rows] == ["attributed"] * 3 + ["error"] and rows[0]["key_id"] == ""
     np.testing.assert_allclose([r["score"] for r in rows[:3]], detector.score_samples(images), rtol=1e-4, atol=1e-6)
     assert rows[3]["error"].startswith("not a decodable")
     assert rows[3]["score"] is None or np.isnan(rows[3]["score"])

@@ -15,20 +15,34 @@ from servers import BIN
 from flipad.progress import report, set_interval, stage
 
 
-def test_stages_say_when_they_start_and_end_and_speak_while_they_run(caplog):
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_stages_say_when_they_start_and_end_and_speak_while_they_run():
+    shown, handler = logging.getLogger("flipad.progress"), _Lines()
+    level = shown.level
+    shown.addHandler(handler)
+    shown.setLevel(logging.INFO)
     set_interval(0.2)
     try:
-        with caplog.at_level(logging.INFO, logger="flipad.progress"):
-            with stage("outer"):
-                with stage("search [validation]", total=10):
-                    for _ in range(5):
-                        report(1)
-                    time.sleep(0.8)
-                with pytest.raises(ValueError), stage("failing"):
-                    raise ValueError("no")
+        with stage("outer"):
+            with stage("search [validation]", total=10):
+                for _ in range(5):
+                    report(1)
+                time.sleep(0.8)
+            with pytest.raises(ValueError), stage("failing"):
+                raise ValueError("no")
     finally:
         set_interval(15.0)
-    lines = [r.getMessage() for r in caplog.records]
+        shown.removeHandler(handler)
+        shown.setLevel(level)
+    lines = handler.lines
     assert lines[:2] == ["outer: started", "search [validation]: started (10 items)"]
     beats = [line for line in lines if line.startswith("  search [validation]:")]
     assert beats and "5/10 items" in beats[-1] and "[##########..........]" in beats[-1] and "s left" in beats[-1]
