@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 
-import mlflow
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -32,7 +31,7 @@ from flipad.keys import KeySet, check_secret, read_secret_file, secret_from_envi
 from registry.keysets import keysets, public_keysets
 from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run
-from registry.store import connect
+from registry.store import connect, use_tracking
 from registry.versions import (
     ResolvedVersion,
     load_model,
@@ -87,7 +86,7 @@ class AttributeResult:
 @lru_cache(maxsize=16)
 def _model(tracking_uri: str, name: str, version: str):
     """The registered pyfunc's Python model, loaded once per process (also in each Dask worker)."""
-    mlflow.set_tracking_uri(tracking_uri)
+    use_tracking(tracking_uri)
     return load_model(name, version)[0]
 
 
@@ -107,7 +106,7 @@ def master_secret(secret_file: str | None = None, secret_block: str | None = Non
 @lru_cache(maxsize=16)
 def _keysets(tracking_uri: str, name: str, secret_file: str | None, secret_block: str | None) -> tuple[KeySet, ...]:
     """The key sets of the model ``name`` rebuilt from the master secret (empty without key sets or a secret)."""
-    mlflow.set_tracking_uri(tracking_uri)
+    use_tracking(tracking_uri)
     if not public_keysets(name):
         return ()
     secret = master_secret(secret_file, secret_block)

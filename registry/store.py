@@ -12,7 +12,7 @@ import mlflow
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrackingUnavailableError", "connect", "experiment_name", "ui_command"]
+__all__ = ["TrackingUnavailableError", "connect", "experiment_name", "ui_command", "use_tracking"]
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -48,6 +48,11 @@ def connect(timeout_s: float = 5.0) -> str:
             raise TrackingUnavailableError(f"MLflow tracking server {uri} answered /health with {response.status}")
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def use_tracking(uri: str) -> None:
+    """Point this process's MLflow client at ``uri`` (a Dask worker, say, that did not run :func:`connect`)."""
+    mlflow.set_tracking_uri(uri)
 
 
 def ui_command(uri: str) -> str:

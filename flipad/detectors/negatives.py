@@ -9,29 +9,12 @@ model alone; training Deep SAD against them tells it that only this exact model'
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
-import torch
-from torch import nn
 
 from ..generators.adapter import GeneratorAdapter
+from ..generators.challengers import perturbed_copy
 
-__all__ = ["perturbed_copy", "perturbed_samples"]
-
-
-def perturbed_copy(module: nn.Module, scale: float, seed: int) -> nn.Module:
-    """A deep copy of ``module`` with Gaussian noise of ``scale * std(w)`` added to every weight tensor."""
-    if scale <= 0:
-        raise ValueError(f"perturbation scale must be positive, got {scale}")
-    clone = copy.deepcopy(module).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in clone.parameters():
-            if param.numel() > 1 and param.is_floating_point():
-                noise = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
-                param.add_(noise * scale * param.detach().float().std().to(param.dtype))
-    return clone
+__all__ = ["perturbed_samples"]
 
 
 def perturbed_samples(adapter: GeneratorAdapter, n: int, scale: float = 0.2, copies: int = 4, seed: int = 0) -> np.ndarray:

@@ -21,14 +21,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..detectors.negatives import perturbed_copy
 from .training import train_gan
 
-__all__ = ["CHALLENGER_KINDS", "build_challengers"]
+__all__ = ["CHALLENGER_KINDS", "build_challengers", "perturbed_copy"]
 
 logger = logging.getLogger(__name__)
 
 CHALLENGER_KINDS = ("retrained", "finetuned", "perturbed")
+
+
+def perturbed_copy(module: nn.Module, scale: float, seed: int) -> nn.Module:
+    """A deep copy of ``module`` with Gaussian noise of ``scale * std(w)`` added to every weight tensor."""
+    if scale <= 0:
+        raise ValueError(f"perturbation scale must be positive, got {scale}")
+    clone = copy.deepcopy(module).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in clone.parameters():
+            if param.numel() > 1 and param.is_floating_point():
+                noise = torch.randn(param.shape, generator=generator).to(param.device, param.dtype)
+                param.add_(noise * scale * param.detach().float().std().to(param.dtype))
+    return clone
 
 
 def _reinitialised(module: nn.Module, seed: int) -> nn.Module:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..detectors.base import Detector
 from ..keys import KeySet, best_matches
 from .data import DataError, ItemInfo, decode_item, item_info, pixel_stats
+
+if TYPE_CHECKING:  # the detectors sit above io; scoring only calls their public methods
+    from ..detectors.base import Detector
 
 __all__ = ["ItemResult", "ITEM_COLUMNS", "VERDICTS", "score_items", "undecided_reason"]
 
