@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "ItemInfo",
+    "is_near_grey",
     "item_info",
     "estimate_jpeg_quality",
     "pixel_stats",
