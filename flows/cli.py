@@ -575,6 +575,7 @@ def demo(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """The whole story on the embedded default: train, onboard (MLflow), attribute a mixed folder."""
+    _show_progress()
     from flipad.io.data import DataError
     from registry.store import TrackingUnavailableError, connect
 
