@@ -88,11 +88,11 @@ def test_s3_stream_is_scored_exactly_once_and_resumes(registered, s3, fashion_te
     calls = [0]
     original = FlipadModel.score_bytes
 
-    def failing(self, payload):
+    def failing(self, payload, *keysets):
         calls[0] += 1
         if calls[0] > 3:
             raise RuntimeError("injected failure")
-        return original(self, payload)
+        return original(self, payload, *keysets)
 
     monkeypatch.setattr(FlipadModel, "score_bytes", failing)
     with pytest.raises(RuntimeError, match="batches failed"):

@@ -3,12 +3,16 @@ generator with the default detector at reduced sizes, a real MLflow server and P
 
 from __future__ import annotations
 
+import http.server
 import io
+import json
+import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from flipad.generators.challengers import build_challengers
@@ -132,9 +136,33 @@ def test_undecided_reaches_the_flows_rows_the_served_answer_and_the_monitoring_r
     answer = model.predict(None, pd.DataFrame({"image": [__import__("base64").b64encode(_jpeg(own[0], 50)).decode()]}))
     assert answer.loc[0, "verdict"] == "undecided" and pd.isna(answer.loc[0, "is_generated"])
     assert "below the lowest the thresholds were calibrated on (70)" in answer.loc[0, "reason"]
-    done = attribute_stream(AttributeConfig(models=(MODEL,), input=str(folder), output=str(tmp_path / "rows.csv")))
+    posted: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the handler's API)
+            posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        done = attribute_stream(AttributeConfig(models=(MODEL,), input=str(folder), output=str(tmp_path / "rows.csv"),
+                                                webhook=f"http://127.0.0.1:{hook.server_port}/alarm"))
+    finally:
+        hook.shutdown()
     rows = done.rows.set_index(done.rows["uri"].str.rsplit("/", n=1).str[-1])
     assert (rows.loc[rows.index.str.contains("q50"), "verdict"] == "undecided").all()
     assert (rows.loc[rows.index.str.contains("q90"), "verdict"] == "attributed").mean() >= 0.95
     summary = done.drift[MODEL]
     assert summary["alarm"] and any("more compressed than calibrated" in s for s in summary["alarms"])
+    # the alarm's sentence reaches the webhook and the MLflow monitoring run's description and metrics
+    assert len(posted) == 1 and posted[0]["model"] == MODEL and posted[0]["alarms"] == summary["alarms"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(f"flipad/{MODEL}/monitoring")
+    (run,) = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    assert summary["alarms"][0] in run.data.tags["mlflow.note.content"]
+    assert run.data.metrics["alarm"] == 1.0 and run.data.metrics["monitor_undecided_alarm"] == 1.0
