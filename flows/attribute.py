@@ -25,9 +25,9 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flipad.io.scoring import ITEM_COLUMNS, ItemResult
+from flipad.keys import KeySet, check_secret, read_secret_file, secret_from_environment
 from monitoring.drift import DRIFT_SHARE, check_drift, metric_name
 from monitoring.monitors import MonitorResult, run_monitors
-from flipad.keys import KeySet, check_secret, read_secret_file, secret_from_environment
 from registry.keysets import keysets, public_keysets
 from registry.redact import redact_url
 from registry.runs import load_reference, log_monitoring_run
