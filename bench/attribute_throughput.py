@@ -70,9 +70,8 @@ def main() -> None:
     start = time.perf_counter()
     onboarded = onboard_generator(OnboardConfig(
         name="bench", generator="dcgan", weights=str(weights), generator_kwargs=DEMO_GENERATOR, real=str(work / "real.npy"),
-        num_samples=300, num_validation=200, num_test=100, open_world=False, encoder_steps=args.encoder_steps,
-        search_method=args.search_method,
-        device=str(device),
+        num_samples=300, num_validation=200, num_test=100, open_world=False, device=str(device),
+        family_settings={"reconstruction": {"encoder_steps": args.encoder_steps, "method": args.search_method}},
     ))
     print(f"onboarded a detector in {time.perf_counter() - start:.1f} s (weights: {weights.name})")
 

@@ -10,8 +10,10 @@ decoding, perturbations, scoring raw items).
 from .detectors.base import (
     DETECTOR_KINDS,
     Detector,
+    DetectorSettings,
     Scores,
     Seeds,
+    Stage,
     Stages,
     detector_class,
     register_kind,
@@ -29,11 +31,13 @@ from .generators import (
     load_generator,
 )
 from .inversion import InversionResult, LassoOptions
+from .kinds import family_settings
 
 __all__ = [
     "DETECTOR_KINDS",
     "AttributionDetector",
     "Detector",
+    "DetectorSettings",
     "FeatureConfig",
     "FlipadDetector",
     "GeneratorAdapter",
@@ -46,8 +50,10 @@ __all__ = [
     "ReconstructionLossDetector",
     "Scores",
     "Seeds",
+    "Stage",
     "Stages",
     "detector_class",
+    "family_settings",
     "load_bundle",
     "load_generator",
     "register_kind",

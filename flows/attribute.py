@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from flipad.io.scoring import ITEM_COLUMNS, ItemResult
+from flipad.io.scoring import ItemResult, item_columns
 from flipad.keys import KeySet, check_secret, read_secret_file, secret_from_environment
 from monitoring.drift import DRIFT_SHARE, check_drift, metric_name
 from monitoring.monitors import MonitorResult, run_monitors
@@ -42,14 +42,16 @@ from registry.versions import (
 from .onboard import OWN
 from .storage import ObjectRef, concat_rows, open_results, open_source
 
-__all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "RESULT_COLUMNS"]
+__all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "result_columns"]
 
 # one line per settled batch (the command line shows it on stderr; see flows/cli.py)
 progress = logging.getLogger("flipad.progress")
 
 
-# one row per (item, detector version): the item, the detector, what the detector said, when
-RESULT_COLUMNS = ["uri", "model", "version", *ITEM_COLUMNS, "etag", "scored_at"]
+def result_columns() -> list[str]:
+    """One row per (item, detector version): the item, the detector, what the detector said
+    (:func:`~flipad.io.scoring.item_columns`, with every registered kind's diagnostics), when."""
+    return ["uri", "model", "version", *item_columns(), "etag", "scored_at"]
 
 
 class AttributeConfig(BaseModel):
@@ -159,7 +161,7 @@ def score_batch(
         keys = list(_keysets(tracking_uri, detector.name, config.secret_file, config.secret_block))
         results = _model(tracking_uri, detector.name, detector.version).score_bytes([payload[r.uri] for r in refs], keys)
         rows += [_row(ref, detector, result) for ref, result in zip(refs, results)]
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows, columns=result_columns())
 
 
 def batch_id(batch: list[tuple[ObjectRef, list[int]]], detectors: list[ResolvedVersion]) -> str:
@@ -324,5 +326,5 @@ def attribute_stream(config: AttributeConfig) -> AttributeResult:
             window = _unmonitored(results, all_rows, detector)
             if len(window):
                 drift[detector.name], reports[detector.name] = _monitor(config, detector, window, results)
-    new_rows = concat_rows(new_frames, RESULT_COLUMNS)
+    new_rows = concat_rows(new_frames, result_columns())
     return AttributeResult(all_rows, len(new_rows), listed, len(batches), time.perf_counter() - start, drift, reports)

@@ -22,11 +22,6 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class SearchMethod(str, Enum):
-    encoder_lm = "encoder-lm"
-    adam = "adam"
-
-
 class Promote(str, Enum):
     auto = "auto"
     always = "always"
@@ -119,7 +114,7 @@ def _fail(exc: Exception) -> None:
 
 def _invalid(exc) -> str:
     """A pydantic ValidationError as one line naming the flags: ``--flag: message; ...``."""
-    renamed = {"deep_sad_epochs": "epochs", "generator_kwargs": "option", "models": "model"}
+    renamed = {"generator_kwargs": "option", "models": "model", "family_settings": "set"}
 
     def flag(loc) -> str:
         return "--" + renamed.get(str(loc[0]), str(loc[0])).replace("_", "-") if loc else "input"
@@ -158,6 +153,18 @@ def _check_location(flag: str, location: str) -> None:
         raise ValueError(f"{flag} {location} does not exist")
 
 
+def _settings(values: list[str]) -> dict[str, dict[str, str]]:
+    """``--set KIND.KEY=VALUE`` values as KIND -> KEY -> VALUE (typed and checked by the flow's config)."""
+    out: dict[str, dict[str, str]] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        kind, dot, key = name.partition(".")
+        if not sep or not dot or not kind or not key:
+            raise ValueError(f"--set {item!r} is not KIND.KEY=VALUE (flipad families lists the settings)")
+        out.setdefault(kind, {})[key] = raw
+    return out
+
+
 def _options(values: list[str]) -> dict:
     out = {}
     for item in values:
@@ -186,22 +193,16 @@ def onboard(
     num_validation: int = typer.Option(1000, help="Generator samples that set the thresholds."),
     num_test: int = typer.Option(500, help="Held-out items per source for the evaluation."),
     option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
-    epochs: int = typer.Option(50, help="Deep SAD epochs."),
-    constrained: bool = typer.Option(False, help="FLIPAD: bounded + censored inversion."),
-    search_method: SearchMethod = typer.Option(SearchMethod.encoder_lm, help="Reconstruction: the latent search, "
-                                               "encoder-lm (an encoder trained on the generator's own pairs, refined "
-                                               "by Levenberg-Marquardt) or adam (screened random starts + Adam)."),
-    encoder_steps: int = typer.Option(1000, help="Reconstruction, encoder-lm: training batches of the encoder."),
-    search_steps: int = typer.Option(600, help="Reconstruction, adam: steps of the latent search per item."),
-    search_starts: int = typer.Option(3, help="Reconstruction, adam: starts of the latent search per item."),
-    num_perturbed: int = typer.Option(300, help="Reconstruction: validation samples per recompression the thresholds "
-                                      "are also set on."),
+    settings: list[str] = typer.Option([], "--set", help="A detector kind's setting KIND.KEY=VALUE, repeatable "
+                                       "(e.g. reconstruction.encoder_steps=500; `flipad families` lists every kind's "
+                                       "settings with defaults and help)."),
     challenger_steps: int = typer.Option(300, help="GAN steps of the look-alike challengers onboarding builds (0: only "
                                          "a weight-perturbed copy)."),
     open_world: bool = typer.Option(True, help="Also evaluate recompressed own samples and look-alike challengers."),
     detector: str = typer.Option("reconstruction", help="The detector kind: reconstruction (the default verdict: "
-                                 "full-generator latent inversion, thresholds calibrated on recompressed copies), flipad, or "
-                                 "combined (FLIPAD and reconstruction loss must both accept)."),
+                                 "full-generator latent inversion, thresholds calibrated on recompressed copies), flipad, "
+                                 "combined (FLIPAD and reconstruction loss must both accept), or any registered kind "
+                                 "(`flipad families`)."),
     device: Device = typer.Option(Device.auto, help="Where the inversions run."),
     promote: Promote = typer.Option(Promote.auto, help="auto (champion if at least as good), always or never."),
     deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
@@ -223,8 +224,7 @@ def onboard(
     try:  # never silent: the stage's heartbeat speaks while the imports and Prefect start, and between stages
         with stage(f"onboard {name}"):
             _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples,
-                             num_validation, num_test, option, epochs, constrained, search_method, encoder_steps,
-                             search_steps, search_starts, num_perturbed, challenger_steps, open_world, detector, device,
+                             num_validation, num_test, option, settings, challenger_steps, open_world, detector, device,
                              promote, deployment)
     except _Failed as exc:  # said once the stage has said it failed, so the error is the last line
         _fail(exc.args[0])
@@ -235,8 +235,8 @@ class _Failed(Exception):
 
 
 def _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples, num_validation,
-                     num_test, option, epochs, constrained, search_method, encoder_steps, search_steps, search_starts,
-                     num_perturbed, challenger_steps, open_world, detector, device, promote, deployment) -> None:
+                     num_test, option, settings, challenger_steps, open_world, detector, device, promote,
+                     deployment) -> None:
     """The body of ``flipad onboard`` after the quick checks (inside its progress stage)."""
     from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
@@ -265,9 +265,7 @@ def _onboard_command(name, generator, weights, weights_key, latent_shape, real, 
             name=name, generator=generator, weights=str(weights) if weights else None, weights_key=weights_key,
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
-            deep_sad_epochs=epochs, constrained=constrained, detector=detector, device=device.value,
-            promote=promote.value, search_method=search_method.value, encoder_steps=encoder_steps,
-            search_steps=search_steps, search_starts=search_starts, num_perturbed=num_perturbed,
+            detector=detector, family_settings=_settings(settings), device=device.value, promote=promote.value,
             challenger_steps=challenger_steps, open_world=open_world,
         )
         if deployment:
@@ -559,6 +557,27 @@ def _print_versions(rows: list[dict]) -> None:
     for r in rows:
         acc = "" if r["balanced_accuracy"] is None else f"{r['balanced_accuracy']:.4f}"
         typer.echo(f"{r['name']:20s} {r['version']:>7s} {r['aliases']:20s} {acc:>8s}  {r['generator_sha256']}")
+
+
+@app.command()
+def families() -> None:
+    """The registered detector kinds: each one's settings (for --set KIND.KEY=VALUE), diagnostics and secret."""
+    import dataclasses
+
+    from flipad.detectors import bundle  # noqa: F401  (registers the built-in kinds)
+    from flipad.kinds import DETECTOR_ALIASES, DETECTOR_KINDS
+
+    aliases = {kind: name for name, kind in DETECTOR_ALIASES.items()}
+    for kind, cls in DETECTOR_KINDS.items():
+        typer.echo(f"{kind}{f' (alias {aliases[kind]})' if kind in aliases else ''}: {cls.description}")
+        for f in dataclasses.fields(cls.Settings):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            typer.echo(f"  --set {kind}.{f.name}={shown}  {f.metadata.get('help', '')}")
+        for name, meaning in cls.diagnostics.items():
+            typer.echo(f"  column {name}: {meaning}")
+        if cls.secret:
+            typer.echo(f"  secret: {cls.secret}")
 
 
 @app.command()

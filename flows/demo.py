@@ -123,9 +123,9 @@ def run_demo(workdir: Path, num_samples: int, num_validation: int, num_test: int
 
     onboarded = onboard_generator(OnboardConfig(
         name=DEMO_MODEL, generator="dcgan", weights=str(weights), generator_kwargs=DEMO_GENERATOR,
-        real=str(real_path), num_samples=num_samples, num_validation=num_validation, num_perturbed=num_validation // 2,
-        num_test=num_test, num_challenger=num_test, challenger_steps=DEMO_CHALLENGER_STEPS,
-        encoder_steps=encoder_steps, device=device,
+        real=str(real_path), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
+        num_challenger=num_test, challenger_steps=DEMO_CHALLENGER_STEPS, device=device,
+        family_settings={"reconstruction": {"n_perturbed": num_validation // 2, "encoder_steps": encoder_steps}},
     ))
     detector = onboarded.detector
     own = detector.generate(num_stream, seed=STREAM_SEED)

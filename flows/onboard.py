@@ -1,11 +1,13 @@
 """``onboard_generator``: build a detector of any registered kind, fit it, evaluate, log and register in MLflow.
 
-The detector's own ``fit`` runs every stage of its family. The expensive ones (the final-layer
-inversion, the latent search) reach it through :class:`PrefectStages`: each runs as a Prefect
-task (tag ``inversion``, so a GPU work pool or a concurrency limit can own it; CUDA when the
-worker has it), retried on failure and cached by a key made of content hashes (generator
-weights, the exact samples, the stage's configuration), never of paths: a rerun with the same
-inputs skips them.
+The detector's own ``fit`` runs every stage of its family. The expensive ones (any family's
+:class:`~flipad.detectors.base.Stage`: the final-layer inversion, the latent search, ...) reach
+it through :class:`PrefectStages`: each runs as one Prefect task named after the stage (tags
+``inversion`` and ``device:cpu|cuda``, so a GPU work pool or a concurrency limit can own it),
+retried on failure and cached by a key made of content hashes (the stage's fingerprint: weights
+and configuration; the exact samples), never of paths: a rerun with the same inputs skips them.
+Nothing here knows a family: each kind's settings arrive as ``--set KIND.KEY=VALUE`` values
+(:func:`~flipad.kinds.family_settings`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +35,20 @@ from flipad.detectors.base import (
     DetectorSettings,
     Scores,
     Seeds,
+    Stage,
     Stages,
     detector_class,
     sha256_array,
 )
 from flipad.detectors.calibration import fnr_upper_bound
-from flipad.detectors.deepsad import DeepSADConfig
 from flipad.detectors.evaluation import evaluate_scores
-from flipad.detectors.features import FeatureConfig, FeatureExtractor, FeatureSet
-from flipad.detectors.reconstruction import LatentSearch
 from flipad.generators import GeneratorSource, weights_fingerprint
 from flipad.generators.challengers import build_challengers
 from flipad.generators.sampling import generate_samples
-from flipad.inversion.latent import ReconstructionConfig
 from flipad.io.data import encode_item, load_dataset, pixel_stats
+from flipad.kinds import diagnostic_columns, family_settings
 from flipad.io.perturb import perturb
-from flipad.progress import stage
+from flipad.progress import stage as progress_stage
 from registry.card import model_card
 from registry.runs import OnboardingRecord, log_run, onboarding_run
 from registry.store import connect, ui_command
@@ -81,16 +81,9 @@ class OnboardConfig(BaseModel):
     num_validation: int = Field(1000, ge=20)
     num_test: int = Field(500, ge=10, description="held-out items per source")
     fnr: tuple[float, ...] = (0.005, 0.01, 0.05)
-    features: str = Field("flipad", description="FLIPAD's features: flipad, raw or dct")
-    constrained: bool = Field(False, description="bounded + censored inversion (open-world; see docs/benchmarks.md)")
-    deep_sad_epochs: int = Field(50, ge=1)
     detector: str = Field("reconstruction", description="a registered detector kind (flipad.DETECTOR_KINDS)")
-    num_perturbed: int = Field(300, ge=20, description="validation samples per perturbation the thresholds are also set on")
-    search_method: str = Field("encoder-lm", pattern="^(encoder-lm|adam)$",
-                               description="latent search: encoder-lm (amortised encoder + Levenberg-Marquardt) or adam")
-    encoder_steps: int = Field(ReconstructionConfig.encoder_steps, ge=1, description="encoder-lm: training batches of the amortised encoder")
-    search_steps: int = Field(ReconstructionConfig.steps, ge=10, description="adam: steps of the latent search per item")
-    search_starts: int = Field(ReconstructionConfig.starts, ge=1, description="adam: starts of the latent search per item")
+    family_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="KIND -> KEY -> VALUE: the kinds' own settings (flipad families lists them)")
     open_world: bool = Field(True, description="also evaluate recompressed own samples and look-alike challengers")
     challenger_steps: int = Field(300, ge=0, description="GAN steps of the retrained and fine-tuned look-alikes (0: none)")
     num_challenger: int = Field(200, ge=10, description="held-out items per look-alike and per recompressed variant")
@@ -103,17 +96,18 @@ class OnboardConfig(BaseModel):
     def _known_kind(cls, value: str) -> str:
         return detector_class(value).kind  # ValueError naming the known kinds
 
-    def settings(self) -> DetectorSettings:
+    @field_validator("family_settings")
+    @classmethod
+    def _known_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        family_settings(value)  # ValueError naming the KIND.KEY and what to do
+        return value
+
+    def detector_settings(self) -> DetectorSettings:
         """The detector settings these parameters ask for."""
         return DetectorSettings(
             fnr=self.fnr, n_generated=self.num_samples, n_validation=self.num_validation,
-            n_calibration=self.num_validation,
-            features=FeatureConfig(kind=self.features, bounded=self.constrained, censored=self.constrained),
-            deep_sad=DeepSADConfig(epochs=self.deep_sad_epochs, seed=self.seed),
-            search=ReconstructionConfig(steps=self.search_steps, starts=self.search_starts, seed=self.seed,
-                                        candidates=max(ReconstructionConfig.candidates, self.search_starts),
-                                        method=self.search_method, encoder_steps=self.encoder_steps),
-            n_perturbed=min(self.num_perturbed, self.num_validation), device=self.device, seed=self.seed, progress=False,
+            n_calibration=self.num_validation, device=self.device, seed=self.seed, progress=False,
+            families=family_settings(self.family_settings),
         )
 
 
@@ -132,70 +126,39 @@ class OnboardResult:
     detector: Detector
 
 
-def _stage_key(fingerprint: str, samples: np.ndarray) -> str:
-    """The cache key, and the result's file under Prefect's storage (``flows/stage_cache.py``)."""
-    digest = hashlib.sha256(f"{fingerprint}\0{sha256_array(samples)}\0{flipad.__version__}".encode()).hexdigest()
-    return f"{STAGE_CACHE_PREFIX}/{digest}"
+def _stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The cache key, and the result's file under Prefect's storage (``flows/stage_cache.py``):
+    the stage's fingerprint, the samples' content and flipad's version."""
+    stage, samples = parameters["stage"], parameters["samples"]
+    key = f"{stage.name}\0{stage.fingerprint()}\0{sha256_array(samples)}\0{flipad.__version__}"
+    return f"{STAGE_CACHE_PREFIX}/{hashlib.sha256(key.encode()).hexdigest()}"
 
 
-def _features_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return _stage_key(parameters["extractor"].fingerprint(), parameters["samples"])
-
-
-def _search_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return _stage_key(parameters["search"].fingerprint(), parameters["samples"])
-
-
-def _trajectories_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return _stage_key(parameters["search"].fingerprint() + "\0trajectories", parameters["samples"])
-
-
-@task(name="compute-features", tags=["inversion"], cache_key_fn=_features_key, persist_result=True,
-      cache_expiration=STAGE_CACHE_TTL, retries=2, retry_delay_seconds=5, task_run_name="compute-features [{label}]")
-def compute_features(extractor: FeatureExtractor, samples: np.ndarray, label: str) -> FeatureSet:
-    """Features of ``samples`` (the final-layer inversion for FLIPAD), on the extractor's device."""
-    return extractor.compute(samples, progress=True)
-
-
-@task(name="latent-search", tags=["inversion"], cache_key_fn=_search_key, persist_result=True,
-      cache_expiration=STAGE_CACHE_TTL, retries=2, retry_delay_seconds=5, task_run_name="latent-search [{label}]")
-def latent_search(search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
-    """Best reconstruction loss per item of the full-generator latent search."""
-    return search.losses(samples)
-
-
-@task(name="latent-trajectories", tags=["inversion"], cache_key_fn=_trajectories_key, persist_result=True,
-      cache_expiration=STAGE_CACHE_TTL, retries=2, retry_delay_seconds=5, task_run_name="latent-trajectories [{label}]")
-def latent_trajectories(search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
-    """Per item, the loss after each stage of the full-generator latent search."""
-    return search.trajectories(samples)
+@task(name="stage", tags=["inversion"], cache_key_fn=_stage_key, persist_result=True, cache_expiration=STAGE_CACHE_TTL,
+      retries=2, retry_delay_seconds=5)
+def run_stage(stage: Stage, samples: np.ndarray, label: str) -> Any:
+    """One expensive stage of a family on ``samples``, on the stage's device."""
+    return stage.run(samples)
 
 
 class PrefectStages(Stages):
-    """A detector's stages as cached, retried Prefect tasks; counts the results served from the cache."""
+    """A detector's stages as cached, retried Prefect tasks, one per stage and sample set, named
+    ``STAGE [LABEL]`` and tagged with the stage's device; counts the results served from the cache."""
 
     def __init__(self) -> None:
         self.cached = 0
         self.computed = 0
 
-    def _run(self, task_fn, *args) -> Any:
-        _, samples, label = args
-        with stage(f"{task_fn.name} [{label}]", len(samples)):
-            state = task_fn(*args, return_state=True)
+    def run(self, stage: Stage, samples: np.ndarray, label: str) -> Any:
+        task_fn = run_stage.with_options(name=stage.name, task_run_name=f"{stage.name} [{label}]",
+                                         tags={"inversion", f"device:{stage.device}"})
+        with progress_stage(f"{stage.name} [{label}]", len(samples)):
+            state = task_fn(stage, samples, label, return_state=True)
         if state.name == "Cached":
             self.cached += 1
         else:
             self.computed += 1
         return state.result()
-
-    def features(self, extractor: FeatureExtractor, samples: np.ndarray, label: str) -> FeatureSet:
-        return self._run(compute_features, extractor, samples, label)
-
-    def search(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
-        return self._run(latent_search, search, samples, label)
-
-    def trajectories(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
-        return self._run(latent_trajectories, search, samples, label)
 
 
 @task(name="load-generator", persist_result=False)
@@ -203,7 +166,7 @@ def build_detector(config: OnboardConfig) -> tuple[Detector, GeneratorSource]:
     """The generator from its spec and weights, wrapped in an unfitted detector of the asked kind."""
     source = GeneratorSource(config.generator, dict(config.generator_kwargs), config.latent_shape)
     module = source.load(config.weights, weights_key=config.weights_key)
-    detector = detector_class(config.detector).from_settings(module, config.latent_shape, config.settings())
+    detector = detector_class(config.detector).from_settings(module, config.latent_shape, config.detector_settings())
     return detector, source
 
 
@@ -263,11 +226,9 @@ def headline(metrics: dict[str, float], table: pd.DataFrame, fnr: float) -> str:
             f"({table.attrs['worst_own_variant']})")
 
 
-def _pair_metrics(part, typical: dict[str, np.ndarray], thresholds: dict[float, float]) -> tuple[dict[str, float], list]:
-    # evaluate_scores works on anomaly scores (small = typical): the one place the sign flips
-    own = -typical[OWN]
-    anomaly_thresholds = {f: -t for f, t in thresholds.items()}
-    pairs = evaluate_scores(anomaly_thresholds, own, {k: -v for k, v in typical.items() if k != OWN})
+def _pair_metrics(part, scores: dict[str, np.ndarray], thresholds: dict[float, float]) -> tuple[dict[str, float], list]:
+    own = scores[OWN]
+    pairs = evaluate_scores(thresholds, own, {k: v for k, v in scores.items() if k != OWN})
     metrics: dict[str, float] = {}
     for p in pairs:
         tag = f"{source_key(p.source)}_fnr{p.fnr_target:g}"
@@ -275,8 +236,8 @@ def _pair_metrics(part, typical: dict[str, np.ndarray], thresholds: dict[float, 
         metrics[f"auc_{source_key(p.source)}"] = p.auc
         for field in ("true_positives", "false_negatives", "true_negatives", "false_positives"):
             metrics[f"{field}_{tag}"] = getattr(p, field)
-    for fnr, threshold in anomaly_thresholds.items():
-        misses = int((own > threshold).sum())
+    for fnr, threshold in thresholds.items():
+        misses = int((own < threshold).sum())
         metrics[f"heldout_fnr_fnr{fnr:g}"] = misses / len(own)
         metrics[f"heldout_fnr_upper95_fnr{fnr:g}"] = fnr_upper_bound(misses, len(own))
         metrics[f"validation_fnr_upper95_fnr{fnr:g}"] = part.fnr_upper_bounds_[fnr]
@@ -312,8 +273,8 @@ def _reference(scores: dict[str, Scores], samples: dict[str, np.ndarray]) -> pd.
         nan = np.full(len(s), np.nan)
         frames.append(pd.DataFrame({
             "source": name, "score": s.score, "is_generated": s.is_generated(),
-            "residual": s.diagnostics.get("residual", nan), "sparsity": s.diagnostics.get("sparsity", nan),
-            "latent_loss": s.diagnostics.get("latent_loss", nan), "pixel_mean": pixel_mean, "pixel_std": pixel_std,
+            **{column: s.diagnostics.get(column, nan) for column in diagnostic_columns()},
+            "pixel_mean": pixel_mean, "pixel_std": pixel_std,
             **({"height": float(samples[name].shape[-2]), "width": float(samples[name].shape[-1])}
                if samples[name].ndim == 4 else {}),
         }))
@@ -383,7 +344,7 @@ def progress_to_run_log() -> Iterator[None]:
 def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    with stage("load the generator and the data"):
+    with progress_stage("load the generator and the data"):
         detector, source = build_detector(config)
         test = {OWN: detector.generate(config.num_test, seed=Seeds(config.seed).test)}
         shape = tuple(test[OWN].shape[1:])
@@ -395,16 +356,16 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
 
     stages = PrefectStages()
     start = time.perf_counter()
-    with stage(f"fit the {detector.kind} detector"):
+    with progress_stage(f"fit the {detector.kind} detector"):
         detector.fit(real=train["real"], negatives=[v for k, v in train.items() if k != "real"], stages=stages)
     timings["time_fit_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    with stage("build the look-alike challengers", config.challenger_steps if config.open_world else None, "GAN steps"):
+    with progress_stage("build the look-alike challengers", config.challenger_steps if config.open_world else None, "GAN steps"):
         variants, challengers = open_world_sets(detector, config, train["real"], test[OWN])
     test.update(challengers)
     timings["time_challengers_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    with stage("evaluate on the held-out sets", sum(map(len, [*test.values(), *variants.values()]))):
+    with progress_stage("evaluate on the held-out sets", sum(map(len, [*test.values(), *variants.values()]))):
         scores = {name: detector.score(x, stages, exhaustive=True) for name, x in test.items()}
         own_variants = {name: detector.score(x, stages, exhaustive=True) for name, x in variants.items()}
         metrics, table = evaluate(detector, scores, own_variants)
@@ -417,9 +378,9 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
         name=config.name,
         detector=detector,
         source=source,
-        params={**config.model_dump(exclude={"generator_kwargs"}),
+        params={**config.model_dump(exclude={"generator_kwargs", "family_settings"}),
                 **{f"generator_kwargs.{k}": v for k, v in config.generator_kwargs.items()},
-                **{f"settings.{k}": v for k, v in asdict(config.settings()).items() if k not in ("progress",)},
+                **{f"settings.{k}": v for k, v in config.detector_settings().as_params().items()},
                 **{f"generator.{k}": v for k, v in detector.generator_info().items()}, "output_shape": list(shape)},
         metrics=metrics,
         results=table,
@@ -445,7 +406,7 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
         f"git checkout {record.tags['git_commit']}\npython -c 'from flows.onboard import OnboardConfig, onboard_generator; "
         f"onboard_generator(OnboardConfig.model_validate_json({config.model_dump_json()!r}))'",
     )
-    with stage("log the run and register the version in MLflow"):
+    with progress_stage("log the run and register the version in MLflow"):
         logged = log_run(record)
         registration: Registration = register_version(
             config.name,

@@ -1,8 +1,9 @@
 """Drift of a scored content stream against the reference saved at onboarding (Evidently).
 
 The reference is the detector's held-out evaluation data (the generator's own samples and real
-data), one row per item: ``score``, ``is_generated``, the stages' ``residual``, ``sparsity`` and
-``latent_loss``, and ``pixel_mean``/``pixel_std``.
+data), one row per item: ``score``, ``is_generated``, the stages' diagnostics (every registered
+kind's, :func:`flipad.kinds.diagnostic_columns`: ``residual``, ``sparsity``, ``latent_loss``, ...)
+and ``pixel_mean``/``pixel_std``.
 
 What alarms is trouble, not the stream's mix. A stream that is 90% real content has other score
 and pixel distributions than the half-and-half reference although nothing is wrong, so the
@@ -21,10 +22,17 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["DRIFT_SHARE", "DriftResult", "MONITORED_COLUMNS", "check_drift", "metric_name", "mix_matched"]
+from flipad.kinds import diagnostic_columns
 
-MONITORED_COLUMNS = ["score", "residual", "sparsity", "latent_loss", "pixel_mean", "pixel_std"]
-# Two of up to six columns: with per-column tests at the 5% level a single column drifts by chance
+__all__ = ["DRIFT_SHARE", "DriftResult", "check_drift", "metric_name", "mix_matched", "monitored_columns"]
+
+
+def monitored_columns() -> list[str]:
+    """The numeric columns compared: the score, every registered kind's diagnostics, the input's pixel statistics."""
+    return ["score", *diagnostic_columns(), "pixel_mean", "pixel_std"]
+
+
+# Two of the (typically four to six) columns a kind fills: with per-column tests at the 5% level a single column drifts by chance
 # about a quarter of the time on a same-distribution stream, two rarely.
 DRIFT_SHARE = 0.3
 
@@ -91,7 +99,7 @@ def mix_matched(reference: pd.DataFrame, current: pd.DataFrame, seed: int = 0) -
 
 
 def _numeric(frame: pd.DataFrame) -> list[str]:
-    return [c for c in MONITORED_COLUMNS if c in frame.columns and frame[c].notna().any()]
+    return [c for c in monitored_columns() if c in frame.columns and frame[c].notna().any()]
 
 
 def check_drift(reference: pd.DataFrame, current: pd.DataFrame, drift_share: float = DRIFT_SHARE) -> DriftResult:

@@ -27,28 +27,28 @@ def roc_figure(generated: np.ndarray, others: Mapping[str, np.ndarray], threshol
 
 
 def score_histograms(scores: Mapping[str, np.ndarray], threshold: float) -> Figure:
-    """One step histogram per source on shared bins, with the decision threshold. Scores that are
-    negated losses or distances (all negative) are drawn as that loss on a log axis, where own
-    items and the rest are both visible; others on a linear axis."""
+    """One step histogram per source on shared bins, with the decision threshold. Scores that span
+    orders of magnitude (negated losses or distances: all negative) are drawn on a symmetric log
+    axis, where own items and the rest are both visible; others on a linear axis."""
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     finite = np.concatenate([s[np.isfinite(s)] for s in scores.values()])
     log = bool(len(finite)) and finite.max() < 0 and threshold < 0
-    values = {k: (-v if log else v) for k, v in scores.items()}
-    cut = -threshold if log else threshold
-    shown = -finite if log else finite
+    low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
     if log:
-        bins = np.logspace(np.log10(shown.min()), np.log10(shown.max()), 60)
-        ax.set_xscale("log")
-        xlabel = "loss / distance (log scale; lower = more typical of the generator; attributed left of the line)"
+        ax.set_xscale("symlog", linthresh=float(np.abs(finite).min()), linscale=0.01)
+        to_axis = ax.xaxis.get_transform()
+        edges = np.linspace(*to_axis.transform([low, high]), 61)
+        bins = to_axis.inverted().transform(edges)
+        xlabel = "score: the negated loss / distance (log scale; higher = more typical; attributed right of the line)"
     else:
-        bins = np.linspace(shown.min(), shown.max(), 60)
+        bins = np.linspace(low, high, 61)
         xlabel = "score (higher = more typical of the generator; attributed right of the line)"
-    for name, v in values.items():
+    for name, v in scores.items():
         ax.hist(v[np.isfinite(v)], bins=bins, histtype="step", linewidth=1.5, label=name)
-    ax.axvline(cut, color="black", linestyle="--", label=f"threshold ({cut:.3g})")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold ({threshold:.3g})")
     ax.set(xlabel=xlabel, ylabel="items")
-    ax.legend(fontsize="x-small", loc="upper right")
+    ax.legend(fontsize="x-small", loc="upper left")
     return fig
 
 

@@ -16,7 +16,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from flipad.detectors.bundle import load_bundle
-from flipad.io.scoring import ITEM_COLUMNS, ItemResult, score_items
+from flipad.io.scoring import ItemResult, item_columns, score_items
 from flipad.keys import KeySet, secret_from_environment
 
 from .keysets import keysets
@@ -73,4 +73,4 @@ class FlipadModel(mlflow.pyfunc.PythonModel):
         else:
             cells = list(model_input)
         results = self.score_bytes([_decode_cell(c) for c in cells])
-        return pd.DataFrame([r.as_row() for r in results], columns=ITEM_COLUMNS)[OUTPUT_COLUMNS]
+        return pd.DataFrame([r.as_row() for r in results], columns=item_columns())[OUTPUT_COLUMNS]

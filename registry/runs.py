@@ -168,7 +168,7 @@ def log_run(record: OnboardingRecord) -> LoggedRun:
     """Log ``record`` into the active run (:func:`onboarding_run`; a new run of the generator's
     experiment when none is active), with the detector as a pyfunc model."""
     experiment = mlflow.set_experiment(experiment_name(record.name))
-    threshold = -record.detector.threshold()
+    threshold = record.detector.threshold()
     active = mlflow.active_run()
     context = nullcontext(active) if active else mlflow.start_run(run_name=f"onboard-{record.name}", tags=record.tags)
     with context as run:

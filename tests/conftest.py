@@ -133,7 +133,7 @@ def demo_onboarded(tracking, tmp_path_factory, fashion_train, fashion_test):
     np.save(real, np.concatenate([fashion_train[-400:], fashion_test[:300]]))
     result = onboard_generator(OnboardConfig(
         name="demo-default", generator="dcgan", weights=str(weights), generator_kwargs=demo.DEMO_GENERATOR,
-        real=str(real), num_samples=400, num_validation=200, num_perturbed=150, num_test=150, num_challenger=150,
-        challenger_steps=100, encoder_steps=400, fnr=(0.005,)))
+        real=str(real), num_samples=400, num_validation=200, num_test=150, num_challenger=150, challenger_steps=100,
+        family_settings={"reconstruction": {"n_perturbed": 150, "encoder_steps": 400}}, fnr=(0.005,)))
     model, _ = load_model("demo-default", result.version)
     return result, model, load_reference(result.run_id), other

@@ -67,6 +67,6 @@ def small_config(spec, weights, real, **overrides):
     from flows.onboard import OnboardConfig
 
     values = dict(name="tiny-gen", generator=spec, weights=str(weights), latent_shape=(64,), real=str(real),
-                  num_samples=150, num_validation=100, num_test=60, deep_sad_epochs=4, fnr=(0.05, 0.1),
+                  num_samples=150, num_validation=100, num_test=60, family_settings={"flipad": {"epochs": 4}}, fnr=(0.05, 0.1),
                   detector="flipad", open_world=False)
     return OnboardConfig(**{**values, **overrides})

@@ -20,7 +20,7 @@ def test_bundles_saved_before_the_contract_load_and_score_identically(kind):
     probe = np.load(DATA / "legacy_probe.npy")
     detector = load_bundle(DATA / f"legacy-{kind}", device="cpu")
     assert detector.kind == kind and isinstance(detector, Detector)
-    assert detector.threshold() == pytest.approx(expected["threshold"], rel=1e-9)
+    assert detector.thresholds_[detector.fnr[0]] == pytest.approx(expected["threshold"], rel=1e-9)
     np.testing.assert_allclose(detector.score_samples(probe), expected["score_samples"], rtol=1e-5, atol=1e-7)
     scores = detector.score(probe)
     np.testing.assert_allclose(scores.score, expected["score_samples"], rtol=1e-5, atol=1e-7)

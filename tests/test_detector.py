@@ -53,7 +53,7 @@ def test_empirical_fnr_is_near_the_target(own_and_other):
     assert 0.015 <= fnr <= 0.1, fnr
     fnr20 = 1 - det.predict(held_out, fnr=0.2).mean()
     assert 0.12 <= fnr20 <= 0.28, fnr20
-    assert det.threshold(0.2) < det.threshold(0.05)
+    assert det.thresholds_[0.2] < det.thresholds_[0.05]
     assert 0.05 < det.fnr_upper_bounds_[0.05] < 0.08
     with pytest.raises(ValueError, match="no threshold for FNR"):
         det.threshold(0.3)

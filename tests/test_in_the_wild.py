@@ -41,7 +41,7 @@ def test_recompressed_own_items_are_attributed_and_a_lookalike_is_not(trained_ge
                                                progress=False).fit()
     assert set(robust.condition_scores_) == set(ROBUST_PERTURBATIONS)
     # the robust threshold is the largest per-condition quantile, so it is at least the pristine one
-    assert robust.threshold() >= pristine_only.threshold()
+    assert robust.thresholds_[robust.fnr[0]] >= pristine_only.thresholds_[pristine_only.fnr[0]]
     own = robust.generate(60, seed=123)
     others = generate_samples(lookalike, lookalike.latent_shape, 60, 123, (-1.0, 1.0))
     accepted = {name: robust.predict(perturb(own, name)).mean() for name in ("jpeg q90", "jpeg q80")}
@@ -83,7 +83,7 @@ def make_skip(width=8):
 ''')
     result = CliRunner().invoke(app, [
         "onboard", "skip-gen", "--generator", f"{code}:make_skip", "--latent-shape", "64", "--real", str(real_folder),
-        "--num-samples", "100", "--num-validation", "60", "--num-test", "30", "--encoder-steps", "150",
+        "--num-samples", "100", "--num-validation", "60", "--num-test", "30", "--set", "reconstruction.encoder_steps=150",
         "--challenger-steps", "20",
     ])
     assert result.exit_code == 0, result.output

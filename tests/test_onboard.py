@@ -34,12 +34,13 @@ def count_inversions(monkeypatch) -> list[int]:
     import flows.onboard
 
     calls = [0]
-    task = flows.onboard.compute_features
+    task = flows.onboard.run_stage
     original = task.fn
 
-    def counting(extractor, samples, label):
-        calls[0] += len(samples)
-        return original(extractor, samples, label)
+    def counting(stage, samples, label):
+        if stage.name == "compute-features":
+            calls[0] += len(samples)
+        return original(stage, samples, label)
 
     monkeypatch.setattr(task, "fn", counting)
     return calls
@@ -60,8 +61,8 @@ def test_onboarding_registers_logs_promotes_and_caches(tracking, user_generator,
     own = detector.adapter.generate(60, seed=TEST_SEED_OFFSET + SEED)
     real_test = _real_test_split(real_folder, detector)
     fnr = detector.fnr[0]
-    (pair,) = evaluate_scores({fnr: detector.threshold(fnr)}, detector.anomaly_scores(own).numpy(),
-                              {"real": detector.anomaly_scores(real_test).numpy()})
+    (pair,) = evaluate_scores({fnr: detector.threshold(fnr)}, detector.score_samples(own),
+                              {"real": detector.score_samples(real_test)})
     logged = client.get_run(first.run_id).data.metrics
     assert logged["balanced_accuracy_real_fnr0.05"] == pytest.approx(pair.balanced_accuracy)
     assert logged["auc_real"] == pytest.approx(pair.auc)
@@ -103,7 +104,7 @@ def test_cli_onboard_serve_and_errors(tracking, user_generator, real_folder, tmp
     runner = CliRunner()
     args = ["onboard", "served-gen", "--generator", spec, "--weights", str(weights.with_suffix(".pt")),
             "--latent-shape", "64", "--real", str(real_folder), "--num-samples", "120", "--num-validation", "80",
-            "--num-test", "40", "--epochs", "3", "--detector", "flipad"]
+            "--num-test", "40", "--set", "flipad.epochs=3", "--detector", "flipad"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "registered served-gen version 1 as champion" in result.output
@@ -164,8 +165,9 @@ def test_combined_detector_is_onboarded_registered_and_served(tracking, user_gen
     # a FLIPAD champion exists first: promoting the combined version re-scores it on the same held-out sets
     flipad_only = onboard_generator(small_config(spec, weights, real_folder, name="tiny-combined", seed=3))
     combined = onboard_generator(small_config(spec, weights, real_folder, name="tiny-combined", seed=3,
-                                              detector="combined", promote="always", search_method="adam",
-                                              search_steps=100, search_starts=2))
+                                              detector="combined", promote="always",
+                                              family_settings={"flipad": {"epochs": 4}, "reconstruction": {
+                                                  "method": "adam", "steps": 100, "starts": 2}}))
     assert isinstance(flipad_only.detector, FlipadDetector) and isinstance(combined.detector, AttributionDetector)
     assert (combined.version, combined.alias) == ("2", "champion")
     metrics = MlflowClient().get_run(combined.run_id).data.metrics

@@ -59,7 +59,7 @@ def test_flipad_onboard_is_never_silent(tracking, user_generator, real_folder, t
     spec, weights = user_generator
     command = [str(BIN / "flipad"), "onboard", "progress-gen", "--generator", spec, "--weights", str(weights),
                "--latent-shape", "64", "--real", str(real_folder), "--num-samples", "100", "--num-validation", "60",
-               "--num-perturbed", "30", "--num-test", "30", "--encoder-steps", "100", "--challenger-steps", "20"]
+               "--set", "reconstruction.n_perturbed=30", "--num-test", "30", "--set", "reconstruction.encoder_steps=100", "--challenger-steps", "20"]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)  # the command's own temporary Prefect server, as a user's first run has
     start = time.monotonic()

@@ -66,7 +66,7 @@ def test_stack_onboard_and_attribute_through_workers(tmp_path, user_generator, r
         spec, weights = user_generator
         onboarded = flipad("onboard", NAME, "--generator", spec, "--weights", str(weights), "--latent-shape", "64",
                            "--real", str(real_folder), "--num-samples", "120", "--num-validation", "80",
-                           "--num-test", "40", "--epochs", "3", "--detector", "flipad", "--no-open-world",
+                           "--num-test", "40", "--set", "flipad.epochs=3", "--detector", "flipad", "--no-open-world",
                            "--deployment", "onboard-generator/onboard-generator",
                            env=env)
         assert onboarded.returncode == 0, onboarded.stdout + onboarded.stderr

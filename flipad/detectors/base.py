@@ -6,34 +6,32 @@ more typical of the generator; attributed when ``score >= threshold``), and ``sa
 ``load(path, module)`` persist it as JSON + safetensors. Bundles, flows and the CLI look a kind
 up in :data:`DETECTOR_KINDS` by name and never branch on a class.
 
-Stages that a pipeline must cache or send to a GPU (the final-layer inversion, the latent
-search) run through a :class:`Stages` object handed to ``fit`` and ``score``: the default runs
-them in-process; the onboarding flow passes one that wraps them as cached Prefect tasks.
+A family's expensive stages (the final-layer inversion, the latent search) are :class:`Stage`
+objects (a name, a fingerprint, a device and ``run``), run through a :class:`Stages` object
+handed to ``fit`` and ``score``: the default runs them in-process; the onboarding flow passes one
+that wraps every stage as one cached, device-tagged Prefect task.
+
+A kind's settings, diagnostics and secret are declared on its class and registered with
+:func:`~flipad.kinds.register_kind` (see :mod:`flipad.kinds`).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..inversion.latent import ReconstructionConfig
+from ..kinds import DETECTOR_ALIASES, DETECTOR_KINDS, detector_class, register_kind
 from .calibration import CalibratedDetector
-from .deepsad import DeepSADConfig
-from .features import FeatureConfig
 
-if TYPE_CHECKING:
-    from .features import FeatureExtractor, FeatureSet
-    from .reconstruction import LatentSearch
-
-__all__ = ["Detector", "DetectorSettings", "DETECTOR_ALIASES", "DETECTOR_KINDS", "Scores", "Seeds", "Stages", "detector_class",
-           "register_kind", "sha256_array"]
+__all__ = ["Detector", "DetectorSettings", "DETECTOR_ALIASES", "DETECTOR_KINDS", "NoSettings", "Scores", "Seeds", "Stage",
+           "Stages", "detector_class", "register_kind", "sha256_array"]
 
 
 def sha256_array(array: np.ndarray) -> str:
@@ -108,6 +106,21 @@ class Scores:
         return len(self.score)
 
 
+class Stage(Protocol):
+    """An expensive stage of a family: ``run(samples)`` depends only on the samples and on what
+    ``fingerprint()`` hashes (weights, configuration), so its result can be cached by content;
+    ``name`` names its task and ``device`` ("cpu", "cuda") where it runs."""
+
+    name: str
+
+    @property
+    def device(self) -> str: ...
+
+    def fingerprint(self) -> str: ...
+
+    def run(self, samples: np.ndarray | torch.Tensor) -> Any: ...
+
+
 class Stages:
     """Runs a detector's expensive stages; the default computes them here and now.
 
@@ -115,17 +128,9 @@ class Stages:
     machine; ``label`` names the sample set (for logs and task names).
     """
 
-    def features(self, extractor: FeatureExtractor, samples: np.ndarray, label: str) -> FeatureSet:
-        """Features (and inversion diagnostics) of ``samples``."""
-        return extractor.compute(samples)
-
-    def search(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
-        """Best reconstruction loss per item of the full-generator latent search."""
-        return search.losses(samples)
-
-    def trajectories(self, search: LatentSearch, samples: np.ndarray, label: str) -> torch.Tensor:
-        """Per item, the loss after each stage of the latent search (the last column is the result)."""
-        return search.trajectories(samples)
+    def run(self, stage: Stage, samples: np.ndarray | torch.Tensor, label: str) -> Any:
+        """``stage.run(samples)``, here and now."""
+        return stage.run(samples)
 
 
 INLINE = Stages()
@@ -136,26 +141,37 @@ ROBUST_PERTURBATIONS = ("jpeg q95", "jpeg q90", "jpeg q80", "jpeg q70")
 
 @dataclass(frozen=True)
 class DetectorSettings:
-    """What every kind is built from (:meth:`Detector.from_settings`); each uses the settings that
-    apply to its families. ``fnr``: tolerable false-negative rates (the first is the decision
-    threshold); ``n_generated``/``n_validation``/``n_calibration``: generator samples drawn for
-    training, the families' thresholds and the verdict's joint thresholds. ``perturbations``: what
-    the reconstruction family's thresholds are also calibrated on (the first ``n_perturbed``
-    validation samples after each; all when None), so the stated FNR holds for recompressed
-    copies."""
+    """What every kind is built from (:meth:`Detector.from_settings`). ``fnr``: tolerable
+    false-negative rates (the first is the decision threshold); ``n_generated``/``n_validation``/
+    ``n_calibration``: generator samples drawn for training, the families' thresholds and the
+    verdict's joint thresholds. ``families``: each kind's own settings by kind (its ``Settings``
+    dataclass; :func:`~flipad.kinds.family_settings` builds them from ``--set`` values); a kind
+    not named there uses its defaults."""
 
     fnr: tuple[float, ...] = (0.005,)
     n_generated: int = 2000
     n_validation: int = 1000
     n_calibration: int = 1000
-    features: FeatureConfig = field(default_factory=FeatureConfig)
-    deep_sad: DeepSADConfig = field(default_factory=DeepSADConfig)
-    search: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    perturbations: tuple[str, ...] = ROBUST_PERTURBATIONS
-    n_perturbed: int | None = None
     device: str = "auto"
     seed: int = 0
     progress: bool = True
+    families: dict[str, Any] = field(default_factory=dict)
+
+    def of(self, cls: type[Detector]) -> Any:
+        """The settings of the kind ``cls`` (its defaults unless given)."""
+        return self.families.get(cls.kind) or cls.Settings()
+
+    def as_params(self) -> dict[str, Any]:
+        """Flat ``name: value`` pairs to log (``families`` as ``KIND.KEY``), without ``progress``."""
+        common = {f: getattr(self, f) for f in ("fnr", "n_generated", "n_validation", "n_calibration", "device", "seed")}
+        return {**common, **{f"{kind}.{k}": v for kind, values in self.families.items()
+                             for k, v in asdict(values).items()}}
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of a kind that has none of its own."""
+
 
 D = TypeVar("D", bound="Detector")
 
@@ -163,12 +179,17 @@ D = TypeVar("D", bound="Detector")
 class Detector(CalibratedDetector):
     """The contract: ``from_module``, ``fit``, ``score``, ``save``/``load`` and the generator it wraps.
 
-    Subclasses set ``kind`` (their name in :data:`DETECTOR_KINDS`) and ``description`` and
-    register with :func:`register_kind`.
+    Subclasses set ``kind`` (their name in :data:`DETECTOR_KINDS`), ``description``, ``Settings``
+    (a dataclass of their options), ``diagnostics`` (per-item figures, name -> meaning) and
+    ``secret``, and register with :func:`register_kind`. They implement ``_anomaly`` (private:
+    small = typical); everything public is in the score space (higher = more typical).
     """
 
     kind: ClassVar[str]
     description: ClassVar[str]
+    Settings: ClassVar[type] = NoSettings
+    diagnostics: ClassVar[dict[str, str]] = {}
+    secret: ClassVar[str | None] = None
 
     @classmethod
     def from_settings(cls: type[D], module: nn.Module, latent_shape: Sequence[int] | None, settings: DetectorSettings) -> D:
@@ -199,10 +220,6 @@ class Detector(CalibratedDetector):
         ``exhaustive`` runs every family on every item (evaluation) where the verdict would stop
         early."""
         raise NotImplementedError
-
-    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The verdict's score negated (small = typical): the space the thresholds are set in."""
-        return -torch.as_tensor(self.score(samples).score, dtype=torch.float64)
 
     def latent_search(self) -> LatentSearch | None:
         """The fitted latent search with its encoder, which reading keys inverts with
@@ -252,31 +269,6 @@ class Detector(CalibratedDetector):
         raise NotImplementedError
 
     def _verdict_scores(self, anomaly: torch.Tensor, diagnostics: dict[str, np.ndarray] | None = None) -> Scores:
-        """A single family's :class:`Scores` from its anomaly scores (small = typical)."""
-        score = -anomaly.double().cpu().numpy()
-        thresholds = {f: -t for f, t in self.thresholds_.items()}
-        return Scores(score, thresholds, {self.kind: score}, {self.kind: thresholds}, diagnostics or {})
-
-
-DETECTOR_KINDS: dict[str, type[Detector]] = {}
-
-
-def register_kind(cls: type[D]) -> type[D]:
-    """Class decorator: make ``cls`` available under ``cls.kind`` to bundles, flows and the CLI."""
-    if cls.kind in DETECTOR_KINDS and DETECTOR_KINDS[cls.kind] is not cls:
-        raise ValueError(f"detector kind {cls.kind!r} is registered twice")
-    DETECTOR_KINDS[cls.kind] = cls
-    return cls
-
-
-DETECTOR_ALIASES = {"combined": "attribution"}  # the command line's name for the verdict of both families
-
-
-def detector_class(kind: str) -> type[Detector]:
-    """The detector class registered as ``kind`` (or an alias of it); ValueError naming the known kinds otherwise."""
-    kind = DETECTOR_ALIASES.get(kind, kind)
-    if kind not in DETECTOR_KINDS:
-        raise ValueError(f"unknown detector kind {kind!r}; known kinds: {', '.join(sorted(DETECTOR_KINDS))}")
-    return DETECTOR_KINDS[kind]
-
-
+        """A single family's :class:`Scores` from its private anomaly scores."""
+        score = self._to_score(anomaly)
+        return Scores(score, self.thresholds, {self.kind: score}, {self.kind: self.thresholds}, diagnostics or {})

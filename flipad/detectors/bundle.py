@@ -2,7 +2,8 @@
 
 Layout of the folder (no pickles anywhere)::
 
-    generator.json          GeneratorSource (spec, factory kwargs, latent shape) and the detector's kind
+    generator.json          GeneratorSource (spec, factory kwargs, latent shape), the detector's kind and
+                            the module that defines it (imported on load when the kind is not yet known)
     generator.safetensors   the generator's weights
     code/<file>.py          the factory's source, for ``file.py:factory`` specs
     detector/               the detector's ``save`` (config.json + tensors.safetensors [+ sub-folders])
@@ -21,7 +22,8 @@ from safetensors.torch import save_file
 
 from ..generators.loading import GeneratorSource
 from . import flipad, reconstruction, verdict  # noqa: F401  (register the built-in kinds)
-from .base import Detector, detector_class
+from ..kinds import import_kind
+from .base import Detector
 
 __all__ = ["save_bundle", "load_bundle"]
 
@@ -38,7 +40,8 @@ def save_bundle(folder: str | Path, detector: Detector, source: GeneratorSource)
         source = GeneratorSource(f"code/{Path(target).name}:{name}", source.kwargs, source.latent_shape)
     state = {k: v.detach().cpu().contiguous() for k, v in detector.module.state_dict().items()}
     save_file(state, str(folder / "generator.safetensors"))
-    info = {**source.to_dict(), "detector": detector.kind, **detector.generator_info()}
+    info = {**source.to_dict(), "detector": detector.kind, "detector_module": type(detector).__module__,
+            **detector.generator_info()}
     (folder / "generator.json").write_text(json.dumps(info, indent=2))
     detector.save(folder / "detector")
     return folder
@@ -53,9 +56,10 @@ def load_bundle(folder: str | Path, device: str = "auto") -> Detector:
         raise ValueError(f"{folder} does not hold a detector bundle ({exc})") from exc
     kind = info.get("detector", "flipad")
     try:
-        cls = detector_class(kind)
+        cls = import_kind(kind, info.get("detector_module"))
     except ValueError:
-        raise ValueError(f"{folder} holds an unknown detector kind {kind!r}; upgrade flipad") from None
+        raise ValueError(f"{folder} holds an unknown detector kind {kind!r}; install the package that defines it "
+                         "or upgrade flipad") from None
     source = GeneratorSource.from_dict(info)
     module = source.load(folder / "generator.safetensors", base=folder)
     return cls.load(folder / "detector", module, device=device, latent_shape=source.latent_shape)

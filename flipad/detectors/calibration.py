@@ -1,14 +1,18 @@
 """Decisions with stated error rates, shared by every detector.
 
-A detector supplies ``anomaly_scores`` (small = typical of the generator). Thresholds are the
-(1 - FNR) quantiles of the scores of held-out validation samples of the generator; each comes
-with a one-sided Clopper-Pearson bound on the true FNR, and every item can get an empirical
-p-value against those held-out scores.
+A detector supplies a private anomaly score ``_anomaly`` (small = typical of the generator: a
+loss, a distance). Thresholds are the (1 - FNR) quantiles of the anomaly scores of held-out
+validation samples of the generator; each comes with a one-sided Clopper-Pearson bound on the
+true FNR, and every item can get an empirical p-value against those held-out scores.
+
+Everything public is in one convention, the score: higher = more typical, attributed when
+``score >= threshold``. :meth:`CalibratedDetector._to_score` is the one place the sign flips.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.stats
@@ -44,16 +48,25 @@ def check_fnr(fnr: Sequence[float]) -> tuple[float, ...]:
 
 
 class CalibratedDetector:
-    """The scikit-learn style decision surface on top of ``anomaly_scores``.
+    """The scikit-learn style decision surface on top of a private anomaly score.
 
-    Subclasses set ``fnr`` in ``__init__``, implement ``anomaly_scores`` and call
-    ``_calibrate(validation_scores)`` at the end of ``fit``.
+    Subclasses set ``fnr`` in ``__init__``, implement ``_anomaly`` and call
+    ``_calibrate(validation_anomaly)`` at the end of ``fit``. ``thresholds_`` (learned state, as
+    saved) are in the anomaly space; :attr:`thresholds` and :meth:`threshold` in the score space.
     """
 
     fnr: tuple[float, ...]
 
-    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Per sample, small = typical of the generator (a loss, a distance): private."""
         raise NotImplementedError
+
+    @staticmethod
+    def _to_score(anomaly: torch.Tensor | np.ndarray | float) -> Any:
+        """The score of an anomaly score (higher = more typical): the one flip of sign."""
+        if isinstance(anomaly, float):
+            return -anomaly
+        return -torch.as_tensor(anomaly).double().cpu().numpy()
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "thresholds_"):
@@ -74,23 +87,29 @@ class CalibratedDetector:
         self.fnr_upper_bounds_ = {
             f: max(fnr_upper_bound(int((s > t).sum()), len(s)) for s in every.values()) for f, t in self.thresholds_.items()
         }
-        self.offset_ = -self.thresholds_[self.fnr[0]]
+        self.offset_ = self.threshold()
 
     def score_samples(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Higher = more typical of this generator (the negated anomaly score)."""
-        return -self.anomaly_scores(samples).double().numpy()
+        """Higher = more typical of this generator."""
+        return self._to_score(self._anomaly(samples))
+
+    @property
+    def thresholds(self) -> dict[float, float]:
+        """The score threshold per FNR target (attributed when ``score >= threshold``)."""
+        self._check_fitted()
+        return {f: self._to_score(float(t)) for f, t in self.thresholds_.items()}
 
     def threshold(self, fnr: float | None = None) -> float:
-        """The anomaly-score threshold for a tolerable FNR (one of those given at fit time)."""
-        self._check_fitted()
+        """The score threshold for a tolerable FNR (one of those given at fit time; default the first)."""
         fnr = self.fnr[0] if fnr is None else fnr
-        if fnr not in self.thresholds_:
-            raise ValueError(f"no threshold for FNR {fnr}; fitted FNRs are {sorted(self.thresholds_)}")
-        return self.thresholds_[fnr]
+        thresholds = self.thresholds
+        if fnr not in thresholds:
+            raise ValueError(f"no threshold for FNR {fnr}; fitted FNRs are {sorted(thresholds)}")
+        return thresholds[fnr]
 
     def decision_function(self, samples: np.ndarray | torch.Tensor, fnr: float | None = None) -> np.ndarray:
-        """``score_samples - offset``: non-negative means attributed to this generator."""
-        return self.score_samples(samples) + self.threshold(fnr)
+        """``score_samples - threshold``: non-negative means attributed to this generator."""
+        return self.score_samples(samples) - self.threshold(fnr)
 
     def predict(self, samples: np.ndarray | torch.Tensor, fnr: float | None = None) -> np.ndarray:
         """Bool per sample: made by this generator (at the threshold for ``fnr``, default the first)."""
@@ -98,4 +117,4 @@ class CalibratedDetector:
 
     def p_values(self, samples: np.ndarray | torch.Tensor) -> np.ndarray:
         """Empirical p-value of each sample against the generator's held-out scores (small = not its own)."""
-        return empirical_p_values(self.validation_scores_, self.anomaly_scores(samples)).numpy()
+        return empirical_p_values(self.validation_scores_, self._anomaly(samples)).numpy()

@@ -36,27 +36,26 @@ def balanced_accuracy(generated_accepted: np.ndarray, other_accepted: np.ndarray
 def evaluate_pairs(detector, generated: np.ndarray, others: Mapping[str, np.ndarray]) -> list[PairResult]:
     """For each other source and each fitted FNR, balanced accuracy at that threshold and AUC.
 
-    ``detector`` needs ``score_samples`` and ``threshold(fnr)`` (``FlipadDetector`` and friends);
-    scores are computed once per source.
+    ``detector`` needs ``score_samples`` and ``thresholds`` (every detector kind); scores are
+    computed once per source.
     """
-    thresholds = {fnr: detector.threshold(fnr) for fnr in detector.fnr}
-    other_scores = {name: -np.asarray(detector.score_samples(samples)) for name, samples in others.items()}
-    return evaluate_scores(thresholds, -np.asarray(detector.score_samples(generated)), other_scores)
+    other_scores = {name: np.asarray(detector.score_samples(samples)) for name, samples in others.items()}
+    return evaluate_scores(detector.thresholds, np.asarray(detector.score_samples(generated)), other_scores)
 
 
 def evaluate_scores(
     thresholds: Mapping[float, float], generated: np.ndarray, others: Mapping[str, np.ndarray]
 ) -> list[PairResult]:
-    """:func:`evaluate_pairs` from anomaly scores (small = typical; accepted when ``<= threshold``),
-    with ``thresholds`` mapping each FNR target to its anomaly-score threshold."""
+    """:func:`evaluate_pairs` from scores (higher = typical; attributed when ``>= threshold``),
+    with ``thresholds`` mapping each FNR target to its score threshold."""
     generated = np.asarray(generated, dtype=np.float64)
     results = []
     for name, scores in others.items():
         scores = np.asarray(scores, dtype=np.float64)
         labels = np.r_[np.ones(len(generated)), np.zeros(len(scores))]
-        auc = float(roc_auc_score(labels, -np.r_[generated, scores]))
+        auc = float(roc_auc_score(labels, np.r_[generated, scores]))
         for fnr, threshold in thresholds.items():
-            gen_ok, other_ok = generated <= threshold, scores <= threshold
+            gen_ok, other_ok = generated >= threshold, scores >= threshold
             results.append(
                 PairResult(
                     source=name,

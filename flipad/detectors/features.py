@@ -107,7 +107,10 @@ class FeatureSet:
 
 
 class FeatureExtractor:
-    """Computes unscaled features of one kind for samples of the adapter's output shape."""
+    """Computes unscaled features of one kind for samples of the adapter's output shape: FLIPAD's
+    expensive stage (:class:`~flipad.detectors.base.Stage`)."""
+
+    name = "compute-features"
 
     def __init__(self, adapter: GeneratorAdapter, config: FeatureConfig):
         self.adapter = adapter
@@ -135,6 +138,15 @@ class FeatureExtractor:
             result.iterations.double().numpy(), result.converged.numpy(), result.gap.double().numpy(),
             time.perf_counter() - start,
         )
+
+    @property
+    def device(self) -> str:
+        """Where the inversion runs ("cpu", "cuda")."""
+        return self.inversion_adapter.device.type
+
+    def run(self, samples: np.ndarray | torch.Tensor) -> FeatureSet:
+        """The stage: :meth:`compute` with progress reports."""
+        return self.compute(samples, progress=True)
 
     def fingerprint(self) -> str:
         """A hash of everything the features depend on besides the samples: the generator's

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from .base import (
 )
 from .calibration import NotFittedError, check_fnr
 from .deepsad import ANOMALY, NORMAL, DeepSADConfig, DeepSADTrainer, build_encoder
-from .features import FeatureConfig, FeatureExtractor, FeatureScaler
+from .features import FEATURE_KINDS, FeatureConfig, FeatureExtractor, FeatureScaler
 from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["FlipadDetector", "NotFittedError", "stack_negatives"]
@@ -48,6 +48,22 @@ def stack_negatives(real: np.ndarray | None, negatives: Sequence[np.ndarray] | n
     if not parts:
         raise ValueError("fit needs negatives: real data and/or samples of other generators")
     return np.concatenate([np.asarray(p) for p in parts])
+
+
+@dataclass(frozen=True)
+class FlipadSettings:
+    """FLIPAD's options (``--set flipad.KEY=VALUE``)."""
+
+    features: str = field(default="flipad", metadata={"help": "the features Deep SAD learns from: flipad (the final "
+                                                               "layer's inverted activation), raw or dct"})
+    constrained: bool = field(default=False, metadata={"help": "bounded + censored inversion (open-world)"})
+    epochs: int = field(default=DeepSADConfig.epochs, metadata={"help": "Deep SAD training epochs"})
+
+    def __post_init__(self) -> None:
+        if self.features not in FEATURE_KINDS:
+            raise ValueError(f"flipad.features {self.features!r}: use one of {', '.join(FEATURE_KINDS)}")
+        if self.epochs < 1:
+            raise ValueError(f"flipad.epochs {self.epochs}: use at least 1")
 
 
 @register_kind
@@ -84,6 +100,9 @@ class FlipadDetector(Detector):
 
     kind = "flipad"
     description = "FLIPAD: final-layer inversion + Deep SAD"
+    Settings = FlipadSettings
+    diagnostics = {"residual": "the final-layer inversion's data residual",
+                   "sparsity": "the share of non-zero entries of the inverted activation's deviation"}
 
     @classmethod
     def from_module(cls, module: nn.Module, latent_shape: Sequence[int] | None = None, **options: Any) -> FlipadDetector:
@@ -97,12 +116,14 @@ class FlipadDetector(Detector):
     def from_settings(cls, module: nn.Module, latent_shape: Sequence[int] | None, settings: DetectorSettings) -> FlipadDetector:
         return cls.from_module(module, latent_shape, **cls.options(settings))
 
-    @staticmethod
-    def options(settings: DetectorSettings) -> dict[str, Any]:
+    @classmethod
+    def options(cls, settings: DetectorSettings) -> dict[str, Any]:
         """This class's keyword arguments for ``settings``."""
-        return {"features": settings.features, "fnr": settings.fnr, "n_generated": settings.n_generated,
-                "n_validation": settings.n_validation, "deep_sad": settings.deep_sad, "device": settings.device,
-                "seed": settings.seed, "progress": settings.progress}
+        own = settings.of(cls)
+        features = FeatureConfig(kind=own.features, bounded=own.constrained, censored=own.constrained)
+        return {"features": features, "fnr": settings.fnr, "n_generated": settings.n_generated,
+                "n_validation": settings.n_validation, "deep_sad": DeepSADConfig(epochs=own.epochs, seed=settings.seed),
+                "device": settings.device, "seed": settings.seed, "progress": settings.progress}
 
     def generate(self, n: int, seed: int) -> np.ndarray:
         return self.adapter.generate(n, seed=seed)
@@ -112,7 +133,7 @@ class FlipadDetector(Detector):
         self._check_fitted()
         if self.feature_config.kind != "flipad":
             return {}
-        return {name: stages.features(self.extractor_, x, name).features.mean(0).numpy() for name, x in samples.items()}
+        return {name: stages.run(self.extractor_, x, name).features.mean(0).numpy() for name, x in samples.items()}
 
     @property
     def module(self) -> nn.Module:
@@ -147,9 +168,9 @@ class FlipadDetector(Detector):
 
         extractor = FeatureExtractor(self.adapter, self.feature_config)
         start = time.perf_counter()
-        f_gen = stages.features(extractor, generated, "generated (train)")
-        f_other = stages.features(extractor, others, "negatives (train)")
-        f_val = stages.features(extractor, validation, "generated (validation)")
+        f_gen = stages.run(extractor, generated, "generated (train)")
+        f_other = stages.run(extractor, others, "negatives (train)")
+        f_val = stages.run(extractor, validation, "generated (validation)")
         timings["features_s"] = time.perf_counter() - start
         summary = f_gen.summary() if self.feature_config.kind == "flipad" else None
         self.fit_features(f_gen.features, f_other.features, f_val.features, summary)
@@ -192,9 +213,14 @@ class FlipadDetector(Detector):
 
     def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
         """Scores (higher = more typical) with the inversion's residual and sparsity per item."""
+        return self._verdict_scores(*self._anomaly_and_diagnostics(samples, stages))
+
+    def _anomaly_and_diagnostics(self, samples: np.ndarray | torch.Tensor,
+                                 stages: Stages) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Deep SAD distances (private: small = typical) and the inversion's diagnostics."""
         self._check_fitted()
-        fs = stages.features(self.extractor_, samples, "score")
-        return self._verdict_scores(self.score_features(fs.features), {"residual": fs.residual, "sparsity": fs.sparsity})
+        fs = stages.run(self.extractor_, samples, "score")
+        return self.score_features(fs.features), {"residual": fs.residual, "sparsity": fs.sparsity}
 
     def fit_summary(self) -> dict[str, float]:
         # the features' iteration cap is a deliberate budget (FeatureConfig.inversion), so what is
@@ -213,8 +239,8 @@ class FlipadDetector(Detector):
         """Scaled features of ``samples`` (what Deep SAD sees)."""
         return self.scaler_(self.extractor(samples))
 
-    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Deep SAD scores ``||phi(x) - c||^2``: small = typical of this generator."""
+    def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Deep SAD distances ``||phi(x) - c||^2``: small = typical of this generator."""
         return self.score_features(self.extractor(samples))
 
     def extractor(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -223,7 +249,7 @@ class FlipadDetector(Detector):
         return self.extractor_(samples, progress=self.progress)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Anomaly scores from unscaled features computed by :meth:`extractor`."""
+        """Deep SAD distances (small = typical) from unscaled features computed by :meth:`extractor`."""
         self._check_fitted()
         return self.trainer_.distances(self.network_, self.center_, self.scaler_(features))
 

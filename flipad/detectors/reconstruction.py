@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,14 @@ from ..generators.sampling import (
     resolve_latent_shape,
 )
 from ..inversion.amortised import Differentiate, Exits, LatentEncoder, train_encoder
-from ..inversion.latent import ReconstructionConfig, reconstruction_trajectories
+from ..inversion.latent import SEARCH_METHODS, ReconstructionConfig, reconstruction_trajectories
 from ..inversion.tangents import search_jacobian
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
 from ..progress import stage
 from .base import (
     INLINE,
+    ROBUST_PERTURBATIONS,
     Detector,
     DetectorSettings,
     Scores,
@@ -48,13 +49,15 @@ from .base import (
 from .calibration import check_fnr
 from .persist import check_generator, read_saved, write_saved
 
-__all__ = ["LatentSearch", "ReconstructionConfig", "ReconstructionLossDetector"]
+__all__ = ["LatentSearch", "ReconstructionConfig", "ReconstructionLossDetector", "ReconstructionSettings"]
 
 logger = logging.getLogger(__name__)
 
 
 class LatentSearch:
-    """The latent search of one generator on one device: ``losses(samples)`` per item.
+    """The latent search of one generator on one device: ``losses(samples)`` per item, the
+    reconstruction family's expensive stage (:class:`~flipad.detectors.base.Stage`; its
+    :meth:`trajectories_stage` gives the loss after each stage of the search).
 
     ``samples`` are uint8 images or floats in the output range, of the generator's output shape.
     The ``encoder-lm`` search needs ``encoder`` (:meth:`train_encoder` or a loaded one); ``exits``
@@ -78,6 +81,21 @@ class LatentSearch:
         if differentiate is None and config.method == "encoder-lm":
             differentiate = search_jacobian(module, self.latent_shape)
         self.differentiate = differentiate
+
+    name = "latent-search"
+
+    @property
+    def device(self) -> str:
+        """Where the search runs ("cpu", "cuda")."""
+        return next(self.module.parameters()).device.type
+
+    def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The stage: :meth:`losses`."""
+        return self.losses(samples)
+
+    def trajectories_stage(self) -> SearchTrajectories:
+        """The stage that gives :meth:`trajectories`."""
+        return SearchTrajectories(self)
 
     def with_exits(self, exits: Exits) -> LatentSearch:
         """The same search, stopping each item where ``exits`` settle its verdict."""
@@ -115,6 +133,58 @@ class LatentSearch:
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+class SearchTrajectories:
+    """The stage of a :class:`LatentSearch` that gives every item's loss after each stage of the search."""
+
+    name = "latent-trajectories"
+
+    def __init__(self, search: LatentSearch):
+        self.search = search
+
+    @property
+    def device(self) -> str:
+        return self.search.device
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.search.fingerprint()}\0trajectories".encode()).hexdigest()
+
+    def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.search.trajectories(samples)
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """The reconstruction family's options (``--set reconstruction.KEY=VALUE``)."""
+
+    method: str = field(default="encoder-lm", metadata={
+        "help": "the latent search: encoder-lm (an encoder trained on the generator's own pairs, refined by "
+                "Levenberg-Marquardt) or adam (screened random starts + Adam)"})
+    encoder_steps: int = field(default=ReconstructionConfig.encoder_steps,
+                               metadata={"help": "encoder-lm: training batches of the encoder"})
+    steps: int = field(default=ReconstructionConfig.steps, metadata={"help": "adam: steps of the search per item"})
+    starts: int = field(default=ReconstructionConfig.starts, metadata={"help": "adam: starts of the search per item"})
+    perturbations: tuple[str, ...] = field(default=ROBUST_PERTURBATIONS, metadata={
+        "help": "re-saves the thresholds are also calibrated on, comma-separated (e.g. jpeg q90,jpeg q80)"})
+    n_perturbed: int = field(default=300, metadata={
+        "help": "validation samples per re-save the thresholds are also set on (at most the validation samples)"})
+
+    def __post_init__(self) -> None:
+        if self.method not in SEARCH_METHODS:
+            raise ValueError(f"reconstruction.method {self.method!r}: use one of {', '.join(SEARCH_METHODS)}")
+        for name in self.perturbations:
+            if name not in PERTURBATIONS:
+                raise ValueError(f"reconstruction.perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
+        for name, low in (("encoder_steps", 1), ("steps", 10), ("starts", 1), ("n_perturbed", 20)):
+            if getattr(self, name) < low:
+                raise ValueError(f"reconstruction.{name} {getattr(self, name)}: use at least {low}")
+
+    def config(self, seed: int) -> ReconstructionConfig:
+        """The latent search these settings ask for."""
+        return ReconstructionConfig(steps=self.steps, starts=self.starts, seed=seed,
+                                    candidates=max(ReconstructionConfig.candidates, self.starts),
+                                    method=self.method, encoder_steps=self.encoder_steps)
+
+
 @register_kind
 class ReconstructionLossDetector(Detector):
     """Attribution by the best reconstruction loss of a full-generator latent search.
@@ -127,6 +197,9 @@ class ReconstructionLossDetector(Detector):
 
     kind = "reconstruction"
     description = "reconstruction loss of a full-generator latent search"
+    Settings = ReconstructionSettings
+    diagnostics = {"latent_loss": "the best reconstruction loss the latent search reached (in JPEG's quantisation "
+                                  "steps)"}
 
     def __init__(
         self,
@@ -164,9 +237,11 @@ class ReconstructionLossDetector(Detector):
     @classmethod
     def from_settings(cls, module: nn.Module, latent_shape: Sequence[int] | None,
                       settings: DetectorSettings) -> ReconstructionLossDetector:
-        return cls(module, latent_shape, fnr=settings.fnr, n_validation=settings.n_validation, config=settings.search,
-                   device=settings.device, progress=settings.progress, seed=settings.seed,
-                   perturbations=settings.perturbations, n_perturbed=settings.n_perturbed)
+        own = settings.of(cls)
+        return cls(module, latent_shape, fnr=settings.fnr, n_validation=settings.n_validation,
+                   config=own.config(settings.seed), device=settings.device, progress=settings.progress,
+                   seed=settings.seed, perturbations=own.perturbations,
+                   n_perturbed=min(own.n_perturbed, settings.n_validation))
 
     def _prepare(self) -> None:
         self.device_ = resolve_device(self.device)
@@ -202,11 +277,12 @@ class ReconstructionLossDetector(Detector):
                 self.search_.train_encoder()
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
-        pristine = stages.trajectories(self.search_, validation, "generated (validation)")
+        trajectories = self.search_.trajectories_stage()
+        pristine = stages.run(trajectories, validation, "generated (validation)")
         conditions = {}
         if self.perturbations and validation.ndim == 4 and validation.dtype == np.uint8:
             subset = validation[: self.n_perturbed or len(validation)]
-            conditions = {name: stages.trajectories(self.search_, perturb(subset, name), f"generated (validation, {name})")
+            conditions = {name: stages.run(trajectories, perturb(subset, name), f"generated (validation, {name})")
                           for name in self.perturbations}
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         self._set_exits(torch.cat([pristine, *conditions.values()]))
@@ -215,7 +291,7 @@ class ReconstructionLossDetector(Detector):
                                             for name, s in conditions.items()}}
         return self
 
-    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Best reconstruction loss per sample in the search's metric (small = the generator can make it)."""
         self._check_fitted()
         return self.search_.losses(samples)
@@ -247,8 +323,8 @@ class ReconstructionLossDetector(Detector):
         end (the exact loss, for evaluation), with what the default reports as ``attributed``."""
         self._check_fitted()
         if not exhaustive:
-            return self._loss_scores(stages.search(self.search_.with_exits(self.exits_), samples, "score"))
-        trajectories = stages.trajectories(self.search_, samples, "score")
+            return self._loss_scores(stages.run(self.search_.with_exits(self.exits_), samples, "score"))
+        trajectories = stages.run(self.search_.trajectories_stage(), samples, "score")
         return replace(self._loss_scores(trajectories[:, -1]), attributed=self._loss_scores(self.exits_.settle(trajectories)))
 
     def _loss_scores(self, losses: torch.Tensor) -> Scores:

@@ -62,7 +62,8 @@ class AttributionDetector(Detector):
     """
 
     kind = "attribution"
-    description = "FLIPAD and reconstruction loss, both must accept"
+    description = "FLIPAD and reconstruction loss, both must accept (takes the flipad.* and reconstruction.* settings)"
+    diagnostics = {**FlipadDetector.diagnostics, **ReconstructionLossDetector.diagnostics}
 
     def __init__(
         self,
@@ -97,8 +98,9 @@ class AttributionDetector(Detector):
                       settings: DetectorSettings) -> AttributionDetector:
         flipad_options = {k: v for k, v in FlipadDetector.options(settings).items()
                           if k in ("features", "n_generated", "deep_sad")}
+        reconstruction = settings.of(ReconstructionLossDetector).config(settings.seed)
         return cls(module, latent_shape, fnr=settings.fnr, n_validation=settings.n_validation,
-                   n_calibration=settings.n_calibration, flipad_options=flipad_options, reconstruction=settings.search,
+                   n_calibration=settings.n_calibration, flipad_options=flipad_options, reconstruction=reconstruction,
                    device=settings.device, seed=settings.seed, progress=settings.progress)
 
     def generate(self, n: int, seed: int) -> np.ndarray:
@@ -173,11 +175,11 @@ class AttributionDetector(Detector):
         parts["reconstruction"] = self.reconstruction_
         return parts
 
-    def family_scores(self, samples: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each family's own anomaly scores and the exact combined score (the latent search on every item)."""
+    def family_scores(self, samples: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
+        """Each family's own scores and the exact combined score (the latent search on every item)."""
         self._check_fitted()
-        combined, families = self._combined(samples, INLINE, exhaustive=True)
-        return {**{k: torch.as_tensor(-v) for k, v in families.items()}, "combined": combined}
+        combined, families, _ = self._combined(samples, INLINE, exhaustive=True)
+        return {**families, "combined": self._to_score(combined)}
 
     def _standardiser(self, validation_scores: torch.Tensor) -> tuple[float, float]:
         """(centre, scale) of a family's log anomaly scores: its own threshold at the first FNR, and
@@ -197,11 +199,10 @@ class AttributionDetector(Detector):
         recon = self.reconstruction_
         if self.flipad_ is None:
             self.last_searched_fraction_ = 1.0
-            loss = stages.search(recon.search_, samples, "score")
-            return self._standardise("reconstruction", loss), {"reconstruction": -loss.double().numpy()}, {
+            loss = stages.run(recon.search_, samples, "score")
+            return self._standardise("reconstruction", loss), {"reconstruction": recon._to_score(loss)}, {
                 "latent_loss": loss.double().numpy()}
-        flipad = self.flipad_.score(samples, stages)
-        flipad_anomaly = torch.as_tensor(-flipad.score)
+        flipad_anomaly, flipad_diagnostics = self.flipad_._anomaly_and_diagnostics(samples, stages)
         combined = self._standardise("flipad", flipad_anomaly)
         # items FLIPAD already rejects at every threshold keep its score: the search cannot change them
         need = torch.ones_like(combined, dtype=torch.bool)
@@ -210,13 +211,13 @@ class AttributionDetector(Detector):
         loss = torch.full((len(combined),), float("nan"), dtype=torch.float64)
         if need.any():
             subset = samples[need.numpy()] if isinstance(samples, np.ndarray) else samples[need]
-            loss[need] = stages.search(recon.search_, subset, "score").double()
+            loss[need] = stages.run(recon.search_, subset, "score").double()
             combined[need] = torch.maximum(combined[need], self._standardise("reconstruction", loss[need]))
         self.last_searched_fraction_ = float(need.double().mean())
-        families = {"flipad": flipad.score, "reconstruction": -loss.numpy()}
-        return combined, families, {**flipad.diagnostics, "latent_loss": loss.numpy()}
+        families = {"flipad": self.flipad_._to_score(flipad_anomaly), "reconstruction": recon._to_score(loss)}
+        return combined, families, {**flipad_diagnostics, "latent_loss": loss.numpy()}
 
-    def anomaly_scores(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The larger of the two families' standardised log anomaly scores (higher = less like the generator)."""
         self._check_fitted()
         return self._combined(samples, INLINE, exhaustive=False)[0]
@@ -226,10 +227,8 @@ class AttributionDetector(Detector):
         where it can change the answer."""
         self._check_fitted()
         combined, families, diagnostics = self._combined(samples, stages, exhaustive)
-        score = -combined.double().numpy()
-        return Scores(score, {f: -t for f, t in self.thresholds_.items()}, families,
-                      {name: {f: -t for f, t in part.thresholds_.items()} for name, part in self.parts().items()},
-                      diagnostics)
+        return Scores(self._to_score(combined), self.thresholds, families,
+                      {name: part.thresholds for name, part in self.parts().items()}, diagnostics)
 
     def fit_summary(self) -> dict[str, float]:
         out: dict[str, float] = dict(self.fit_info_.get("timings", {}))

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..keys import KeySet, best_matches
+from ..kinds import diagnostic_columns
 from .data import DataError, ItemInfo, decode_item, item_info, pixel_stats
 
 if TYPE_CHECKING:  # the detectors sit above io; scoring only calls their public methods
     from ..detectors.base import Detector
 
-__all__ = ["ItemResult", "ITEM_COLUMNS", "VERDICTS", "score_items", "undecided_reason"]
+__all__ = ["ItemResult", "VERDICTS", "item_columns", "score_items", "undecided_reason"]
 
 NAN = float("nan")
 # the answers a row can give: the item's verdict, or why there is none
@@ -28,9 +29,11 @@ class ItemResult:
 
     ``verdict`` is one of :data:`VERDICTS`: ``undecided`` where the item lies outside what the
     thresholds were calibrated on (``reason`` says why; ``is_generated`` is then None, the score is
-    still reported), ``error`` where it could not be scored (``error`` says why). ``residual``
-    and ``sparsity`` describe the final-layer inversion, ``latent_loss`` the latent search,
-    ``pixel_mean``/``pixel_std`` the input; ``format``, ``height``, ``width`` and
+    still reported), ``error`` where it could not be scored (``error`` says why).
+    ``diagnostics``: the stages' per-item figures, one column each, named by the registered kinds
+    (:func:`~flipad.kinds.diagnostic_columns`: ``residual`` and ``sparsity`` of the final-layer
+    inversion, ``latent_loss`` of the latent search, ...; also readable as attributes).
+    ``pixel_mean``/``pixel_std`` describe the input; ``format``, ``height``, ``width`` and
     ``jpeg_quality`` (estimated, JPEG only) what arrived. For a generator with key sets
     (:mod:`flipad.keys`), an attributed item's ``key_id`` (the recipient's name; empty for "no
     key"), ``key_set`` (its key set version), ``key_bits_correct`` and ``key_p_value``. NaN
@@ -41,9 +44,7 @@ class ItemResult:
     threshold: float
     is_generated: bool | None
     error: str = ""
-    residual: float = NAN
-    sparsity: float = NAN
-    latent_loss: float = NAN
+    diagnostics: dict[str, float] = field(default_factory=dict)
     pixel_mean: float = NAN
     pixel_std: float = NAN
     verdict: str = ERROR
@@ -57,12 +58,29 @@ class ItemResult:
     key_bits_correct: float = NAN
     key_p_value: float = NAN
 
+    def __getattr__(self, name: str) -> Any:
+        if name in diagnostic_columns():  # a diagnostic of any registered kind, NaN where it does not apply
+            return self.diagnostics.get(name, NAN)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     def as_row(self) -> dict:
-        """The result as the columns :data:`ITEM_COLUMNS` of an output row."""
-        return asdict(self)
+        """The result as the columns :func:`item_columns` of an output row."""
+        row = {}
+        for f in fields(self):
+            if f.name == "diagnostics":
+                row.update({name: self.diagnostics.get(name, NAN) for name in diagnostic_columns()})
+            else:
+                row[f.name] = getattr(self, f.name)
+        return row
 
 
-ITEM_COLUMNS = [f.name for f in fields(ItemResult)]
+def item_columns() -> list[str]:
+    """The columns of a row, in order: the result's fields with ``diagnostics`` spread into one
+    column per diagnostic of the registered kinds."""
+    columns: list[str] = []
+    for f in fields(ItemResult):
+        columns += list(diagnostic_columns()) if f.name == "diagnostics" else [f.name]
+    return columns
 
 
 def undecided_reason(info: ItemInfo, lowest_quality: float | None) -> str:
@@ -84,7 +102,7 @@ def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[Ke
     secret), attributed items are inverted once more and their recipient read. The threshold is
     the detector's default (its first FNR target). Works for every detector kind.
     """
-    threshold = -detector.threshold()
+    threshold = detector.threshold()
     lowest_quality = detector.calibrated_jpeg_quality()
     results: list[ItemResult | None] = [None] * len(items)
     infos = [item_info(data) for data in items]
@@ -106,15 +124,13 @@ def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[Ke
                 results[i] = _result(None, threshold, message, infos[i])
             continue
         pixel_mean, pixel_std = pixel_stats(batch)
-        nan = np.full(len(batch), NAN)
-        diagnostics = {k: scores.diagnostics.get(k, nan) for k in ("residual", "sparsity", "latent_loss")}
         for k, (i, _) in enumerate(members):
             value = scores.score[k]
             ok = bool(np.isfinite(value))
             results[i] = _result(
                 float(value) if ok else None, threshold, "" if ok else "the detector returned a non-finite score",
                 infos[i], undecided_reason(infos[i], lowest_quality),
-                {**{name: float(values[k]) for name, values in diagnostics.items()},
+                {"diagnostics": {name: float(values[k]) for name, values in scores.diagnostics.items()},
                  "pixel_mean": float(pixel_mean[k]), "pixel_std": float(pixel_std[k])},
             )
         if keysets:
@@ -134,7 +150,7 @@ def _read_keys(detector: Detector, members: list, batch: np.ndarray, results: li
 
 
 def _result(score: float | None, threshold: float, error: str, info: ItemInfo, undecided: str = "",
-            figures: dict[str, float] | None = None) -> ItemResult:
+            figures: dict[str, Any] | None = None) -> ItemResult:
     """One item's result: its verdict from the score (none on an error, undecided with a reason)."""
     if error or score is None:
         verdict, is_generated = ERROR, None
