@@ -9,10 +9,8 @@ half real test images, from a local folder and from an S3 bucket served by moto 
 The moto server runs in a process of its own on the same cores; for the S3 run the bench also
 prints the CPU seconds that server used and the rate per core left to the attribution
 (``items / (seconds * threads - server CPU seconds)``), what a remote S3 would leave.
-Runs on CUDA when present (``--device``).
-
-    python bench/attribute_throughput.py [--items 1000] [--batch-size 256] [--encoder-steps 1000]
-                                         [--search-method encoder-lm|adam] [--device auto]
+Runs on CUDA when present (``--device``). Its environment (a temporary working folder, its own
+Prefect home and embedded MLflow store) is its own: run it as ``python -m bench``'s subprocess.
 """
 
 from __future__ import annotations
@@ -26,9 +24,9 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flows.processes import free_port, spawn, stop, wait_http
 
-from flows.processes import free_port, spawn, stop, wait_http  # noqa: E402
+from .report import Benchmark, markdown_table
 
 
 def server_cpu(pid: int) -> float:
@@ -37,15 +35,16 @@ def server_cpu(pid: int) -> float:
     return times.user + times.system
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench attribute_throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--encoder-steps", type=int, default=1000)
     parser.add_argument("--search-method", choices=("encoder-lm", "adam"), default="encoder-lm",
                         help="adam: the earlier search, as the baseline")
     parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="flipad-bench-"))
     os.chdir(work)
@@ -73,7 +72,8 @@ def main() -> None:
         num_samples=300, num_validation=200, num_test=100, open_world=False, device=str(device),
         family_settings={"reconstruction": {"encoder_steps": args.encoder_steps, "method": args.search_method}},
     ))
-    print(f"onboarded a detector in {time.perf_counter() - start:.1f} s (weights: {weights.name})")
+    onboard_s = time.perf_counter() - start
+    print(f"onboarded a detector in {onboard_s:.1f} s (weights: {weights.name})")
 
     half = args.items // 2
     images = [*onboarded.detector.generate(half, seed=123), *load_fashion_mnist("test", 32, limit=args.items - half)]
@@ -103,6 +103,7 @@ def main() -> None:
         "s3 -> s3 (moto)": AttributeConfig(models=("bench",), input="s3://bench/in/", output="s3://bench/out/",
                                            batch_size=args.batch_size, endpoint_url=endpoint, monitor=False),
     }
+    rows = []
     for name, config in runs.items():
         before = server_cpu(server.pid)
         result = attribute_stream(config)
@@ -110,14 +111,35 @@ def main() -> None:
         rate = result.new_rows / result.seconds
         print(f"{name:18s} {result.new_rows} items in {result.seconds:6.1f} s = {rate:7.1f} images/s "
               f"({rate / threads:.1f} per thread)")
+        left = None
         if config.endpoint_url:
             used = server_cpu(server.pid) - before
             left = result.new_rows / (result.seconds * threads - used)
             print(f"{name:18s} the S3 server used {used:.1f} CPU s: {left:.1f} images/s per core left to the attribution")
         again = attribute_stream(config)
         print(f"{name:18s} rerun (nothing new): {again.seconds:.1f} s, {again.new_rows} new rows")
+        rows.append({"run": name, "items": result.new_rows, "seconds": result.seconds, "images per s": rate,
+                     "per thread": rate / threads, "per core left by the S3 server": left,
+                     "rerun s (nothing new)": again.seconds, "rerun new rows": again.new_rows})
     stop(server)
+    return {"device": str(device), "threads": threads, "batch_size": args.batch_size, "method": args.search_method,
+            "encoder_steps": args.encoder_steps, "onboard_s": onboard_s, "rows": rows}
 
 
-if __name__ == "__main__":
-    main()
+def render(figures: dict) -> str:
+    return (f"Device {figures['device']}, {figures['threads']} torch threads, batch size {figures['batch_size']}; "
+            f"search {figures['method']} (encoder {figures['encoder_steps']} batches); half own items, half real, "
+            f"32x32 PNG; onboarding took {figures['onboard_s']:.0f} s.\n\n"
+            + markdown_table(figures["rows"], formats={"seconds": ".1f", "images per s": ".1f", "per thread": ".1f",
+                                                       "per core left by the S3 server": ".1f",
+                                                       "rerun s (nothing new)": ".1f"}))
+
+
+def headline(figures: dict) -> list[str]:
+    folder = figures["rows"][0]
+    return [f"Attribution of a folder, end to end: {folder['images per s']:.0f} items/s on {figures['threads']} "
+            f"threads ({folder['per thread']:.1f} per thread), {figures['device']}"]
+
+
+BENCHMARK = Benchmark("attribute_throughput", __doc__, run, render, headline,
+                      quick=("--items", "40", "--batch-size", "16", "--encoder-steps", "30"))

@@ -1,104 +1,37 @@
-"""The core's accuracy bar on generators the library has never seen.
+"""The core's accuracy on generators the library has never seen, per detector family.
 
-    python bench/core_bar.py [--train-steps 1500] [--samples 2000] [--test 1000]
-                             [--family flipad|reconstruction|combined] [--calibration 1000]
-                             [--solver fista|auto] [--gap-tol 1e-3]
-
-Four 32x32 grayscale generators, latent vector 64 reshaped inside the module, written here as a
-user would (not the built-ins): final ConvTranspose2d + tanh, upsampling + final Conv2d + tanh,
-final ConvTranspose2d + sigmoid, and final ConvTranspose2d + tanh with a skip connection into the
-output (which the final-layer adapter refuses: FLIPAD skips it, the combined verdict falls back to
-reconstruction loss). Each is trained on Fashion-MNIST (weights cached under .flipad/bench),
-onboarded through the Python API with 2,000 of its 8-bit samples and 2,000 real images, and
-evaluated on 1,000 held-out samples of itself against 1,000 held-out real images and 1,000
-samples of each other generator. Prints balanced accuracy at FNR 0.005, AUC, fit time and
-seconds per scored test item (for the combined verdict: the full search on every item, which
-also yields each family's own figures). ``--family`` picks FLIPAD (default), the reconstruction-loss
-detector, or the combined verdict (``AttributionDetector``; ``--calibration`` generator samples
-for each of its two held-out sets).
+The four core-bar generators (:mod:`bench.common`: 32x32 grey, latent vector 64 reshaped inside,
+written as a user would) are trained on Fashion-MNIST (cached), onboarded through the Python API
+with ``--samples`` of their 8-bit samples and as many real images, and evaluated on ``--test``
+held-out samples of themselves against as many held-out real images and samples of each other
+generator: balanced accuracy at FNR 0.005, AUC, fit seconds and seconds per scored item.
+``--family`` picks FLIPAD, the reconstruction-loss detector, or the combined verdict (one search
+over every item gives each family's own figures too). FLIPAD refuses the skip-connection
+generator; the combined verdict then uses reconstruction loss alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flipad import AttributionDetector, FlipadDetector, GeneratorAdapter, ReconstructionLossDetector
+from flipad.detectors.evaluation import evaluate_pairs, evaluate_scores
+from flipad.detectors.features import DETECTOR_INVERSION, FeatureConfig
+from flipad.detectors.negatives import perturbed_samples
+from flows.datasets import load_fashion_mnist
 
-from flipad import AttributionDetector, FlipadDetector, GeneratorAdapter, ReconstructionLossDetector  # noqa: E402
-from flows.datasets import load_fashion_mnist  # noqa: E402
-from flipad.detectors.evaluation import evaluate_pairs, evaluate_scores  # noqa: E402
-from flipad.detectors.features import DETECTOR_INVERSION, FeatureConfig  # noqa: E402
-from flipad.detectors.negatives import perturbed_samples  # noqa: E402
-from flipad.generators.sampling import generate_samples  # noqa: E402
-from flipad.generators.training import train_gan  # noqa: E402
-
-
-class VectorGenerator(nn.Module):
-    """Latent vector 64 -> Linear -> 4x4 map -> two x2 blocks -> a last x2 block of the chosen kind."""
-
-    def __init__(self, last: str = "convt", activation: str = "tanh", skip: bool = False):
-        super().__init__()
-        self.latent_shape = (64,)
-        self.fc = nn.Sequential(nn.Linear(64, 128 * 16), nn.BatchNorm1d(128 * 16), nn.ReLU())
-        self.blocks = nn.Sequential(
-            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),
-        )
-        if last == "convt":
-            self.out = nn.ConvTranspose2d(32, 1, 4, 2, 1)
-        else:
-            self.out = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(32, 1, 3, 1, 1))
-        # a skip connection into the output: the 16x16 features, upsampled and projected, are added to
-        # the last layer's output, so the final-layer adapter refuses this generator
-        self.skip = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(32, 1, 1)) if skip else None
-        self.act = nn.Tanh() if activation == "tanh" else nn.Sigmoid()
-
-    def forward(self, z):
-        h = self.blocks(self.fc(z).view(-1, 128, 4, 4))
-        out = self.out(h)
-        return self.act(out if self.skip is None else out + self.skip(h))
+from .common import REFUSED, TARGETS, samples, trained
+from .report import Benchmark, markdown_table
 
 
-TARGETS = {
-    "convT+tanh": dict(last="convt", activation="tanh"),
-    "upsample+conv+tanh": dict(last="conv", activation="tanh"),
-    "convT+sigmoid": dict(last="convt", activation="sigmoid"),
-    "convT+skip+tanh": dict(last="convt", activation="tanh", skip=True),
-}
-REFUSED = {"convT+skip+tanh"}  # FLIPAD cannot invert it: the combined verdict falls back to reconstruction loss
-
-
-def output_range(name: str) -> tuple[float, float]:
-    return (0.0, 1.0) if TARGETS[name]["activation"] == "sigmoid" else (-1.0, 1.0)
-
-
-def samples(name: str, module: nn.Module, n: int, seed: int) -> np.ndarray:
-    """``n`` 8-bit samples of a target (the latents ``GeneratorAdapter.generate`` draws for ``seed``)."""
-    return generate_samples(module, module.latent_shape, n, seed, output_range(name))
-
-
-def trained(name: str, steps: int, real, cache: Path) -> nn.Module:
-    module = VectorGenerator(**TARGETS[name])
-    path = cache / f"{name.replace('+', '_')}-{steps}.safetensors"
-    if path.is_file():
-        module.load_state_dict(load_file(str(path)))
-        return module.eval()
-    module = train_gan(module, real, steps=steps, seed=len(name), output_range=output_range(name), progress=False)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
-    return module
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench core_bar", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--test", type=int, default=1000)
@@ -124,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     test_sets = {name: samples(name, module, args.test, seed=31337) for name, module in modules.items()}
     print(f"family: {args.family}")
     print(f"{'target':20s} {'other source':20s} {'bal. acc @FNR .005':>18s} {'AUC':>6s} {'fit s':>6s} {'s/item':>7s}")
+    rows: list[dict] = []
+
+    def row(target: str, family: str, pair, fit_s: float, per_item: float) -> None:
+        rows.append({"target": target, "family": family, "other source": pair.source,
+                     "balanced accuracy": pair.balanced_accuracy, "AUC": pair.auc, "fit s": fit_s, "s per item": per_item})
+        print(f"{target:20s} {family[:6] + ' ' + pair.source:20s} {pair.balanced_accuracy:18.4f} {pair.auc:6.3f} "
+              f"{fit_s:6.0f} {per_item:7.3f}", flush=True)
+
     for name in args.targets:
         if args.family == "flipad" and name in REFUSED:
             print(f"{name:20s} refused by the final-layer adapter: use --family reconstruction or combined")
@@ -141,19 +82,16 @@ def main(argv: list[str] | None = None) -> int:
             per_item = (time.perf_counter() - start) / (args.test * (1 + len(others)))
             for family in scores["own"]:  # no "flipad" where the adapter refuses the generator
                 part = det if family == "combined" else getattr(det, f"{family}_")
-                pairs = evaluate_scores(part.thresholds_, scores["own"][family].numpy(),
-                                        {o: scores[o][family].numpy() for o in others})
-                for pair in pairs:
-                    print(f"{name:20s} {family[:6] + ' ' + pair.source:20s} {pair.balanced_accuracy:18.4f} "
-                          f"{pair.auc:6.3f} {fit_s:6.0f} {per_item:7.3f}")
-            print(f"{name:20s} fit: {det.fit_info_}", flush=True)
+                for pair in evaluate_scores(part.thresholds, scores["own"][family],
+                                            {o: scores[o][family] for o in others}):
+                    row(name, family, pair, fit_s, per_item)
             continue
         pairs = evaluate_pairs(det, test_sets[name], others)
         per_item = (time.perf_counter() - start) / (args.test * (1 + len(others)))
         for pair in pairs:
-            print(f"{name:20s} {pair.source:20s} {pair.balanced_accuracy:18.4f} {pair.auc:6.3f} {fit_s:6.0f} {per_item:7.3f}")
-        print(f"{name:20s} fit: {det.fit_info_}", flush=True)
-    return 0
+            row(name, args.family, pair, fit_s, per_item)
+    return {"family": args.family, "samples": args.samples, "test": args.test, "train_steps": args.train_steps,
+            "rows": rows}
 
 
 def detector(args, module: nn.Module, adapter: GeneratorAdapter | None, features: FeatureConfig):
@@ -168,5 +106,21 @@ def detector(args, module: nn.Module, adapter: GeneratorAdapter | None, features
                                flipad_options={"features": features, "n_generated": args.samples})
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def render(figures: dict) -> str:
+    return (f"Family {figures['family']}; {figures['samples']} training samples, {figures['test']} test items per "
+            f"source, generators trained {figures['train_steps']} steps.\n\n"
+            + markdown_table(figures["rows"], formats={"fit s": ".0f", "balanced accuracy": ".4f"}))
+
+
+def headline(figures: dict) -> list[str]:
+    rows = [r for r in figures["rows"] if r["family"] == figures["family"]]
+    if not rows:
+        return []
+    worst = min(rows, key=lambda r: r["balanced accuracy"])
+    return [f"Core bar, {figures['family']} on four unseen 32x32 generators: worst balanced accuracy "
+            f"{worst['balanced accuracy']:.4f} ({worst['target']} against {worst['other source']})"]
+
+
+BENCHMARK = Benchmark("core_bar", __doc__, run, render, headline,
+                      quick=("--train-steps", "30", "--samples", "60", "--test", "20", "--targets", "convT+tanh",
+                             "--calibration", "60"))

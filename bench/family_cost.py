@@ -1,9 +1,7 @@
 """Seconds per item of each detector family and of the combined verdict, measured in one run.
 
-    python bench/family_cost.py [--items 200] [--device cpu|cuda] [--target convT+tanh]
-
-Fits an ``AttributionDetector`` (FLIPAD + reconstruction loss) for one of ``bench/core_bar.py``'s
-generators (trained and cached as there), then scores the same mixed set (``--items`` each of the
+Fits an ``AttributionDetector`` (FLIPAD + reconstruction loss, the product's settings: the
+encoder-lm search) for one of the core-bar generators (:mod:`bench.common`), then scores the same mixed set (``--items`` each of the
 target's own new samples, real Fashion-MNIST test images and another generator's samples) three
 ways: FLIPAD alone (final-layer inversion + Deep SAD), the reconstruction-loss search alone, and
 the combined verdict (which searches only items FLIPAD does not already reject). Prints seconds
@@ -14,34 +12,21 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flipad import AttributionDetector, DetectorSettings, ReconstructionLossDetector, family_settings
+from flows.datasets import load_fashion_mnist
 
-from core_bar import TARGETS, samples, trained  # noqa: E402
-
-from flipad import AttributionDetector  # noqa: E402
-from flows.datasets import load_fashion_mnist  # noqa: E402
+from .common import TARGETS, samples, timed, trained
+from .report import Benchmark, markdown_table
 
 
-def timed(fn, *args, **kwargs):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench family_cost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=200, help="items per source (own, real, other generator)")
     parser.add_argument("--target", choices=list(TARGETS), default="convT+tanh")
     parser.add_argument("--other", choices=list(TARGETS), default="upsample+conv+tanh")
@@ -50,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--train-steps", type=int, default=1500)
     parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
+    parser.add_argument("--encoder-steps", type=int, default=ReconstructionLossDetector.Settings.encoder_steps)
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(2)
@@ -58,16 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     module = trained(args.target, args.train_steps, train_real, args.cache)
     other = samples(args.other, trained(args.other, args.train_steps, train_real, args.cache), args.items, seed=31337)
 
-    det, fit_s = timed(AttributionDetector(module, fnr=(0.005,), n_validation=args.calibration, n_calibration=args.calibration,
-                                           flipad_options={"n_generated": args.samples}, device=args.device,
-                                           progress=False).fit, real=train_real[-args.samples:])
+    settings = DetectorSettings(fnr=(0.005,), n_generated=args.samples, n_validation=args.calibration,
+                                n_calibration=args.calibration, device=args.device, progress=False,
+                                families=family_settings({"reconstruction": {"encoder_steps": args.encoder_steps}}))
+    det, fit_s = timed(AttributionDetector.from_settings(module, None, settings).fit, real=train_real[-args.samples:])
     own = det.reconstruction_.generate(args.items, seed=31337)
     mixed = np.concatenate([own, test_real, other])
     n = len(mixed)
     rows = []
     if det.flipad_ is not None:  # None: the final-layer adapter refused the target (a skip connection into the output)
-        rows.append(("FLIPAD", timed(det.flipad_.anomaly_scores, mixed)[1]))
-    rows.append(("reconstruction loss", timed(det.reconstruction_.anomaly_scores, mixed)[1]))
+        rows.append(("FLIPAD", timed(det.flipad_.score, mixed)[1]))
+    rows.append(("reconstruction loss (settled verdict)", timed(det.reconstruction_.score, mixed)[1]))
     verdict, combined_s = timed(det.predict, mixed)
     rows.append(("combined verdict", combined_s))
     searched = det.last_searched_fraction_
@@ -79,10 +66,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'family':28s} {'s/item':>8s} {'items/s':>8s}")
     for name, seconds in rows:
         print(f"{name:28s} {seconds / n:8.4f} {n / seconds:8.1f}")
-    print(f"combined verdict searched {searched:.1%} of the items; attributed: own {verdict[:args.items].mean():.3f}, "
-          f"real {verdict[args.items:2 * args.items].mean():.3f}, other {verdict[2 * args.items:].mean():.3f}")
-    return 0
+    attributed = {"own": float(verdict[:args.items].mean()), "real": float(verdict[args.items:2 * args.items].mean()),
+                  "other": float(verdict[2 * args.items:].mean())}
+    print(f"combined verdict searched {searched:.1%} of the items; attributed: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in attributed.items()))
+    return {"target": args.target, "other": args.other, "items": n, "device": device, "fit_s": fit_s,
+            "families": det.fit_info_["families"], "searched_fraction": searched, "attributed": attributed,
+            "rows": [{"scoring": name, "s per item": seconds / n, "items per s": n / seconds} for name, seconds in rows]}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def render(figures: dict) -> str:
+    attributed = ", ".join(f"{k} {v:.3f}" for k, v in figures["attributed"].items())
+    return (f"Target {figures['target']}, {figures['items']} items (own, real, {figures['other']}) on "
+            f"{figures['device']}; fit ({' + '.join(figures['families'])}) {figures['fit_s']:.0f} s. The combined "
+            f"verdict searched {figures['searched_fraction']:.1%} of the items; attributed: {attributed}.\n\n"
+            + markdown_table(figures["rows"], formats={"s per item": ".4f", "items per s": ".1f"}))
+
+
+def headline(figures: dict) -> list[str]:
+    return [f"Cost per item on {figures['device']}: " + ", ".join(
+        f"{r['scoring']} {r['s per item'] * 1000:.1f} ms" for r in figures["rows"])]
+
+
+BENCHMARK = Benchmark("family_cost", __doc__, run, render, headline,
+                      quick=("--items", "20", "--samples", "60", "--calibration", "60", "--train-steps", "30",
+                             "--encoder-steps", "30"))

@@ -1,13 +1,9 @@
 """The in-the-wild bar as a user meets it: ``flipad onboard`` with its defaults, then ``flipad attribute``.
 
-    python bench/in_the_wild_cli.py [--generators convT+tanh "convT+tanh other seed" ...] [--items 200]
-                                    [--real 2000] [--train-steps 1500] [--work DIR]
-                                    [--onboard-args "--num-test 100 ..."]
-
-Five generators the library has never seen (``bench/core_bar.py``'s four, trained on Fashion-MNIST,
-and the first one's architecture trained from another seed, ``bench/in_the_wild.py``'s look-alike;
-weights cached under .flipad/bench) are each onboarded by the ``flipad onboard`` command, in
-subprocesses, from the generator file ``bench/core_bar.py`` and ``--real`` real PNGs, with no
+Five generators the library has never seen (the four core-bar generators of :mod:`bench.common`,
+trained on Fashion-MNIST, and the first one's architecture trained from another seed; weights
+cached under .flipad/bench) are each onboarded by the ``flipad onboard`` command, in
+subprocesses, from the generator file ``bench/common.py`` and ``--real`` real PNGs, with no
 option but what the generator needs (``--onboard-args`` adds options, for a quicker check than the
 bar). Then one ``flipad attribute`` run of every registered detector scores a folder holding,
 per generator, ``--items`` new samples (a seed onboarding does not draw) as PNG, JPEG q90, JPEG
@@ -34,18 +30,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flipad.io.data import encode_item
+from flipad.io.perturb import perturb
+from flows.datasets import load_fashion_mnist
+from flows.demo import source_table, write_stream
 
-from core_bar import TARGETS, output_range, samples, trained  # noqa: E402
-from in_the_wild import lookalike  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from flipad.io.data import encode_item  # noqa: E402
-from flows.datasets import load_fashion_mnist  # noqa: E402
-from flipad.io.perturb import perturb  # noqa: E402
-from flows.demo import source_table, write_stream  # noqa: E402
+from .common import TARGETS, samples, trained
+from .report import Benchmark, markdown_table
 
 OTHER_SEED = "convT+tanh other seed"
 GENERATORS = (*TARGETS, OTHER_SEED)
@@ -62,7 +55,7 @@ def architecture(name: str) -> str:
     return "convT+tanh" if name == OTHER_SEED else name
 
 
-def run(command: list[str], cwd: Path, env: dict) -> float:
+def run_command(command: list[str], cwd: Path, env: dict) -> float:
     """Run one CLI command; its output goes to the bench's; fails the bench when it fails."""
     print("$ " + shlex.join(command), flush=True)
     start = time.perf_counter()
@@ -70,8 +63,9 @@ def run(command: list[str], cwd: Path, env: dict) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench in_the_wild_cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generators", nargs="*", default=list(GENERATORS), choices=GENERATORS)
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--real", type=int, default=2000)
@@ -87,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the embedded store in the work folder
     flipad = [sys.executable, "-m", "flows.cli"]
-    code = Path(__file__).with_name("core_bar.py")
+    code = Path(__file__).with_name("common.py")
 
     train_real = load_fashion_mnist("train", 32, limit=20_000)
     real_dir = work / "real"
@@ -95,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     for i, image in enumerate(train_real[-args.real:]):
         (real_dir / f"{i:05d}.png").write_bytes(encode_item(image))
 
-    modules = {name: lookalike("convT+tanh", args.train_steps, train_real, args.cache) if name == OTHER_SEED
-               else trained(name, args.train_steps, train_real, args.cache) for name in args.generators}
+    modules = {name: trained(architecture(name), args.train_steps, train_real, args.cache, lookalike=name == OTHER_SEED)
+               for name in args.generators}
     onboard_s: dict[str, float] = {}
     for name, module in modules.items():
         weights = work / f"{slug(name)}.safetensors"
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
         options = [x for k, v in TARGETS[architecture(name)].items() for x in ("--option", f"{k}={json.dumps(v)}")]
-        onboard_s[name] = run([*flipad, "onboard", slug(name), "--generator", f"{code}:VectorGenerator", *options,
+        onboard_s[name] = run_command([*flipad, "onboard", slug(name), "--generator", f"{code}:VectorGenerator", *options,
                                "--weights", str(weights), "--latent-shape", "64", "--real", str(real_dir),
                                *shlex.split(args.onboard_args)], work, env)
 
@@ -121,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buffer, "WEBP", quality=80)
             (folder / f"{i:05d}.webp").write_bytes(buffer.getvalue())
     results = work / "results.csv"
-    attribute_s = run([*flipad, "attribute", *[x for name in modules for x in ("--model", slug(name))],
+    attribute_s = run_command([*flipad, "attribute", *[x for name in modules for x in ("--model", slug(name))],
                        "--input", str(stream), "--output", str(results)], work, env)
 
     rows = pd.read_csv(results, keep_default_na=False)
@@ -130,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' + ' + args.onboard_args if args.onboard_args else ''} from {args.real} real PNGs; "
           f"{len(rows)} results in {attribute_s:.0f} s ({len(rows) / attribute_s:.1f} item-detector pairs/s)")
     met_all = True
+    generators, tables = [], {}
     for name in modules:
         table = source_table(rows[rows["model"] == slug(name)], stream)["attributed_fraction"]
         mine = rows[(rows["model"] == slug(name)) & rows["uri"].str.contains(f"/{slug(name)}--jpeg-q60/", regex=False)]
@@ -145,9 +140,41 @@ def main(argv: list[str] | None = None) -> int:
               f"other generators worst {worst['other']:.3f} (bar <= {BAR['other']}), real {worst['real']:.3f} "
               f"(bar <= {BAR['real']}): {'met' if met else 'NOT met'}")
         print("  " + "  ".join(f"{source}: {value:.3f}" for source, value in table.items() if source != "broken"))
+        generators.append({"generator": name, "onboard s": onboard_s[name], "own, worst variant": worst["own"],
+                           "own q60 called not generated": worst["own q60 not generated"],
+                           "other generators, worst": worst["other"], "real": worst["real"],
+                           "bar": "met" if met else "NOT met"})
+        tables[name] = {source: float(v) for source, v in table.items() if source != "broken"}
     print(f"\nthe bar: {'met for every generator' if met_all else 'NOT met'}")
-    return 0
+    return {"generators": generators, "attributed": tables, "rows": len(rows), "attribute_s": attribute_s,
+            "real": args.real, "items": args.items, "onboard_args": args.onboard_args, "bar_met": met_all}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def render(figures: dict) -> str:
+    extra = f" plus `{figures['onboard_args']}`" if figures["onboard_args"] else ""
+    lines = [f"Onboarded with `flipad onboard`'s defaults{extra} from {figures['real']} real PNGs; {figures['items']} "
+             f"items per generator and variant; {figures['rows']} rows attributed in {figures['attribute_s']:.0f} s. "
+             f"The bar (own >= {BAR['own']} in every variant but q60, q60 called not generated <= "
+             f"{BAR['own q60 not generated']}, other generators <= {BAR['other']}, real <= {BAR['real']}): "
+             f"{'met for every generator' if figures['bar_met'] else 'NOT met'}.", "",
+             markdown_table(figures["generators"], formats={"onboard s": ".0f"}), "",
+             "Share attributed per detector (rows) and set (columns):", ""]
+    sources = sorted({s for table in figures["attributed"].values() for s in table})
+    lines.append(markdown_table([{"detector": name, **table} for name, table in figures["attributed"].items()],
+                                ["detector", *sources]))
+    return "\n".join(lines)
+
+
+def headline(figures: dict) -> list[str]:
+    generators = figures["generators"]
+    onboard = [g["onboard s"] for g in generators]
+    return [f"{len(generators)} unseen generator(s) through `flipad onboard` (defaults) and `flipad attribute`: own "
+            f"items attributed >= {min(g['own, worst variant'] for g in generators):.3f} in every variant but JPEG q60, "
+            f"other generators <= {max(g['other generators, worst'] for g in generators):.3f}, real <= "
+            f"{max(g['real'] for g in generators):.3f}; onboarding {min(onboard):.0f}-{max(onboard):.0f} s each"]
+
+
+BENCHMARK = Benchmark("in_the_wild_cli", __doc__, run, render, headline,
+                      quick=("--generators", "convT+tanh", "--items", "20", "--real", "200", "--train-steps", "30",
+                             "--onboard-args=--num-samples 100 --num-validation 60 --num-test 30 --challenger-steps 0 "
+                             "--set reconstruction.encoder_steps=50 --set reconstruction.n_perturbed=30"))

@@ -1,7 +1,5 @@
 """Inversion speed at equal quality: flipad's solvers against the paper's, same images, same run.
 
-    python bench/inversion_speed.py [--samples 100] [--weights G.safetensors] [--threads 2]
-
 Every solver starts at the anchor and solves the same anchored lasso (alpha 5e-4) for the same
 8-bit samples of a 32x32 Fashion-MNIST DCGAN (latent 64, final ConvTranspose2d + tanh; trained
 here and cached under .flipad/bench unless --weights is given):
@@ -23,30 +21,24 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from flipad import GeneratorAdapter, LassoOptions
+from flipad.generators.architectures import DCGANGenerator
+from flipad.inversion.lasso import lasso_objective, solve_lasso
+from flows.datasets import load_fashion_mnist
+from flows.demo import DEMO_GENERATOR, demo_generator
 
-from flipad import GeneratorAdapter, LassoOptions  # noqa: E402
-from flipad.generators.architectures import DCGANGenerator  # noqa: E402
-from flows.datasets import load_fashion_mnist  # noqa: E402
-from flipad.inversion.lasso import lasso_objective, solve_lasso  # noqa: E402
-from flows.demo import DEMO_GENERATOR, demo_generator  # noqa: E402
-
-
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+from .common import timed
+from .report import Benchmark, markdown_table
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench inversion_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--alpha", type=float, default=5e-4)
     parser.add_argument("--weights", type=Path, help="safetensors of a DCGANGenerator(latent 64, 1x32x32, width 32)")
@@ -77,7 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     ours, paper = rows[1], rows[0]
     holds = ours.median_gap <= paper.median_gap and ours.speed_up >= 5
     print(f"bar (median gap <= paper's, >= 5x faster): {'met' if holds else 'NOT met'} ({ours.speed_up:.1f}x)")
-    return 0
+    return {"samples": args.samples, "unknowns": op.num_inputs, "outputs": op.num_outputs, "alpha": args.alpha,
+            "threads": torch.get_num_threads(), "reference_s": reference_s, "rows": [asdict(r) for r in rows],
+            "bar_met": holds}
+
+
+def render(figures: dict) -> str:
+    return (f"{figures['samples']} 8-bit samples, {figures['unknowns']} unknowns, {figures['outputs']} outputs, alpha "
+            f"{figures['alpha']:g}, {figures['threads']} threads; the reference optimum (interior point to a certified "
+            f"gap of 1e-9) took {figures['reference_s']:.1f} s. Bar (median gap no worse than the paper's solver's in "
+            f"at least 5x less time): {'met' if figures['bar_met'] else 'NOT met'}.\n\n"
+            + markdown_table(figures["rows"], formats={"median_gap": ".2e", "p90_gap": ".2e", "median_iterations": ".0f",
+                                                       "seconds": ".2f", "speed_up": ".2f"}))
+
+
+def headline(figures: dict) -> list[str]:
+    ours = figures["rows"][1]
+    return [f"FLIPAD's inversion as users call it: {ours['speed_up']:.1f}x faster than the paper's solver, median "
+            f"gap {ours['median_gap']:.1e}"]
 
 
 @dataclass(frozen=True)
@@ -125,11 +134,11 @@ def compare_solvers(adapter: GeneratorAdapter, images, alpha: float = 5e-4) -> S
     target = adapter.residual_target(images)
     op = adapter.linear_map
     runs = {
-        "paper": timed(lambda: solve_lasso(op, target, alpha, LassoOptions.paper(batch_size=len(images)))),
-        "invert() default": timed(lambda: adapter.invert(images, alpha=alpha, return_result=True)),
-        "fista": timed(lambda: solve_lasso(op, target, alpha, LassoOptions(method="fista"))),
+        "paper": timed(solve_lasso, op, target, alpha, LassoOptions.paper(batch_size=len(images))),
+        "invert() default": timed(adapter.invert, images, alpha=alpha, return_result=True),
+        "fista": timed(solve_lasso, op, target, alpha, LassoOptions(method="fista")),
     }
-    reference, reference_s = timed(lambda: solve_lasso(op, target, alpha, LassoOptions(method="interior", gap_tol=1e-9)))
+    reference, reference_s = timed(solve_lasso, op, target, alpha, LassoOptions(method="interior", gap_tol=1e-9))
     optimum = torch.stack([reference.objective, *(r.objective for r, _ in runs.values())]).min(0).values
     paper_s = runs["paper"][1]
     rows = []
@@ -153,11 +162,11 @@ def convergence_curves(adapter: GeneratorAdapter, images, optimum: torch.Tensor,
     points = []
     for solver, budgets in CONVERGENCE_BUDGETS.items():
         for budget in budgets:
-            result, seconds = timed(lambda: solve_lasso(op, target, alpha, options[solver](budget)))
+            result, seconds = timed(solve_lasso, op, target, alpha, options[solver](budget))
             gap = _relative_gaps(op, target, result, alpha, optimum).clamp_min(0.0)
             points.append(ConvergencePoint(solver, budget, seconds, gap.median().item()))
     return points
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+BENCHMARK = Benchmark("inversion_speed", __doc__, run, render, headline,
+                      quick=("--samples", "8", "--train-steps", "30"))

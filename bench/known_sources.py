@@ -1,32 +1,29 @@
 """The suite's detectors with the other generators known: their train PNGs join the real negatives.
 
-    python bench/known_sources.py [--size cpu|full|smoke] [--per-source 500] [--doc docs/benchmarks.md]
-
-Not the paper's protocol, whose only negatives are real images (``bench/suite.py`` follows it).
+Not the paper's protocol, whose only negatives are real images (:mod:`bench.suite` follows it).
 Deep SAD is semi-supervised and its loss takes any labelled anomalies, so this measures how much
 of the paper-faithful detectors' gap against other generators comes from the choice of negatives.
 For each target of the suite (each family's seed-0 generator of its zoo, trained or reused from the
 cache), one Deep SAD seed per feature kind is trained on the target's train PNGs against the suite
 size's real images plus ``--per-source`` train PNGs of every other generator in the suite's table
 (the other families' seed 0 and the same family's seed 1), thresholded at FNR 0.005 on the
-target's val PNGs and evaluated on test PNGs that no detector saw. Writes ``<out>/results.json``
-and rewrites this script's own section of the doc.
+target's val PNGs and evaluated on test PNGs that no detector saw.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flipad import GeneratorAdapter
+from flipad.detectors.evaluation import evaluate_scores
 
-from suite import (  # noqa: E402
+from .common import FAMILIES, generator_name
+from .report import Benchmark
+from .suite import (
     FNR,
     KINDS,
     SUITE_SIZES,
@@ -36,15 +33,8 @@ from suite import (  # noqa: E402
     load_split,
     other_generators,
     prepare,
-    update_doc,
     zoo_run_parser,
 )
-from zoo import FAMILIES, generator_name  # noqa: E402
-
-from flipad import GeneratorAdapter  # noqa: E402
-from flipad.detectors.evaluation import evaluate_scores  # noqa: E402
-
-BEGIN, END = "<!-- bench/known_sources.py: begin -->", "<!-- bench/known_sources.py: end -->"
 
 
 def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSize, per_source: int, real_train: np.ndarray,
@@ -60,28 +50,24 @@ def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSiz
         feats, _ = features_of(adapter, kind, {**sets, **known})
         negatives = torch.cat([feats["real_train"], *(feats[k] for k in known)])
         det, fit_s = _fit(adapter, kind, 0, size, device, feats["train"], negatives, feats["val"])
-        scores = {k: det.score_features(feats[k]).cpu().numpy() for k in ("own", *sources)}
-        pairs = evaluate_scores(det.thresholds_, scores["own"], {s: scores[s] for s in sources})
+        scores = {k: det.score_features(feats[k]) for k in ("own", *sources)}
+        pairs = evaluate_scores(det.thresholds, scores["own"], {s: scores[s] for s in sources})
         kinds[kind] = {"deep_sad_s": fit_s, "pairs": [p.to_dict() for p in pairs]}
     return {"target": name, "kinds": kinds}
 
 
-def markdown(size_name: str, size: SuiteSize, per_source: int, results: list[dict], seconds: float) -> str:
+def render(figures: dict) -> str:
+    size = SuiteSize(**figures["size"])
     by_row: dict[tuple[str, str], dict[str, float]] = {}
-    for res in results:
+    for res in figures["results"]:
         for kind, data in res["kinds"].items():
             for pair in data["pairs"]:
                 by_row.setdefault((res["target"], pair["source"]), {})[kind] = pair["balanced_accuracy"]
     means = {k: float(np.mean([row[k] for row in by_row.values()])) for k in KINDS}
     lines = [
-        BEGIN,
-        "## Attribution with the other generators known (not the paper's protocol)",
-        "",
-        f"Written by `python bench/known_sources.py --size {size_name} --per-source {per_source}` on "
-        f"{time.strftime('%Y-%m-%d')} in {seconds:.0f} s. The suite's zoo, targets, sizes and test images; one Deep SAD "
-        f"seed; the negatives are the {size.train} real images plus {per_source} train images of each other generator in "
-        "the table (Deep SAD's labelled anomalies), whose test images stay unseen. Balanced accuracy at FNR "
-        f"{FNR}:",
+        f"Size {figures['size_name']}: the suite's zoo, targets, sizes and test images; one Deep SAD seed; the "
+        f"negatives are the {size.train} real images plus {figures['per_source']} train images of each other generator "
+        f"in the table (Deep SAD's labelled anomalies), whose test images stay unseen. Balanced accuracy at FNR {FNR}:",
         "",
         "| target | other source | " + " | ".join(KINDS.values()) + " |",
         "|---|---|" + "---|" * len(KINDS),
@@ -89,11 +75,11 @@ def markdown(size_name: str, size: SuiteSize, per_source: int, results: list[dic
     for (target, source), row in by_row.items():
         lines.append(f"| {target} | {source} | " + " | ".join(f"{row[k]:.3f}" for k in KINDS) + " |")
     lines.append("| **mean** | all | " + " | ".join(f"**{means[k]:.3f}**" for k in KINDS) + " |")
-    return "\n".join([*lines, "", END]) + "\n"
+    return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = zoo_run_parser(__doc__, Path(".flipad/known-sources"))
+def run(argv: list[str]) -> dict:
+    parser = zoo_run_parser("known_sources", __doc__)
     parser.add_argument("--per-source", type=int, default=500, help="train PNGs of each other generator among the negatives")
     args = parser.parse_args(argv)
     if args.per_source < 1:
@@ -101,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     size = SUITE_SIZES[args.size]
     cache = args.zoo_cache or Path(".flipad/zoo") / size.zoo
-    start = time.perf_counter()
     counts = {"train": max(size.train, args.per_source), "val": size.val, "test": size.test}
     adapters, real_train, real_test = prepare(size, cache, args.device, counts)
     results = []
@@ -109,15 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {name}", flush=True)
         results.append(run_target(name, adapters[name], cache, size, args.per_source, real_train, real_test[: size.test],
                                   args.device))
-    seconds = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"size": args.size, "per_source": args.per_source,
-                                                        "seconds": seconds, "results": results}, indent=1))
-    block = markdown(args.size, size, args.per_source, results, seconds)
-    update_doc(args.doc, block, (BEGIN, END))
-    print(block)
-    return 0
+    figures = {"size_name": args.size, "size": asdict(size), "per_source": args.per_source, "results": results}
+    print(render(figures))
+    return figures
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+BENCHMARK = Benchmark("known_sources", __doc__, run, render, quick=("--size", "smoke", "--per-source", "8"))

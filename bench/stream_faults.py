@@ -17,7 +17,7 @@ under test do not depend on the detector's quality) in a real MLflow server subp
    and one more onboarding follows. Prints the versions without an alias and the runs RUNNING
    before and after that onboarding, and the lines each failed command printed on stderr.
 
-    python bench/stream_faults.py [--kills 10] [--kill-items 240]
+``--parts`` picks the measurements.
 """
 
 from __future__ import annotations
@@ -36,13 +36,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flows.processes import free_port, spawn, stop, wait_http
 
-from odd_items import odd_valid_items, poison_items  # noqa: E402
-
-from flows.processes import free_port, spawn, stop, wait_http  # noqa: E402
+from .odd_items import odd_valid_items, poison_items
+from .report import Benchmark
 
 BIN = Path(sys.executable).parent
 MODEL = "faults-bench"
@@ -67,7 +64,7 @@ def onboard_args(name: str, weights: Path, real: Path) -> list[str]:
     return ["onboard", name, "--generator", "dcgan", "--weights", str(weights), "--option", "latent_dim=64",
             "--option", "channels=1", "--option", "image_size=32", "--option", "width=16", "--latent-shape", "64,1,1",
             "--real", str(real), "--num-samples", "150", "--num-validation", "100", "--num-test", "60",
-            "--epochs", "4", "--detector", "flipad", "--no-open-world"]
+            "--set", "flipad.epochs=4", "--detector", "flipad", "--no-open-world"]
 
 
 def read_rows(output: Path) -> pd.DataFrame:
@@ -79,7 +76,7 @@ def committed(output: Path) -> int:
     return sum(len(pd.read_parquet(p)) for p in parts)
 
 
-def odd_folder(work: Path, own: np.ndarray, real: np.ndarray, env: dict) -> None:
+def odd_folder(work: Path, own: np.ndarray, real: np.ndarray, env: dict) -> list[str]:
     folder = work / "odd"
     (folder / "ok").mkdir(parents=True)
     bad = folder / "bad"
@@ -115,17 +112,17 @@ def odd_folder(work: Path, own: np.ndarray, real: np.ndarray, env: dict) -> None
     ok_rows = rows[rows["uri"].str.contains("/ok/")]
     shown = {os.fsencode(n).decode("utf-8", "backslashreplace") for n in odd}  # how a row names each
     odd_scored = int(ok_rows[ok_rows["uri"].map(lambda u: u.rsplit("/", 1)[-1] in shown)]["error"].eq("").sum())
-    print(f"[odd folder] {regular} regular files ({malformed} malformed, {len(odd)} valid odd-named/format, 40 plain) "
+    return [f"[odd folder] {regular} regular files ({malformed} malformed, {len(odd)} valid odd-named/format, 40 plain) "
           f"+ {len(links) * 3} symlinks: exit {proc.returncode} in {time.perf_counter() - start:.0f} s; "
           f"{len(rows)} rows, {rows['uri'].nunique()} distinct items (one per regular file: "
           f"{len(rows) == regular == rows['uri'].nunique()}); malformed: {int((bad_rows['error'] != '').sum())}/"
           f"{malformed} error rows, {int((bad_rows['is_generated'] == 'True').sum())} attributed; valid ok items "
           f"scored {int((ok_rows['error'] == '').sum())}/{len(ok_rows)} (odd ones {odd_scored}/{len(odd)}); rows from "
           f"outside the folder {int((~rows['uri'].str.startswith(str(folder))).sum())}; stderr lines "
-          f"{len(err.strip().splitlines())}")
+          f"{len(err.strip().splitlines())}"]
 
 
-def overlapping(work: Path, images: np.ndarray, env: dict) -> None:
+def overlapping(work: Path, images: np.ndarray, env: dict) -> list[str]:
     from flipad.io.data import encode_item
 
     folder = work / "arriving"
@@ -155,12 +152,12 @@ def overlapping(work: Path, images: np.ndarray, env: dict) -> None:
     rows = read_rows(output)
     present = set(rows["uri"])
     missing = sum(1 for p in folder.iterdir() if str(p) not in present)
-    print(f"[overlapping runs] {len(images)} items (100 before, {len(images) - 100} arriving during the runs): exit codes "
+    return [f"[overlapping runs] {len(images)} items (100 before, {len(images) - 100} arriving during the runs): exit codes "
           f"{codes}; {len(rows)} rows, {int(rows.duplicated(['uri', 'model', 'version']).sum())} duplicates, "
-          f"{missing} items missing{'; failed: ' + ' | '.join(failures) if failures else ''}")
+          f"{missing} items missing{'; failed: ' + ' | '.join(failures) if failures else ''}"]
 
 
-def kills(work: Path, images: np.ndarray, env: dict, count: int, rng: random.Random) -> None:
+def kills(work: Path, images: np.ndarray, env: dict, count: int, rng: random.Random) -> list[str]:
     from flipad.io.data import encode_item
 
     folder = work / "kill-input"
@@ -168,31 +165,31 @@ def kills(work: Path, images: np.ndarray, env: dict, count: int, rng: random.Ran
     for i, image in enumerate(images):
         (folder / f"{i:04d}.png").write_bytes(encode_item(image))
 
-    def run(output: Path):
+    def attribute(output: Path):
         return flipad("attribute", "--model", MODEL, "--input", str(folder), "--output", str(output), "--batch-size",
                       "16", "--no-monitor", env=env)
 
     start = time.perf_counter()
-    full = run(work / "kill-full.csv")
+    full = attribute(work / "kill-full.csv")
     full.communicate(timeout=1800)
     expected = time.perf_counter() - start
     shares = []
     for k in range(count):
         output = work / f"kill-{k}.csv"
         at = rng.uniform(expected / 2, expected)
-        proc = run(output)
+        proc = attribute(output)
         time.sleep(at)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         shares.append(committed(output) / len(images))
     kept = sum(share >= 1 / 3 for share in shares)
-    print(f"[random kills] {len(images)} items, uninterrupted run {expected:.1f} s; {count} kills in [T/2, T]: "
+    return [f"[random kills] {len(images)} items, uninterrupted run {expected:.1f} s; {count} kills in [T/2, T]: "
           f"committed shares {' '.join(f'{s:.2f}' for s in shares)}; {kept}/{count} kept at least a third "
-          f"(min {min(shares):.2f}, median {float(np.median(shares)):.2f})")
+          f"(min {min(shares):.2f}, median {float(np.median(shares)):.2f})"]
 
 
-def lost_server(work: Path, weights: Path, real: Path, env: dict) -> None:
+def lost_server(work: Path, weights: Path, real: Path, env: dict) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     store = work / "lost"
@@ -245,20 +242,21 @@ def lost_server(work: Path, weights: Path, real: Path, env: dict) -> None:
     proc.communicate(timeout=1800)
     after = state(MlflowClient(url))
     stop(server)
-    for point, hit, code, count, last in errors:
-        print(f"[lost server] {point}: {hit}; exit {code}, {count} stderr line(s): {last}")
-    print(f"[lost server] after the restart: {before[0]} versions without an alias, {before[1]} runs RUNNING; "
-          f"after one more onboarding (exit {proc.returncode}): {after[0]} versions without an alias, "
-          f"{after[1]} runs RUNNING")
+    said = [f"[lost server] {point}: {hit}; exit {code}, {count} stderr line(s): {last}"
+            for point, hit, code, count, last in errors]
+    return [*said, f"[lost server] after the restart: {before[0]} versions without an alias, {before[1]} runs RUNNING; "
+                   f"after one more onboarding (exit {proc.returncode}): {after[0]} versions without an alias, "
+                   f"{after[1]} runs RUNNING"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench stream_faults", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--kill-items", type=int, default=240)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", default="odd,overlap,kills,server", help="which measurements, comma-separated")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="flipad-faults-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -279,6 +277,7 @@ def main() -> int:
     own = generate_samples(generator, (64, 1, 1), 400, seed=77, output_range=(-1.0, 1.0))
     parts = set(args.parts.split(","))
     print(f"work folder {work}")
+    said: list[str] = []
     if parts & {"odd", "overlap", "kills"}:
         port = free_port()
         server = mlflow_server(work, port)
@@ -287,24 +286,30 @@ def main() -> int:
         onboarded = subprocess.run([str(BIN / "flipad"), *onboard_args(MODEL, weights, work / "real.npy")], env=env,
                                    capture_output=True, text=True, timeout=1800)
         if onboarded.returncode != 0:
-            print(onboarded.stderr[-2000:])
-            return 1
-        print(f"onboarded {MODEL} in {time.perf_counter() - start:.0f} s")
+            stop(server)
+            raise SystemExit(f"onboarding failed: {onboarded.stderr[-2000:]}")
+        said.append(f"onboarded {MODEL} in {time.perf_counter() - start:.0f} s")
         try:
             if "odd" in parts:
-                odd_folder(work, own, real[300:], env)
+                said += odd_folder(work, own, real[300:], env)
             if "overlap" in parts:
-                overlapping(work, np.concatenate([own[:120], real[300:420]]), env)
+                said += overlapping(work, np.concatenate([own[:120], real[300:420]]), env)
             if "kills" in parts:
-                kills(work, np.concatenate([own[:args.kill_items // 2], real[:args.kill_items - args.kill_items // 2]]),
-                      env, args.kills, random.Random(args.seed))
+                said += kills(work, np.concatenate([own[:args.kill_items // 2], real[:args.kill_items - args.kill_items // 2]]),
+                              env, args.kills, random.Random(args.seed))
         finally:
             stop(server)
             env.pop("MLFLOW_TRACKING_URI")
     if "server" in parts:
-        lost_server(work, weights, work / "real.npy", env)
-    return 0
+        said += lost_server(work, weights, work / "real.npy", env)
+    for line in said:
+        print(line)
+    return {"parts": sorted(parts), "kills": args.kills, "kill_items": args.kill_items, "findings": said}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def render(figures: dict) -> str:
+    return "\n".join(f"- {line}" for line in figures["findings"])
+
+
+BENCHMARK = Benchmark("stream_faults", __doc__, run, render,
+                      quick=("--parts", "odd"))

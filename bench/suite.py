@@ -1,8 +1,6 @@
-"""The paper's protocol on the generator zoo, in one command; rewrites its part of docs/benchmarks.md.
+"""The paper's protocol on the generator zoo: FLIPAD, RAWPAD, DCTPAD and reconstruction loss.
 
-    python bench/suite.py [--size cpu|full|smoke] [--doc docs/benchmarks.md] [--out .flipad/suite]
-
-1. The zoo (``bench/zoo.py``): DCGAN, WGAN-GP, LSGAN and EBGAN generators, two seeds each, on
+1. The zoo (:mod:`bench.common`): DCGAN, WGAN-GP, LSGAN and EBGAN generators, two seeds each, on
    Fashion-MNIST (trained on the first run, cached afterwards) and their 8-bit PNG sample sets.
 2. Attribution (the paper's Tables 1 and 2): for each family's seed-0 generator as the target,
    detectors on FLIPAD, RAWPAD and DCTPAD features trained on the target's train PNGs against
@@ -14,21 +12,19 @@
 3. Robustness (the paper's Table 3): the same detectors on the target's and the real test images
    under JPEG, blur, centre crop + resize and Gaussian noise (test-only), and detectors trained
    and thresholded on perturbed images too for the size's ``immunised`` perturbations.
-4. Speed: the inversion solvers on the DCGAN target (``bench/inversion_speed.py``'s comparison
+4. Speed: the inversion solvers on the DCGAN target (:mod:`bench.inversion_speed`'s comparison
    and convergence curves) and samples per second of inversion, Deep SAD training, onboarding
    and attribution.
 
-Results go to ``<out>/results.json`` and plots to ``docs/benchmarks/`` (ROC curves, balanced
-accuracy against perturbation strength, solver convergence); the section between the suite's markers in the doc is
-replaced, the rest of the doc is kept. ``--size smoke`` runs in seconds (the CI test).
+Plots go to ``--plots`` (default ``docs/benchmarks/``: ROC curves, balanced accuracy against
+perturbation strength, solver convergence). ``--size smoke`` runs in seconds (the quick run);
+``--size full`` is the paper-sized protocol (a GPU's work).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,24 +33,22 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_curve
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter
+from flipad.detectors.deepsad import DeepSADConfig
+from flipad.detectors.evaluation import evaluate_scores
+from flipad.detectors.features import FeatureExtractor
+from flipad.detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector
+from flipad.io.data import load_images
+from flipad.io.perturb import PERTURBATIONS, perturb
+from flows.datasets import load_fashion_mnist
 
-from inversion_speed import CONVERGENCE_BUDGETS, compare_solvers, convergence_curves  # noqa: E402
-from flipad.io.perturb import PERTURBATIONS, perturb  # noqa: E402
-from zoo import FAMILIES, SEEDS, ZOO_SIZES, generator_name, train_zoo  # noqa: E402
-
-from flipad import FeatureConfig, FlipadDetector, GeneratorAdapter  # noqa: E402
-from flipad.io.data import load_images  # noqa: E402
-from flows.datasets import load_fashion_mnist  # noqa: E402
-from flipad.detectors.deepsad import DeepSADConfig  # noqa: E402
-from flipad.detectors.evaluation import evaluate_scores  # noqa: E402
-from flipad.detectors.features import FeatureExtractor  # noqa: E402
-from flipad.detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector  # noqa: E402
+from .common import FAMILIES, SEEDS, ZOO_SIZES, generator_name, train_zoo
+from .inversion_speed import CONVERGENCE_BUDGETS, compare_solvers, convergence_curves
+from .report import DOC, Benchmark
 
 KINDS = {"flipad": "FLIPAD", "raw": "RAWPAD", "dct": "DCTPAD"}
-BEGIN, END = "<!-- bench/suite.py: begin -->", "<!-- bench/suite.py: end -->"
 FNR = 0.005
+PLOTS = DOC.parent / "benchmarks"
 
 
 @dataclass(frozen=True)
@@ -145,8 +139,8 @@ def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSiz
         runs = []
         for repeat in range(size.repeats):
             det, fit_s = _fit(adapter, kind, repeat, size, device, *(feats[split] for split in FIT_SETS))
-            scores = {k: det.score_features(v).cpu().numpy() for k, v in feats.items() if k.split("|")[0] not in FIT_SETS}
-            pairs = evaluate_scores(det.thresholds_, scores["own"], {s: scores[s] for s in sources})
+            scores = {k: det.score_features(v) for k, v in feats.items() if k.split("|")[0] not in FIT_SETS}
+            pairs = evaluate_scores(det.thresholds, scores["own"], {s: scores[s] for s in sources})
             runs.append({
                 "deep_sad_s": fit_s,
                 "pairs": [p.to_dict() for p in pairs],
@@ -157,7 +151,7 @@ def run_target(name: str, adapter: GeneratorAdapter, cache: Path, size: SuiteSiz
         immunised = {}
         for label in size.immunised:  # one Deep SAD seed: trained, thresholded and tested on perturbed images
             det, _ = _fit(adapter, kind, 0, size, device, *(feats[f"{split}|{label}"] for split in FIT_SETS))
-            own_scores, real_scores = (det.score_features(feats[f"{k}|{label}"]).cpu().numpy() for k in ("own", "real"))
+            own_scores, real_scores = (det.score_features(feats[f"{k}|{label}"]) for k in ("own", "real"))
             immunised[label] = _versus_real(det, own_scores, real_scores)
         result["kinds"][kind] = {"feature_s_per_image": per_image_s, "runs": runs, "immunised": immunised}
     if size.reconstruction_val:
@@ -174,7 +168,7 @@ def _fit(adapter: GeneratorAdapter, kind: str, seed: int, size: SuiteSize, devic
 
 
 def _versus_real(det: FlipadDetector, own: np.ndarray, real: np.ndarray) -> dict[str, float]:
-    (pair,) = evaluate_scores(det.thresholds_, own, {"real": real})
+    (pair,) = evaluate_scores(det.thresholds, own, {"real": real})
     return {"balanced_accuracy": pair.balanced_accuracy, "auc": pair.auc}
 
 
@@ -186,15 +180,14 @@ def reconstruction_baseline(adapter: GeneratorAdapter, own: dict[str, np.ndarray
     det = ReconstructionLossDetector(adapter.module, adapter.latent_shape, fnr=(FNR,), device=device, progress=False)
     start = time.perf_counter()
     det.fit(validation=own["val"][: size.reconstruction_val])
-    own_scores = det.anomaly_scores(own["test"][:n]).cpu().numpy()
-    pairs = evaluate_scores(det.thresholds_, own_scores,
-                            {s: det.anomaly_scores(images[:n]).cpu().numpy() for s, images in sources.items()})
+    own_scores = det.score_samples(own["test"][:n])
+    pairs = evaluate_scores(det.thresholds, own_scores, {s: det.score_samples(images[:n]) for s, images in sources.items()})
     items = size.reconstruction_val + n * (len(sources) + 1)
     return {"pairs": [p.to_dict() for p in pairs], "s_per_image": (time.perf_counter() - start) / items}
 
 
 def _roc(own: np.ndarray, other: np.ndarray) -> dict[str, list[float]]:
-    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(own)), np.zeros(len(other))], -np.r_[own, other])
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(own)), np.zeros(len(other))], np.r_[own, other])
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
     return {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}
 
@@ -294,15 +287,13 @@ def write_plots(results: list[dict], summary: dict, convergence: list, folder: P
     return ["roc.png", "robustness.png", "convergence.png"]
 
 
-def markdown(size_name: str, size: SuiteSize, results: list[dict], summary: dict, speed: list, convergence: list,
-             rates: dict, plots: list[str], plot_dir: str, meta: dict) -> str:
+def render(figures: dict) -> str:
+    size_name, meta, summary, rates = figures["size_name"], figures["meta"], figures["summary"], figures["rates"]
+    size, results, speed, convergence = SuiteSize(**figures["size"]), figures["results"], figures["speed"], figures["convergence"]
     zoo, search = ZOO_SIZES[size.zoo], ReconstructionConfig()
     lines = [
-        BEGIN,
-        f"## Benchmark suite ({size_name} size)",
-        "",
-        f"Written by `python bench/suite.py --size {size_name}` on {meta['date']} ({meta['machine']}, {meta['threads']} threads, "
-        f"torch {meta['torch']}, numpy {meta['numpy']}); {meta['seconds']:.0f} s, zoo training excluded ({meta['zoo_s']:.0f} s this run). "
+        f"Size {size_name} ({meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, numpy {meta['numpy']}); "
+        f"{meta['seconds']:.0f} s, zoo training excluded ({meta['zoo_s']:.0f} s this run). "
         "Per target: " + ", ".join(f"{t} {sec:.0f} s" for t, sec in meta["target_s"].items()) + f"; speed and convergence {meta['speed_s']:.0f} s.",
         "",
         f"Zoo: {', '.join(FAMILIES)} x seeds {list(SEEDS)}, {zoo.image_size}x{zoo.image_size} grayscale, latent {zoo.latent_dim}, "
@@ -312,10 +303,10 @@ def markdown(size_name: str, size: SuiteSize, results: list[dict], summary: dict
         "",
         "### Attribution: balanced accuracy at FNR 0.005 (mean ± std over Deep SAD seeds; AUC in brackets)",
         "",
-        f"Reconstruction: the full-generator latent search at its defaults ({search.starts} starts, the best of "
-        f"{search.candidates} random latents; {search.steps} Adam steps at lr {search.lr}; pixel MSE; "
-        f"nothing trained), its threshold from {size.reconstruction_val} validation images, {size.reconstruction_test} "
-        f"test images per source (a subset: it is slow).",
+        f"Reconstruction: the full-generator latent search of the Python API's defaults ({search.starts} starts, the best "
+        f"of {search.candidates} random latents; {search.steps} Adam steps at lr {search.lr}; nothing trained), its "
+        f"threshold from {size.reconstruction_val} validation images, {size.reconstruction_test} test images per source "
+        "(a subset: it is slow).",
         "",
         "| target | other source | " + " | ".join(KINDS.values()) + " | Reconstruction |",
         "|---|---|" + "---|" * (len(KINDS) + 1),
@@ -343,8 +334,8 @@ def markdown(size_name: str, size: SuiteSize, results: list[dict], summary: dict
         "|---|---|---|---|---|---|",
     ]
     for row in speed:
-        lines.append(f"| {row.solver} | {row.median_gap:.2e} | {row.p90_gap:.2e} | {row.median_iterations:.0f} | "
-                     f"{row.seconds:.2f} | {row.speed_up:.2f}x |")
+        lines.append(f"| {row['solver']} | {row['median_gap']:.2e} | {row['p90_gap']:.2e} | {row['median_iterations']:.0f} | "
+                     f"{row['seconds']:.2f} | {row['speed_up']:.2f}x |")
     lines += [
         "",
         "Convergence (same images; each solver rerun with its cap at each budget and its stopping rule off; budgets in "
@@ -354,7 +345,7 @@ def markdown(size_name: str, size: SuiteSize, results: list[dict], summary: dict
         "|---|" + "---|" * max(len(b) for b in CONVERGENCE_BUDGETS.values()),
     ]
     for solver in CONVERGENCE_BUDGETS:
-        cells = [f"{p.budget} it: {p.median_gap:.1e} ({p.seconds:.1f} s)" for p in convergence if p.solver == solver]
+        cells = [f"{p['budget']} it: {p['median_gap']:.1e} ({p['seconds']:.1f} s)" for p in convergence if p["solver"] == solver]
         lines.append(f"| {solver} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -362,12 +353,16 @@ def markdown(size_name: str, size: SuiteSize, results: list[dict], summary: dict
         f"{rates['deep_sad_training_per_s']:.0f} samples/s; onboarding one target ({2 * size.train + size.val} images through "
         f"features and Deep SAD) {rates['onboarding_s']:.0f} s = {rates['onboarding_per_s']:.1f} images/s; attribution "
         f"{rates['attribution_per_s']:.1f} items/s.",
-        "",
-        *[f"![{p}]({plot_dir}/{p})" for p in plots],
-        "",
-        END,
     ]
-    return "\n".join(lines) + "\n"
+    if figures["plots"] == str(PLOTS):  # the plots beside the doc
+        lines += ["", *[f"![{name}](benchmarks/{name})" for name in ("roc.png", "robustness.png", "convergence.png")]]
+    return "\n".join(lines)
+
+
+def headline(figures: dict) -> list[str]:
+    overall = figures["summary"]["overall"]
+    return [f"The paper's protocol on the zoo ({figures['size_name']} size): mean balanced accuracy at FNR {FNR} "
+            + ", ".join(f"{KINDS[k]} {v:.3f}" for k, v in overall.items())]
 
 
 def _robustness_table(title: str, labels, values: dict[str, float]) -> list[str]:
@@ -375,35 +370,20 @@ def _robustness_table(title: str, labels, values: dict[str, float]) -> list[str]
     return lines + [f"| {label} | " + " | ".join(f"{values[f'{k}|{label}']:.3f}" for k in KINDS) + " |" for label in labels]
 
 
-def update_doc(doc: Path, block: str, markers: tuple[str, str] = (BEGIN, END)) -> None:
-    """Replace the section of ``doc`` between ``markers`` (the suite's by default) with ``block``,
-    which starts and ends with them; appended when the doc has no such section."""
-    begin, end = markers
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
-
-
-def zoo_run_parser(description: str, out: Path) -> argparse.ArgumentParser:
-    """The command-line options a run on the zoo shares: size, doc, output folder, zoo cache, device, threads."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def zoo_run_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The command-line options a run on the zoo shares: size, zoo cache, device, threads."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench {name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=tuple(SUITE_SIZES), default="cpu")
-    parser.add_argument("--doc", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--zoo-cache", type=Path, help="default: .flipad/zoo/<zoo size>")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = zoo_run_parser(__doc__, Path(".flipad/suite"))
-    parser.add_argument("--full", action="store_const", const="full", dest="size", help="the paper-sized protocol (GPU)")
+def run(argv: list[str]) -> dict:
+    parser = zoo_run_parser("suite", __doc__)
+    parser.add_argument("--plots", type=Path, default=PLOTS, help="where the figures' PNGs go")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = SUITE_SIZES[args.size]
@@ -423,26 +403,22 @@ def main(argv: list[str] | None = None) -> int:
     speed_start = time.perf_counter()
     speed_images = load_split(cache, targets[0], "test", size.speed_samples)
     comparison = compare_solvers(adapters[targets[0]], speed_images)
-    speed = comparison.rows
     convergence = convergence_curves(adapters[targets[0]], speed_images, comparison.optimum)
     speed_s = time.perf_counter() - speed_start
     rates = throughput(results, size)
     seconds = time.perf_counter() - start
-    plot_dir = args.doc.parent / "benchmarks"
-    plots = write_plots(results, summary, convergence, plot_dir)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numpy": np.__version__, "seconds": seconds, "zoo_s": zoo_s,
+    write_plots(results, summary, convergence, args.plots)
+    meta = {"machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "numpy": np.__version__, "seconds": seconds, "zoo_s": zoo_s,
             "target_s": {r["target"]: r["seconds"] for r in results}, "speed_s": speed_s}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(
-        {"size": asdict(size), "meta": meta, "results": results, "summary": summary, "rates": rates,
-         "speed": [asdict(r) for r in speed], "convergence": [asdict(p) for p in convergence]}, indent=1))
-    update_doc(args.doc, markdown(args.size, size, results, summary, speed, convergence, rates, plots,
-                                  plot_dir.relative_to(args.doc.parent).as_posix(), meta))
     print(f"mean balanced accuracy at FNR {FNR}: " + ", ".join(f"{KINDS[k]} {v:.3f}" for k, v in summary["overall"].items()))
-    print(f"wrote {args.doc} and {args.out / 'results.json'} in {seconds:.0f} s (zoo {zoo_s:.0f} s)")
-    return 0
+    for res in results:  # the ROC points are for the plots, not the record
+        for data in res["kinds"].values():
+            for one in data["runs"]:
+                one.pop("roc", None)
+    return {"size_name": args.size, "size": asdict(size), "meta": meta, "summary": summary, "rates": rates,
+            "results": [{"target": r["target"]} for r in results], "speed": [asdict(r) for r in comparison.rows],
+            "convergence": [asdict(p) for p in convergence], "plots": str(args.plots)}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+BENCHMARK = Benchmark("suite", __doc__, run, render, headline, quick=("--size", "smoke", "--plots", ".flipad/bench/plots"))

@@ -179,6 +179,19 @@ def test_load_generator_from_specs_and_weights(tmp_path):
     user = load_generator(f"{factory}:make")
     adapter = GeneratorAdapter.from_module(user, latent_shape=(4,), device="cpu", anchor_samples=16)
     assert adapter.activation.name == "sigmoid"
+    # a file whose module-level code needs its own module registered, as a dataclass config does
+    configured = tmp_path / "configured_gen.py"
+    configured.write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "from torch import nn\n"
+        "@dataclass(frozen=True)\n"
+        "class Config:\n"
+        "    width: int = 8\n"
+        "def make(width: int = 8):\n"
+        "    return nn.Sequential(nn.Linear(4, Config(width).width), nn.ReLU(), nn.Linear(width, 3), nn.Tanh())\n"
+    )
+    assert isinstance(load_generator(f"{configured}:make", width=6)[0], nn.Linear)
 
 
 def test_unsafe_or_wrong_weights_are_refused(tmp_path):

@@ -1,9 +1,12 @@
-"""The benchmark suite at its smoke size: the tables' structure and ranges, not their values."""
+"""The benchmarks: the zoo, ``python -m bench all --quick`` running every benchmark and rebuilding
+the doc, and the suite's records at their smoke size (the tables' structure and ranges, not their
+values)."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,27 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
+import flipad.io.perturb as perturb
+from bench import common, known_sources, report, suite
 
-import known_sources  # noqa: E402
-import flipad.io.perturb as perturb  # noqa: E402
-import suite  # noqa: E402
-import zoo  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_zoo_training_is_reproducible_bit_for_bit(fashion_train, tmp_path):
-    size = zoo.ZOO_SIZES["smoke"]
-    first = zoo.zoo_generator("wgan-gp", 1, size, tmp_path / "a", fashion_train[:256])
-    second = zoo.zoo_generator("wgan-gp", 1, size, tmp_path / "b", fashion_train[:256])
+    size = common.ZOO_SIZES["smoke"]
+    first = common.zoo_generator("wgan-gp", 1, size, tmp_path / "a", fashion_train[:256])
+    second = common.zoo_generator("wgan-gp", 1, size, tmp_path / "b", fashion_train[:256])
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
     record = json.loads((tmp_path / "a" / "wgan-gp-s1.json").read_text())
     assert record["training"]["loss"] == "wgan-gp" and record["seed"] == 1
-    reloaded = zoo.zoo_generator("wgan-gp", 1, size, tmp_path / "a", None)  # from the cache, no data needed
+    reloaded = common.zoo_generator("wgan-gp", 1, size, tmp_path / "a", None)  # from the cache, no data needed
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), reloaded.state_dict().values()))
     with pytest.raises(FileNotFoundError, match="train the zoo first"):
-        zoo.zoo_generator("ebgan", 0, size, tmp_path / "c", None)
+        common.zoo_generator("ebgan", 0, size, tmp_path / "c", None)
 
 
 def test_perturbations_keep_shape_and_change_pixels():
@@ -42,15 +42,46 @@ def test_perturbations_keep_shape_and_change_pixels():
         assert not np.array_equal(out, images), name
 
 
-def test_suite_smoke_run_writes_tables_results_and_plots(tmp_path):
+def test_the_doc_shows_a_full_run_before_a_quick_one(tmp_path):
     doc = tmp_path / "docs" / "benchmarks.md"
-    doc.parent.mkdir()
-    doc.write_text("# Benchmarks\n\nhand-written text that must survive\n")
-    args = ["--size", "smoke", "--doc", str(doc), "--out", str(tmp_path / "out"), "--zoo-cache", str(tmp_path / "zoo")]
-    assert suite.main(args) == 0
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for quick, finding in ((True, "a quick finding"), (False, "a full finding")):
+        path = report.result_path(doc, "stream_faults", quick)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"name": "stream_faults", "date": "2026-12-05", "quick": quick, "seconds": 1.0,
+                                    "command": "python -m bench stream_faults", "machine": "test", "options": [],
+                                    "figures": {"findings": [finding]}}))
+        report.write_doc(doc)
+        assert f"- {finding}" in doc.read_text()
+    text = doc.read_text()
+    assert "a quick finding" not in text and "at full size" in text
+    assert all(f"## {name}: " in text for name in report.BENCHMARKS)
+    assert text.count("Not run yet") == len(report.BENCHMARKS) - 1
+
+
+@pytest.mark.slow
+def test_every_benchmark_runs_quick_and_rebuilds_the_doc(tmp_path):
+    listed = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == list(report.BENCHMARKS)
+    doc = tmp_path / "docs" / "benchmarks.md"
+    done = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--doc", str(doc)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    text = doc.read_text()
+    for name in report.BENCHMARKS:
+        record = json.loads(report.result_path(doc, name, quick=True).read_text())
+        assert record["quick"] and record["figures"], name
+        assert f"## {name}: " in text and f"`python -m bench {name} --quick`" in text, name
+    assert "Not run yet" not in text
+    headline = text[text.index("## Today's headline figures") : text.index(f"## {report.BENCHMARKS[0]}: ")]
+    assert headline.count("\n- ") >= 5
+    _check_suite(json.loads(report.result_path(doc, "suite", quick=True).read_text())["figures"],
+                 json.loads(report.result_path(doc, "known_sources", quick=True).read_text())["figures"])
+
+
+def _check_suite(results: dict, known: dict) -> None:
+    """The suite's and the known-sources setting's records at smoke size: structure and ranges."""
     targets = [r["target"] for r in results["results"]]
-    assert targets == [zoo.generator_name(f, 0) for f in zoo.FAMILIES]
+    assert targets == [common.generator_name(f, 0) for f in common.FAMILIES]
     rows = results["summary"]["table"]
     assert len(rows) == len(targets) * len(suite.KINDS) * 5  # real, three other families, the same family's seed 1
     for row in rows:
@@ -71,43 +102,18 @@ def test_suite_smoke_run_writes_tables_results_and_plots(tmp_path):
     points = {(p["solver"], p["budget"]): p for p in results["convergence"]}
     assert set(points) == {(s, b) for s, budgets in suite.CONVERGENCE_BUDGETS.items() for b in budgets}
     assert all(math.isfinite(p["median_gap"]) and p["median_gap"] >= 0 and p["seconds"] > 0 for p in points.values())
-    for split, count in suite.zoo_split_sizes(suite.SUITE_SIZES["smoke"]).items():
-        assert len(list((tmp_path / "zoo" / "samples" / "lsgan-s1" / split).glob("*.png"))) == count
-
-    text = doc.read_text()
-    assert "hand-written text that must survive" in text
-    table = [line for line in text.splitlines() if line.startswith("| ") and " | " in line]
+    for split, count in suite.zoo_split_sizes(smoke).items():
+        assert len(list((ROOT / ".flipad" / "zoo" / "smoke" / "samples" / "lsgan-s1" / split).glob("*.png"))) >= count
+    for plot in ("roc.png", "robustness.png", "convergence.png"):
+        assert (ROOT / results["plots"] / plot).stat().st_size > 0
+    table = [line for line in suite.render(results).splitlines() if line.startswith("| ") and " | " in line]
     assert sum(line.startswith(f"| {t} |") for line in table for t in targets) == len(targets) * 5
-    assert (doc.parent / "benchmarks" / "roc.png").stat().st_size > 0
-    assert (doc.parent / "benchmarks" / "robustness.png").stat().st_size > 0
-    assert (doc.parent / "benchmarks" / "convergence.png").stat().st_size > 0
 
-    block = text[text.index(suite.BEGIN) : text.index(suite.END) + len(suite.END)]
-    suite.update_doc(doc, block.replace("## Benchmark suite", "## Benchmark suite, rerun"))  # a rerun's section
-    again = doc.read_text()
-    assert again.count(suite.BEGIN) == 1 and again.count(suite.END) == 1 and "## Benchmark suite, rerun" in again
-    assert "hand-written text that must survive" in again and again.count("## Benchmark suite") == 1
-
-    # the known-sources setting on the same zoo writes its own section beside the suite's
-    args = ["--size", "smoke", "--per-source", "4", "--doc", str(doc), "--out", str(tmp_path / "known"),
-            "--zoo-cache", str(tmp_path / "zoo")]
-    assert known_sources.main(args) == 0
-    known = json.loads((tmp_path / "known" / "results.json").read_text())
     assert [r["target"] for r in known["results"]] == targets
     for res in known["results"]:
         assert set(res["kinds"]) == set(suite.KINDS)
         for data in res["kinds"].values():
             assert [p["source"] for p in data["pairs"]] == ["real", *suite.other_generators(res["target"])]
             assert all(0.0 <= p["balanced_accuracy"] <= 1.0 and 0.0 <= p["auc"] <= 1.0 for p in data["pairs"])
-    text = doc.read_text()
-    assert text.count(known_sources.BEGIN) == 1 and "## Benchmark suite, rerun" in text
-    section = text[text.index(known_sources.BEGIN) :]
+    section = known_sources.render(known)
     assert sum(line.startswith(f"| {t} |") for line in section.splitlines() for t in targets) == len(targets) * 5
-
-
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py") if "def main(" in p.read_text()))
-def test_every_bench_script_runs_as_a_command(script):
-    import subprocess
-
-    done = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-500:]

@@ -20,8 +20,7 @@ from flipad.io.data import encode_item
 from flows.attribute import AttributeConfig, attribute_stream
 from flows.onboard import onboard_generator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from odd_items import odd_valid_items, poison_items  # noqa: E402
+from bench.odd_items import odd_valid_items, poison_items
 
 MODEL = "faults-gen"
 

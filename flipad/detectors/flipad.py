@@ -220,7 +220,7 @@ class FlipadDetector(Detector):
         """Deep SAD distances (private: small = typical) and the inversion's diagnostics."""
         self._check_fitted()
         fs = stages.run(self.extractor_, samples, "score")
-        return self.score_features(fs.features), {"residual": fs.residual, "sparsity": fs.sparsity}
+        return self._distances(fs.features), {"residual": fs.residual, "sparsity": fs.sparsity}
 
     def fit_summary(self) -> dict[str, float]:
         # the features' iteration cap is a deliberate budget (FeatureConfig.inversion), so what is
@@ -241,15 +241,19 @@ class FlipadDetector(Detector):
 
     def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Deep SAD distances ``||phi(x) - c||^2``: small = typical of this generator."""
-        return self.score_features(self.extractor(samples))
+        return self._distances(self.extractor(samples))
 
     def extractor(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Unscaled features of ``samples`` (the inversion, for the ``flipad`` kind)."""
         self._check_fitted()
         return self.extractor_(samples, progress=self.progress)
 
-    def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Deep SAD distances (small = typical) from unscaled features computed by :meth:`extractor`."""
+    def score_features(self, features: torch.Tensor) -> np.ndarray:
+        """Scores (higher = more typical) from unscaled features computed by :meth:`extractor`."""
+        return self._to_score(self._distances(features))
+
+    def _distances(self, features: torch.Tensor) -> torch.Tensor:
+        """Deep SAD distances ``||phi(x) - c||^2`` (small = typical) from unscaled features."""
         self._check_fitted()
         return self.trainer_.distances(self.network_, self.center_, self.scaler_(features))
 

@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +50,13 @@ def _factory_from_spec(spec: str):
             raise GeneratorLoadError(f"generator file {path} does not exist")
         module_spec = importlib.util.spec_from_file_location(f"flipad_user_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
+        # registered while it runs, as an import would: dataclasses, pickling and typing look a
+        # class's module up in sys.modules
+        sys.modules[module_spec.name] = module
         try:
             module_spec.loader.exec_module(module)
         except (Exception, SystemExit) as exc:
+            del sys.modules[module_spec.name]
             raise GeneratorLoadError(f"importing {path} failed: {_one_line(exc)}") from exc
     else:
         try:

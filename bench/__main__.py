@@ -1,0 +1,44 @@
+"""``python -m bench``: list, run one or run every benchmark (see :mod:`bench`)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from .report import BENCHMARKS, DOC, load, run_benchmark
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     epilog="Options after NAME that are not listed here go to the benchmark "
+                                            "(python -m bench NAME --help shows them).")
+    parser.add_argument("name", nargs="?", help="a benchmark, or all")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks and what each measures")
+    parser.add_argument("--quick", action="store_true", help="the small run (what CI runs)")
+    parser.add_argument("--doc", type=Path, default=DOC, help="the doc to rebuild (its figures are kept beside it)")
+    args, rest = parser.parse_known_args(argv)
+    if args.list or not args.name:
+        for name in BENCHMARKS:
+            print(f"{name:22s} {load(name).summary}")
+        return 0
+    if args.name == "all":
+        if rest:
+            parser.error(f"options for a single benchmark ({' '.join(rest)}) do not go with all")
+        failed = []
+        for name in BENCHMARKS:  # each in a process of its own: a benchmark may set up its own environment
+            print(f"== {name}", flush=True)
+            done = subprocess.run([sys.executable, "-m", "bench", name, *(["--quick"] if args.quick else []),
+                                   "--doc", str(args.doc)])
+            if done.returncode:
+                failed.append(name)
+        if failed:
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1 if failed else 0
+    run_benchmark(args.name, args.quick, rest, doc=args.doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
