@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
 from flipad.io.scoring import ItemResult, item_columns
-from flipad.keys import KeySet, check_secret, read_secret_file, secret_from_environment
+from flipad.keys import KeySet
 from monitoring.drift import DRIFT_SHARE, check_drift, metric_name
 from monitoring.monitors import MonitorResult, run_monitors
 from registry.keysets import keysets, public_keysets
@@ -40,6 +40,7 @@ from registry.versions import (
 )
 
 from .onboard import OWN
+from .secrets import master_secret
 from .storage import ObjectRef, concat_rows, open_results, open_source
 
 __all__ = ["AttributeConfig", "AttributeResult", "attribute_stream", "result_columns"]
@@ -86,23 +87,19 @@ class AttributeResult:
 
 
 @lru_cache(maxsize=16)
-def _model(tracking_uri: str, name: str, version: str):
-    """The registered pyfunc's Python model, loaded once per process (also in each Dask worker)."""
+def _model(tracking_uri: str, name: str, version: str, secret_file: str | None, secret_block: str | None):
+    """The registered pyfunc's Python model, loaded once per process (also in each Dask worker),
+    with the owner's secret handed to its detector when the detector's kind declares one."""
     use_tracking(tracking_uri)
-    return load_model(name, version)[0]
-
-
-def master_secret(secret_file: str | None = None, secret_block: str | None = None) -> bytes | None:
-    """The key sets' master secret: ``secret_file``, the Prefect ``Secret`` block ``secret_block``,
-    or the environment (:func:`flipad.keys.secret_from_environment`); None when none is given.
-    Only where it comes from travels in the flow's parameters, never the secret."""
-    if secret_file:
-        return read_secret_file(secret_file)
-    if secret_block:
-        from prefect.blocks.system import Secret
-
-        return check_secret(str(Secret.load(secret_block).get()).encode(), f"Prefect Secret block {secret_block!r}")
-    return secret_from_environment()
+    model = load_model(name, version)[0]
+    kind = type(model.detector)
+    if kind.secret:
+        secret = master_secret(secret_file, secret_block)
+        if secret is None:
+            raise ValueError(f"{name} v{version} is a {kind.kind} detector, which needs the owner's secret "
+                             f"({kind.secret}): give --secret-file, --secret-block or FLIPAD_KEY_SECRET_FILE")
+        model.detector.use_secret(secret)
+    return model
 
 
 @lru_cache(maxsize=16)
@@ -159,7 +156,8 @@ def score_batch(
         if not refs:
             continue
         keys = list(_keysets(tracking_uri, detector.name, config.secret_file, config.secret_block))
-        results = _model(tracking_uri, detector.name, detector.version).score_bytes([payload[r.uri] for r in refs], keys)
+        model = _model(tracking_uri, detector.name, detector.version, config.secret_file, config.secret_block)
+        results = model.score_bytes([payload[r.uri] for r in refs], keys)
         rows += [_row(ref, detector, result) for ref, result in zip(refs, results)]
     return pd.DataFrame(rows, columns=result_columns())
 
@@ -311,6 +309,8 @@ def attribute_stream(config: AttributeConfig) -> AttributeResult:
     tracking_uri = connect()
     detectors = [resolve_version(*parse_model_ref(ref)) for ref in config.models]
     master_secret(config.secret_file, config.secret_block)  # a missing or world-readable secret file fails here, before any work
+    for detector in detectors:  # so does a detector whose kind needs the secret when none is given
+        _model(tracking_uri, detector.name, detector.version, config.secret_file, config.secret_block)
     results = open_results(config.output, config.endpoint_url)
     results.check_writable()
     with results.lease():

@@ -205,6 +205,9 @@ def onboard(
                                  "(`flipad families`)."),
     device: Device = typer.Option(Device.auto, help="Where the inversions run."),
     promote: Promote = typer.Option(Promote.auto, help="auto (champion if at least as good), always or never."),
+    secret_file: Path | None = typer.Option(None, help="The owner's master secret, for a detector kind that declares "
+                                            "one (owner-only permissions; default $FLIPAD_KEY_SECRET_FILE)."),
+    secret_block: str | None = typer.Option(None, help="The master secret as a Prefect Secret block of this name."),
     deployment: str | None = typer.Option(None, help="Run on a worker through this Prefect deployment "
                                           "(e.g. onboard-generator/onboard-generator) instead of in this process."),
 ) -> None:
@@ -218,6 +221,9 @@ def onboard(
         _check_device(device.value)
     except ValueError as exc:
         _fail(exc)
+    if secret_file is not None:
+        _check_secret_file(secret_file)
+        secret_file = secret_file.resolve()
     _show_progress()
     from flipad.progress import stage
 
@@ -225,7 +231,7 @@ def onboard(
         with stage(f"onboard {name}"):
             _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples,
                              num_validation, num_test, option, settings, challenger_steps, open_world, detector, device,
-                             promote, deployment)
+                             promote, secret_file, secret_block, deployment)
     except _Failed as exc:  # said once the stage has said it failed, so the error is the last line
         _fail(exc.args[0])
 
@@ -236,7 +242,7 @@ class _Failed(Exception):
 
 def _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples, num_validation,
                      num_test, option, settings, challenger_steps, open_world, detector, device, promote,
-                     deployment) -> None:
+                     secret_file, secret_block, deployment) -> None:
     """The body of ``flipad onboard`` after the quick checks (inside its progress stage)."""
     from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
@@ -267,6 +273,7 @@ def _onboard_command(name, generator, weights, weights_key, latent_shape, real, 
             negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
             detector=detector, family_settings=_settings(settings), device=device.value, promote=promote.value,
             challenger_steps=challenger_steps, open_world=open_world,
+            secret_file=str(secret_file) if secret_file else None, secret_block=secret_block,
         )
         if deployment:
             run = run_through_deployment(deployment, config)

@@ -54,6 +54,7 @@ from registry.runs import OnboardingRecord, log_run, onboarding_run
 from registry.store import connect, ui_command
 from registry.versions import Registration, register_version
 
+from .secrets import master_secret
 from .stage_cache import STAGE_CACHE_PREFIX, STAGE_CACHE_TTL
 
 __all__ = ["OnboardConfig", "OnboardResult", "PrefectStages", "onboard_generator", "TEST_SEED_OFFSET", "OWN"]
@@ -90,6 +91,9 @@ class OnboardConfig(BaseModel):
     device: str = "auto"
     promote: str = Field("auto", pattern="^(auto|always|never)$")
     seed: int = 0
+    secret_file: str | None = Field(None, description="the owner's master secret, for a kind that declares one "
+                                    "(a file with owner-only permissions; default $FLIPAD_KEY_SECRET_FILE)")
+    secret_block: str | None = Field(None, description="the master secret as a Prefect Secret block of this name")
 
     @field_validator("detector")
     @classmethod
@@ -166,7 +170,14 @@ def build_detector(config: OnboardConfig) -> tuple[Detector, GeneratorSource]:
     """The generator from its spec and weights, wrapped in an unfitted detector of the asked kind."""
     source = GeneratorSource(config.generator, dict(config.generator_kwargs), config.latent_shape)
     module = source.load(config.weights, weights_key=config.weights_key)
-    detector = detector_class(config.detector).from_settings(module, config.latent_shape, config.detector_settings())
+    kind = detector_class(config.detector)
+    detector = kind.from_settings(module, config.latent_shape, config.detector_settings())
+    if kind.secret:
+        secret = master_secret(config.secret_file, config.secret_block)
+        if secret is None:
+            raise ValueError(f"--detector {kind.kind} needs the owner's secret ({kind.secret}): give --secret-file, "
+                             "--secret-block or FLIPAD_KEY_SECRET_FILE")
+        detector.use_secret(secret)
     return detector, source
 
 

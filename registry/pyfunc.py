@@ -55,9 +55,10 @@ class FlipadModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        self.detector = load_bundle(context.artifacts["bundle"], device=os.environ.get("FLIPAD_DEVICE", "auto"))
-        name = (getattr(context, "model_config", None) or {}).get("name")
         secret = secret_from_environment()
+        self.detector = load_bundle(context.artifacts["bundle"], device=os.environ.get("FLIPAD_DEVICE", "auto"),
+                                    secret=secret)
+        name = (getattr(context, "model_config", None) or {}).get("name")
         self.keysets = keysets(name, secret) if name and secret else []
 
     def score_bytes(self, items: list[bytes], keysets: list[KeySet] | None = None) -> list[ItemResult]:

@@ -193,7 +193,7 @@ def test_monitoring_flags_shifted_streams_only(registered, fashion_test):
     real = fashion_test[900:960]
 
     def rows(payloads: list[bytes]) -> pd.DataFrame:
-        return pd.DataFrame([r.__dict__ for r in python_model.score_bytes(payloads)])
+        return pd.DataFrame([r.as_row() for r in python_model.score_bytes(payloads)])
 
     fresh = check_drift(reference, rows([encode_item(x) for x in [*own, *real]]))
     assert not fresh.drifted, fresh.summary()

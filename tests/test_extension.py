@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,15 +61,16 @@ class MeanDistance:
     name = "mean-distance"
     device = "cpu"
 
-    def __init__(self, mean: torch.Tensor, power: float, output_range: tuple[float, float]):
-        self.mean, self.power, self.output_range = mean, power, output_range
+    def __init__(self, mean: torch.Tensor, power: float, output_range: tuple[float, float], offset: float = 0.0):
+        self.mean, self.power, self.output_range, self.offset = mean, power, output_range, offset
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.mean.numpy().tobytes() + repr((self.power, self.output_range)).encode()).hexdigest()
+        parts = repr((self.power, self.output_range, self.offset)).encode()
+        return hashlib.sha256(self.mean.numpy().tobytes() + parts).hexdigest()
 
     def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = to_output_range(samples, *self.output_range).double()
-        return (x - self.mean).abs().pow(self.power).flatten(1).mean(1)
+        return (x - self.mean - self.offset).abs().pow(self.power).flatten(1).mean(1)
 
 
 @register_kind
@@ -96,17 +99,22 @@ class MeanDistanceDetector(Detector):
     def fit(self, generated=None, real=None, negatives=None, validation=None, stages: Stages = INLINE):
         seeds = Seeds(self.seed)
         mean = to_output_range(self.generate(self.n_mean, seeds.train), *self.range_).double().mean(0)
-        self.stage_ = MeanDistance(mean, self.power, self.range_)
+        self.stage_ = MeanDistance(mean, self.power, self.range_, self._offset())
         if validation is None:
             validation = self.generate(self.n_validation, seeds.validation)
         self._calibrate(stages.run(self.stage_, validation, "generated (validation)"))
         return self
 
+    def _offset(self) -> float:
+        return 0.0
+
     def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        self._offset()
         return self.stage_.run(samples)
 
     def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
         self._check_fitted()
+        self._offset()
         distance = stages.run(self.stage_, samples, "score")
         return self._verdict_scores(distance, {"mean_distance": distance.numpy()})
 
@@ -141,6 +149,27 @@ class MeanDistanceDetector(Detector):
         det.stage_ = MeanDistance(tensors["mean"], det.power, det.range_)
         det._calibrate(tensors["validation"])
         return det
+
+
+@register_kind
+class KeyedMeanDistanceDetector(MeanDistanceDetector):
+    """The toy family with a secret: the distance is taken to the mean output shifted by an offset
+    derived from the owner's master secret, so without the secret it cannot score."""
+
+    kind = "keyed-mean-distance"
+    description = "distance to the generator's mean output shifted by a secret offset (a toy family in a test)"
+    secret = "derives the offset the distance is taken from"
+
+    def use_secret(self, secret: bytes) -> None:
+        digest = hmac.new(secret, b"keyed-mean-distance", hashlib.sha256).digest()
+        self.key_offset_ = 0.5 * int.from_bytes(digest[:4], "big") / 2**32
+        if hasattr(self, "stage_"):
+            self.stage_.offset = self.key_offset_
+
+    def _offset(self) -> float:
+        if not hasattr(self, "key_offset_"):
+            raise ValueError(f"the {self.kind} detector needs the owner's secret")
+        return self.key_offset_
 
 
 @pytest.mark.slow
@@ -206,3 +235,52 @@ def test_a_family_defined_here_onboards_attributes_serves_and_reloads(tracking, 
     np.testing.assert_array_equal(reloaded.score(noise).score, detector.score(noise).score)
     assert reloaded.thresholds == detector.thresholds
 
+
+
+@pytest.mark.slow
+def test_a_family_with_a_secret_gets_it_from_the_owner_and_never_records_it(tracking, user_generator, real_folder,
+                                                                             tmp_path):
+    from registry.versions import load_detector
+
+    spec, weights = user_generator
+    secret = os.urandom(32)
+    secret_file = tmp_path / "master.key"
+    secret_file.write_bytes(secret)
+    secret_file.chmod(0o600)
+    runner = CliRunner()
+    assert "secret: derives the offset" in runner.invoke(app, ["families"]).output
+    args = ["onboard", "keyed-toy", "--generator", spec, "--weights", str(weights), "--latent-shape", "64", "--real",
+            str(real_folder), "--detector", "keyed-mean-distance", "--num-samples", "150", "--num-validation", "200",
+            "--num-test", "60", "--challenger-steps", "0"]
+    refused = runner.invoke(app, args, env={"FLIPAD_KEY_SECRET_FILE": ""})
+    assert refused.exit_code == 1 and "needs the owner's secret" in refused.output.strip().splitlines()[-1]
+    onboarded = runner.invoke(app, [*args, "--secret-file", str(secret_file)])
+    assert onboarded.exit_code == 0, onboarded.output
+
+    stream = tmp_path / "stream"
+    stream.mkdir()
+    detector, _ = load_detector("keyed-toy")  # served without the secret: it cannot score
+    with pytest.raises(ValueError, match="needs the owner's secret"):
+        detector.score_samples(np.zeros((1, 1, 32, 32), np.uint8))
+    detector.use_secret(secret)
+    own = detector.generate(10, seed=Seeds().test + 5)
+    for i, item in enumerate(own):
+        (stream / f"{i:03d}.png").write_bytes(encode_item(item))
+    out = tmp_path / "rows.csv"
+    without = runner.invoke(app, ["attribute", "--model", "keyed-toy", "--input", str(stream), "--output", str(out)],
+                            env={"FLIPAD_KEY_SECRET_FILE": ""})
+    assert without.exit_code == 1 and "needs the owner's secret" in without.output.strip().splitlines()[-1]
+    scored = runner.invoke(app, ["attribute", "--model", "keyed-toy", "--input", str(stream), "--output", str(out),
+                                 "--secret-file", str(secret_file)])
+    assert scored.exit_code == 0, scored.output
+    rows = pd.read_csv(out)
+    assert rows["error"].isna().all() and rows["verdict"].eq("attributed").mean() >= 0.9
+    np.testing.assert_allclose(np.sort(rows["score"]), np.sort(detector.score_samples(own)), rtol=1e-6)
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(client.get_model_version("keyed-toy", "1").run_id)
+    recorded = [*run.data.params.values(), *run.data.tags.values()]
+    assert not any(secret.hex() in str(v) or repr(secret) in str(v) for v in recorded)
+    for uri in (run.info.artifact_uri, "models:/keyed-toy/1"):  # the run's artifacts and the model's bundle
+        files = [f for f in Path(mlflow.artifacts.download_artifacts(uri)).rglob("*") if f.is_file()]
+        assert files and not any(secret in f.read_bytes() or secret.hex().encode() in f.read_bytes() for f in files)

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import nn
 
 from ..kinds import DETECTOR_ALIASES, DETECTOR_KINDS, detector_class, register_kind
 from .calibration import CalibratedDetector
+
+if TYPE_CHECKING:
+    from .reconstruction import LatentSearch
 
 __all__ = ["Detector", "DetectorSettings", "DETECTOR_ALIASES", "DETECTOR_KINDS", "NoSettings", "Scores", "Seeds", "Stage",
            "Stages", "detector_class", "register_kind", "sha256_array"]
@@ -220,6 +223,12 @@ class Detector(CalibratedDetector):
         ``exhaustive`` runs every family on every item (evaluation) where the verdict would stop
         early."""
         raise NotImplementedError
+
+    def use_secret(self, secret: bytes) -> None:
+        """Hand the detector the owner's master secret (kinds whose ``secret`` says what they need it
+        for). Whoever builds or loads the detector calls it; the secret never enters the settings,
+        the bundle or a log, so a kind derives what it needs (an HKDF key) and keeps it in memory."""
+        raise TypeError(f"the {self.kind} detector takes no secret")
 
     def latent_search(self) -> LatentSearch | None:
         """The fitted latent search with its encoder, which reading keys inverts with

@@ -47,8 +47,10 @@ def save_bundle(folder: str | Path, detector: Detector, source: GeneratorSource)
     return folder
 
 
-def load_bundle(folder: str | Path, device: str = "auto") -> Detector:
-    """The detector saved by :func:`save_bundle`, with its generator rebuilt on ``device``."""
+def load_bundle(folder: str | Path, device: str = "auto", secret: bytes | None = None) -> Detector:
+    """The detector saved by :func:`save_bundle`, with its generator rebuilt on ``device``;
+    ``secret`` (the owner's master secret) is handed to a kind that declares one
+    (:meth:`~flipad.detectors.base.Detector.use_secret`) and ignored by the others."""
     folder = Path(folder)
     try:
         info = json.loads((folder / "generator.json").read_text())
@@ -62,4 +64,7 @@ def load_bundle(folder: str | Path, device: str = "auto") -> Detector:
                          "or upgrade flipad") from None
     source = GeneratorSource.from_dict(info)
     module = source.load(folder / "generator.safetensors", base=folder)
-    return cls.load(folder / "detector", module, device=device, latent_shape=source.latent_shape)
+    detector = cls.load(folder / "detector", module, device=device, latent_shape=source.latent_shape)
+    if cls.secret and secret is not None:
+        detector.use_secret(secret)
+    return detector
