@@ -4,7 +4,7 @@ The demo's shipped generator (32x32 grey DCGAN, latent 64) gets the default dete
 product's settings (the reconstruction family, encoder-lm search, thresholds calibrated on
 pristine samples and on JPEG q95/q90/q80/q70 copies), fitted in-process at the given sizes. ``--items`` fresh own items and as many real
 Fashion-MNIST test images are then encoded each way below and scored as bytes by
-``flipad.io.scoring.score_items`` (what the flows and the served model run): decoding (WebP, a
+``flipad.scoring.score_items`` (what the flows and the served model run): decoding (WebP, a
 grey image stored as RGB, the near-grey conversion), the estimated JPEG quality and the
 ``undecided`` verdict included. Prints a markdown table: per re-encoding, the share of own items
 attributed, undecided and errored, and the share of real images attributed.
@@ -24,7 +24,7 @@ from PIL import Image
 
 from flipad import DetectorSettings, ReconstructionLossDetector, family_settings
 from flipad.io.data import encode_item
-from flipad.io.scoring import score_items
+from flipad.scoring import score_items
 from flows.datasets import load_fashion_mnist
 from flows.demo import DEMO_LATENT, demo_generator
 

@@ -4,7 +4,7 @@ The package holds the method only (torch, numpy, scikit-learn, Pillow); the MLOp
 in ``registry/``, ``monitoring/`` and ``flows/``. Subpackages: ``generators`` (architectures,
 loading, tracing, folding, the adapter), ``inversion`` (the final layer's lasso, the latent
 search), ``detectors`` (the families, the verdict, calibration, persistence) and ``io`` (data,
-decoding, perturbations, scoring raw items).
+decoding, perturbations); ``scoring`` scores raw items with any detector.
 """
 
 from .detectors.base import (

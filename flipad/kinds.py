@@ -2,7 +2,7 @@
 and monitoring know of every family, filled by :func:`register_kind`.
 
 It sits at the bottom of the package (it imports nothing of flipad), so the item schema in
-:mod:`flipad.io.scoring` and the detectors above it read the same registry. A kind declares, as
+:mod:`flipad.scoring` and the detectors above it read the same registry. A kind declares, as
 class attributes of its detector class:
 
 - ``kind`` (its name) and ``description``;

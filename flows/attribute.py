@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from flipad.io.scoring import ItemResult, item_columns
+from flipad.scoring import ItemResult, item_columns
 from flipad.keys import KeySet
 from monitoring.drift import DRIFT_SHARE, check_drift, metric_name
 from monitoring.monitors import MonitorResult, run_monitors
@@ -51,7 +51,7 @@ progress = logging.getLogger("flipad.progress")
 
 def result_columns() -> list[str]:
     """One row per (item, detector version): the item, the detector, what the detector said
-    (:func:`~flipad.io.scoring.item_columns`, with every registered kind's diagnostics), when."""
+    (:func:`~flipad.scoring.item_columns`, with every registered kind's diagnostics), when."""
     return ["uri", "model", "version", *item_columns(), "etag", "scored_at"]
 
 

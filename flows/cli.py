@@ -244,7 +244,6 @@ def _onboard_command(name, generator, weights, weights_key, latent_shape, real, 
                      num_test, option, settings, challenger_steps, open_world, detector, device, promote,
                      secret_file, secret_block, deployment) -> None:
     """The body of ``flipad onboard`` after the quick checks (inside its progress stage)."""
-    from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
 
     from flipad.generators.loading import GeneratorLoadError, parse_latent_shape
@@ -256,7 +255,7 @@ def _onboard_command(name, generator, weights, weights_key, latent_shape, real, 
         absolute_location,
         run_through_deployment,
     )
-    from registry.store import TrackingUnavailableError, connect, ui_command
+    from registry.store import TrackingError, TrackingUnavailableError, connect, ui_command
     from registry.versions import RegistrationError, list_versions
 
     try:
@@ -287,7 +286,7 @@ def _onboard_command(name, generator, weights, weights_key, latent_shape, real, 
     except (GeneratorLoadError, DataError, NotInvertibleError, TrackingUnavailableError, DeploymentRunError,
             RegistrationError, ValueError, LookupError) as exc:
         raise _Failed(exc) from None
-    except MlflowException as exc:  # the tracking server failed mid-run
+    except TrackingError as exc:  # the tracking server failed mid-run
         raise _Failed(RuntimeError(f"the tracking server failed during onboarding ({str(exc).splitlines()[0][:200]}); "
                                    "nothing was registered (the next onboarding ends a run left RUNNING as KILLED and "
                                    "removes a pending version); rerun when it is back")) from None
@@ -551,7 +550,7 @@ def models(name: str | None = typer.Argument(None, help="A registered model; all
         rows = list_versions(name)
     except (TrackingUnavailableError, LookupError) as exc:
         _fail(exc)
-    except Exception as exc:  # MlflowException for an unknown name
+    except Exception as exc:  # a TrackingError for an unknown name
         _fail(ValueError(str(exc).splitlines()[0]))
     if not rows:
         typer.echo("no registered detectors yet; run 'flipad onboard' or 'flipad demo'")

@@ -16,17 +16,14 @@ import mlflow.pyfunc
 import pandas as pd
 
 from flipad.detectors.bundle import load_bundle
-from flipad.io.scoring import ItemResult, item_columns, score_items
+from flipad.scoring import ItemResult, item_columns, score_items, served_columns
 from flipad.keys import KeySet, secret_from_environment
 
 from .keysets import keysets
 
-__all__ = ["FlipadModel", "INPUT_COLUMN", "OUTPUT_COLUMNS", "to_request_cell"]
+__all__ = ["FlipadModel", "INPUT_COLUMN", "to_request_cell"]
 
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ["score", "threshold", "is_generated", "verdict", "reason", "error", "key_id", "key_bits_correct",
-                  "key_p_value"]
-
 
 def to_request_cell(data: bytes) -> str:
     """A request cell: base64 of PNG/JPEG bytes or of ``.npy`` bytes."""
@@ -74,4 +71,4 @@ class FlipadModel(mlflow.pyfunc.PythonModel):
         else:
             cells = list(model_input)
         results = self.score_bytes([_decode_cell(c) for c in cells])
-        return pd.DataFrame([r.as_row() for r in results], columns=item_columns())[OUTPUT_COLUMNS]
+        return pd.DataFrame([r.as_row() for r in results], columns=item_columns())[[c.name for c in served_columns()]]

@@ -30,6 +30,7 @@ import registry
 from flipad.detectors.base import Detector
 from flipad.detectors.bundle import save_bundle
 from flipad.generators.loading import GeneratorSource
+from flipad.scoring import served_columns
 
 from .plots import mean_activation_figure, roc_figure, score_histograms
 from .pyfunc import INPUT_COLUMN, to_request_cell
@@ -42,13 +43,11 @@ logger = logging.getLogger(__name__)
 
 MODEL_CODE = Path(registry.__file__).parent / "model_code.py"
 REFERENCE_ARTIFACT = "monitoring/reference.parquet"
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
-    outputs=Schema([ColSpec("double", "score"), ColSpec("double", "threshold"),
-                    ColSpec("boolean", "is_generated", required=False), ColSpec("string", "verdict"),
-                    ColSpec("string", "reason"), ColSpec("string", "error"), ColSpec("string", "key_id"),
-                    ColSpec("double", "key_bits_correct", required=False), ColSpec("double", "key_p_value", required=False)]),
-)
+def signature() -> ModelSignature:
+    """The served model's signature: base64 items in, the served columns of the row schema out
+    (:func:`flipad.scoring.served_columns`)."""
+    return ModelSignature(inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
+                          outputs=Schema([ColSpec(c.dtype, c.name, required=c.required) for c in served_columns()]))
 
 
 @dataclass
@@ -88,7 +87,7 @@ def model_definition(bundle: Path) -> dict[str, Any]:
         "python_model": str(MODEL_CODE),
         "artifacts": {"bundle": str(bundle)},
         "code_paths": [str(Path(flipad.__file__).parent), str(Path(registry.__file__).parent)],
-        "signature": SIGNATURE,
+        "signature": signature(),
         "pip_requirements": model_requirements(),
     }
 

@@ -9,10 +9,11 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException as TrackingError  # what a tracking call raises, for callers outside registry/
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrackingUnavailableError", "connect", "experiment_name", "ui_command", "use_tracking"]
+__all__ = ["TrackingError", "TrackingUnavailableError", "connect", "experiment_name", "ui_command", "use_tracking"]
 
 
 class TrackingUnavailableError(RuntimeError):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from flipad import load_generator
 from flipad.generators.loading import GeneratorLoadError
 from flipad.io.data import DataError, decode_item, item_info, list_image_files
-from flipad.io.scoring import undecided_reason
+from flipad.scoring import undecided_reason
 
 SMALL = dict(latent_dim=16, channels=1, image_size=32, width=8)
 

@@ -149,7 +149,7 @@ def test_detectors_round_trip_through_bundles_and_score_items(kind, tmp_path, fa
     from flipad.detectors.bundle import load_bundle, save_bundle
     from flipad.io.data import encode_item
     from flipad.generators.loading import GeneratorSource
-    from flipad.io.scoring import score_items
+    from flipad.scoring import score_items
 
     torch.manual_seed(0)
     if kind == "attribution":

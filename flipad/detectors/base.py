@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -29,9 +29,6 @@ from torch import nn
 
 from ..kinds import DETECTOR_ALIASES, DETECTOR_KINDS, detector_class, register_kind
 from .calibration import CalibratedDetector
-
-if TYPE_CHECKING:
-    from .reconstruction import LatentSearch
 
 __all__ = ["Detector", "DetectorSettings", "DETECTOR_ALIASES", "DETECTOR_KINDS", "NoSettings", "Scores", "Seeds", "Stage",
            "Stages", "detector_class", "register_kind", "sha256_array"]
@@ -230,8 +227,9 @@ class Detector(CalibratedDetector):
         the bundle or a log, so a kind derives what it needs (an HKDF key) and keeps it in memory."""
         raise TypeError(f"the {self.kind} detector takes no secret")
 
-    def latent_search(self) -> LatentSearch | None:
-        """The fitted latent search with its encoder, which reading keys inverts with
+    def latent_search(self) -> Stage | None:
+        """The fitted latent search with its encoder (a
+        :class:`~flipad.detectors.reconstruction.LatentSearch`), which reading keys inverts with
         (:mod:`flipad.keys`); None for families without one."""
         return None
 

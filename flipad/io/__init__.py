@@ -1,1 +1,1 @@
-"""Input and output: loading data sets, decoding single items, perturbations, scoring raw items."""
+"""Input and output: loading data sets, decoding single items, perturbations."""

@@ -1,21 +1,21 @@
-"""Scoring raw items (encoded bytes) with a fitted detector: one result per item, errors kept per item."""
+"""Scoring raw items (encoded bytes) with a fitted detector of any kind: one result per item, errors kept per
+item. It sits above the detectors and the keys, and below nothing of the package."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from ..keys import KeySet, best_matches
-from ..kinds import diagnostic_columns
-from .data import DataError, ItemInfo, decode_item, item_info, pixel_stats
+from .detectors.base import Detector
+from .io.data import DataError, ItemInfo, decode_item, item_info, pixel_stats
+from .keys import KeySet, best_matches
+from .kinds import diagnostic_columns
 
-if TYPE_CHECKING:  # the detectors sit above io; scoring only calls their public methods
-    from ..detectors.base import Detector
-
-__all__ = ["ItemResult", "VERDICTS", "item_columns", "score_items", "undecided_reason"]
+__all__ = ["Column", "ItemResult", "VERDICTS", "item_columns", "item_schema", "score_items", "served_columns",
+           "undecided_reason"]
 
 NAN = float("nan")
 # the answers a row can give: the item's verdict, or why there is none
@@ -23,40 +23,55 @@ ATTRIBUTED, NOT_ATTRIBUTED, UNDECIDED, ERROR = "attributed", "not attributed", "
 VERDICTS = (ATTRIBUTED, NOT_ATTRIBUTED, UNDECIDED, ERROR)
 
 
+def _column(dtype: str, meaning: str, served: bool = False, required: bool = True, **default: Any) -> Any:
+    """A field of :class:`ItemResult` with its column's type (``double``, ``boolean``, ``string``),
+    meaning, whether the served model answers with it and whether it is always filled."""
+    return field(**default, metadata={"dtype": dtype, "meaning": meaning, "served": served, "required": required})
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a row: name, type (``double``, ``boolean``, ``string``), meaning, whether the
+    served model answers with it, and whether it is always filled."""
+
+    name: str
+    dtype: str
+    meaning: str
+    served: bool
+    required: bool
+
+
 @dataclass(frozen=True)
 class ItemResult:
-    """``score`` is higher for items more typical of the generator; attributed when ``score >= threshold``.
+    """What a detector says about one item: the row schema (:func:`item_schema`), defined here once.
 
-    ``verdict`` is one of :data:`VERDICTS`: ``undecided`` where the item lies outside what the
-    thresholds were calibrated on (``reason`` says why; ``is_generated`` is then None, the score is
-    still reported), ``error`` where it could not be scored (``error`` says why).
-    ``diagnostics``: the stages' per-item figures, one column each, named by the registered kinds
-    (:func:`~flipad.kinds.diagnostic_columns`: ``residual`` and ``sparsity`` of the final-layer
-    inversion, ``latent_loss`` of the latent search, ...; also readable as attributes).
-    ``pixel_mean``/``pixel_std`` describe the input; ``format``, ``height``, ``width`` and
-    ``jpeg_quality`` (estimated, JPEG only) what arrived. For a generator with key sets
-    (:mod:`flipad.keys`), an attributed item's ``key_id`` (the recipient's name; empty for "no
-    key"), ``key_set`` (its key set version), ``key_bits_correct`` and ``key_p_value``. NaN
-    where they do not apply.
+    ``diagnostics`` holds the stages' per-item figures, one column each, named by the registered
+    kinds (:func:`~flipad.kinds.diagnostic_columns`; also readable as attributes).
     """
 
-    score: float | None
-    threshold: float
-    is_generated: bool | None
-    error: str = ""
+    score: float | None = _column("double", "higher = more typical of the generator; empty on an error", served=True,
+                                  required=False)
+    threshold: float = _column("double", "attributed when score >= threshold (the first FNR target's)", served=True)
+    is_generated: bool | None = _column("boolean", "score >= threshold; empty when undecided or on an error",
+                                        served=True, required=False)
+    error: str = _column("string", "why the item could not be scored; empty otherwise", served=True, default="")
     diagnostics: dict[str, float] = field(default_factory=dict)
-    pixel_mean: float = NAN
-    pixel_std: float = NAN
-    verdict: str = ERROR
-    reason: str = ""
-    format: str = ""
-    height: float = NAN
-    width: float = NAN
-    jpeg_quality: float = NAN
-    key_id: str = ""
-    key_set: str = ""
-    key_bits_correct: float = NAN
-    key_p_value: float = NAN
+    pixel_mean: float = _column("double", "the input's mean pixel in the generator's output range", default=NAN)
+    pixel_std: float = _column("double", "the input's pixel standard deviation", default=NAN)
+    verdict: str = _column("string", "attributed, not attributed, undecided or error", served=True, default=ERROR)
+    reason: str = _column("string", "why the item is undecided (outside what the thresholds were calibrated on)",
+                          served=True, default="")
+    format: str = _column("string", "what arrived: png, jpeg, webp, npy, ...", default="")
+    height: float = _column("double", "the item's height as it arrived", default=NAN)
+    width: float = _column("double", "the item's width as it arrived", default=NAN)
+    jpeg_quality: float = _column("double", "the JPEG's quality estimated from its quantisation tables", default=NAN)
+    key_id: str = _column("string", "the recipient whose key the attributed item carries; empty for no key",
+                          served=True, default="")
+    key_set: str = _column("string", "the key set version of that recipient", default="")
+    key_bits_correct: float = _column("double", "the share of read latent signs agreeing with the recipient's key",
+                                      served=True, required=False, default=NAN)
+    key_p_value: float = _column("double", "the chance of that agreement without a key", served=True, required=False,
+                                 default=NAN)
 
     def __getattr__(self, name: str) -> Any:
         if name in diagnostic_columns():  # a diagnostic of any registered kind, NaN where it does not apply
@@ -74,13 +89,27 @@ class ItemResult:
         return row
 
 
-def item_columns() -> list[str]:
+def item_schema() -> list[Column]:
     """The columns of a row, in order: the result's fields with ``diagnostics`` spread into one
-    column per diagnostic of the registered kinds."""
-    columns: list[str] = []
+    column per diagnostic of the registered kinds (double, NaN where a kind has none)."""
+    columns: list[Column] = []
     for f in fields(ItemResult):
-        columns += list(diagnostic_columns()) if f.name == "diagnostics" else [f.name]
+        if f.name == "diagnostics":
+            columns += [Column(name, "double", meaning, False, False) for name, meaning in diagnostic_columns().items()]
+        else:
+            columns.append(Column(f.name, f.metadata["dtype"], f.metadata["meaning"], f.metadata["served"],
+                                  f.metadata["required"]))
     return columns
+
+
+def item_columns() -> list[str]:
+    """The names of :func:`item_schema`'s columns."""
+    return [column.name for column in item_schema()]
+
+
+def served_columns() -> list[Column]:
+    """The columns the served model answers with."""
+    return [column for column in item_schema() if column.served]
 
 
 def undecided_reason(info: ItemInfo, lowest_quality: float | None) -> str:
