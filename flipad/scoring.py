@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .detectors.base import Detector
-from .io.data import DataError, ItemInfo, decode_item, item_info, pixel_stats
+from .io.data import DataError, ItemInfo, decode_item, item_info, jpeg_history_quality, pixel_stats
 from .keys import KeySet, best_matches
 from .kinds import diagnostic_columns
 
@@ -115,10 +115,11 @@ def served_columns() -> list[Column]:
 def undecided_reason(info: ItemInfo, lowest_quality: float | None) -> str:
     """Why an item with ``info`` is outside what thresholds calibrated down to JPEG quality
     ``lowest_quality`` cover (empty when it is inside, or when nothing was calibrated)."""
-    if lowest_quality is not None and info.format == "jpeg" and info.jpeg_quality < lowest_quality:
-        return (f"JPEG of estimated quality {info.jpeg_quality:.0f}, below the lowest the thresholds were calibrated on "
-                f"({lowest_quality:.0f}): the stated error rates do not cover it")
-    return ""
+    if lowest_quality is None or not info.jpeg_quality < lowest_quality:
+        return ""
+    what = "JPEG" if info.format == "jpeg" else f"{info.format.upper() or 'item'} that was a JPEG"
+    return (f"{what} of estimated quality {info.jpeg_quality:.0f}, below the lowest the thresholds were calibrated on "
+            f"({lowest_quality:.0f}): the stated error rates do not cover it")
 
 
 def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[KeySet] = ()) -> list[ItemResult]:
@@ -126,8 +127,9 @@ def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[Ke
 
     Items that cannot be decoded or have the wrong shape get an ``error`` and no score; they never
     stop the others. JPEGs re-saved below the lowest quality the detector's thresholds were
-    calibrated on (:meth:`~flipad.detectors.base.Detector.calibrated_jpeg_quality`) are scored
-    but ``undecided``. With ``keysets`` (the generator's key sets, built from the owner's
+    calibrated on (:meth:`~flipad.detectors.base.Detector.calibrated_jpeg_quality`), and items of
+    other formats that still carry such a JPEG's quantisation (a PNG of a JPEG:
+    :func:`~flipad.io.data.jpeg_history_quality`), are scored but ``undecided``. With ``keysets`` (the generator's key sets, built from the owner's
     secret), attributed items are inverted once more and their recipient read. The threshold is
     the detector's default (its first FNR target). Works for every detector kind.
     """
@@ -142,6 +144,8 @@ def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[Ke
         except DataError as exc:
             results[i] = _result(None, threshold, str(exc), infos[i])
             continue
+        if lowest_quality is not None and arr.dtype == np.uint8 and infos[i].format != "jpeg":
+            infos[i] = replace(infos[i], jpeg_quality=jpeg_history_quality(arr, lowest_quality))
         groups.setdefault(arr.dtype == np.uint8, []).append((i, arr))
     for members in groups.values():  # 8-bit pixels and output-range floats are scored apart
         batch = np.stack([arr for _, arr in members])

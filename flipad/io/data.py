@@ -185,6 +185,43 @@ def estimate_jpeg_quality(quantization: dict[int, Sequence[int]]) -> float:
     return float(np.argmin(distance) + 1)
 
 
+# a JPEG re-saved at its own quality barely changes ("JPEG ghost"): an item that was once a JPEG at
+# quality q has a dip in its re-quantisation error at q, a pristine item none (measured in
+# docs/benchmarks.md: content_variants). The dip must be below GHOST_DEPTH of both neighbours two
+# qualities away and the error below GHOST_FLOOR (squared 8-bit steps).
+GHOST_DEPTH, GHOST_FLOOR, GHOST_LOWEST = 0.75, 16.0, 18
+
+
+def jpeg_history_quality(item: np.ndarray, below: float) -> float:
+    """The quality of a JPEG that the uint8 ``item`` (C, H, W) was once saved as, when its luma
+    still carries that JPEG's quantisation at a quality below ``below``; NaN when it carries none.
+
+    For items that arrive in a lossless format (a PNG of a JPEG, a screenshot of one): each
+    quality from 18 up to ``below`` + 2 re-quantises the item's 8x8 luma blocks with libjpeg's
+    table at that quality (the orthonormal DCT JPEG uses), and an item saved at quality q comes
+    back almost unchanged at q and not at its neighbours."""
+    pixels = np.asarray(item, dtype=np.float64)
+    luma = pixels[0] if pixels.shape[0] == 1 else np.round(pixels[:3].transpose(1, 2, 0) @ [0.299, 0.587, 0.114])
+    h, w = luma.shape[0] // 8 * 8, luma.shape[1] // 8 * 8
+    qualities = np.arange(GHOST_LOWEST, int(min(below, 98)) + 3)
+    if h == 0 or w == 0 or len(qualities) < 5:
+        return float("nan")
+    from scipy.fft import dctn, idctn
+
+    blocks = (luma[:h, :w] - 128).reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
+    steps = _libjpeg_luma_tables()[qualities - 1].reshape(len(qualities), 1, 8, 8)
+    coefficients = dctn(blocks, axes=(1, 2), norm="ortho")[None]
+    again = np.clip(np.round(idctn(np.round(coefficients / steps) * steps, axes=(2, 3), norm="ortho") + 128), 0, 255)
+    error = ((again - (blocks + 128)) ** 2).mean(axis=(1, 2, 3))
+    inner = error[2:-2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = inner / np.minimum(error[:-4], error[4:])
+    ratio[~np.isfinite(ratio)] = np.inf
+    k = int(np.argmin(ratio))
+    found = ratio[k] < GHOST_DEPTH and inner[k] < GHOST_FLOOR and qualities[k + 2] < below
+    return float(qualities[k + 2]) if found else float("nan")
+
+
 NPY_MAGIC = b"\x93NUMPY"
 
 
