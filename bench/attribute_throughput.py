@@ -142,4 +142,4 @@ def headline(figures: dict) -> list[str]:
 
 
 BENCHMARK = Benchmark("attribute_throughput", __doc__, run, render, headline,
-                      quick=("--items", "40", "--batch-size", "16", "--encoder-steps", "30"))
+                      quick=("--items", "20", "--batch-size", "10", "--encoder-steps", "20"))

@@ -122,5 +122,5 @@ def headline(figures: dict) -> list[str]:
 
 
 BENCHMARK = Benchmark("core_bar", __doc__, run, render, headline,
-                      quick=("--train-steps", "30", "--samples", "60", "--test", "20", "--targets", "convT+tanh",
-                             "--calibration", "60"))
+                      quick=("--train-steps", "10", "--samples", "40", "--test", "20", "--targets", "convT+tanh",
+                             "--calibration", "40"))

@@ -89,5 +89,5 @@ def headline(figures: dict) -> list[str]:
 
 
 BENCHMARK = Benchmark("family_cost", __doc__, run, render, headline,
-                      quick=("--items", "20", "--samples", "60", "--calibration", "60", "--train-steps", "30",
-                             "--encoder-steps", "30"))
+                      quick=("--items", "10", "--samples", "40", "--calibration", "40", "--train-steps", "10",
+                             "--encoder-steps", "20"))

@@ -175,6 +175,6 @@ def headline(figures: dict) -> list[str]:
 
 
 BENCHMARK = Benchmark("in_the_wild_cli", __doc__, run, render, headline,
-                      quick=("--generators", "convT+tanh", "--items", "20", "--real", "200", "--train-steps", "30",
-                             "--onboard-args=--num-samples 100 --num-validation 60 --num-test 30 --challenger-steps 0 "
-                             "--set reconstruction.encoder_steps=50 --set reconstruction.n_perturbed=30"))
+                      quick=("--generators", "convT+tanh", "--items", "10", "--real", "100", "--train-steps", "20",
+                             "--onboard-args=--num-samples 60 --num-validation 40 --num-test 20 --challenger-steps 0 "
+                             "--set reconstruction.encoder_steps=30 --set reconstruction.n_perturbed=20"))
