@@ -43,7 +43,16 @@ def register_kind(cls: type) -> type:
 
 
 def detector_class(kind: str) -> type:
-    """The detector class registered as ``kind`` (or an alias of it); ValueError naming the known kinds otherwise."""
+    """The detector class registered as ``kind`` (or an alias of it), or ``package.module:kind`` for
+    a kind that module registers when imported (a family outside this package); ValueError naming
+    the known kinds otherwise."""
+    module, sep, name = kind.rpartition(":")
+    if sep:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(f"cannot import {module!r} for the detector kind {name!r} ({exc})") from None
+        kind = name
     kind = DETECTOR_ALIASES.get(kind, kind)
     if kind not in DETECTOR_KINDS:
         raise ValueError(f"unknown detector kind {kind!r}; known kinds: {', '.join(sorted(DETECTOR_KINDS))}")

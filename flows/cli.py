@@ -570,7 +570,7 @@ def families() -> None:
     """The registered detector kinds: each one's settings (for --set KIND.KEY=VALUE), diagnostics and secret."""
     import dataclasses
 
-    from flipad.detectors import bundle  # noqa: F401  (registers the built-in kinds)
+    import flipad  # noqa: F401  (the built-in kinds register on import)
     from flipad.kinds import DETECTOR_ALIASES, DETECTOR_KINDS
 
     aliases = {kind: name for name, kind in DETECTOR_ALIASES.items()}

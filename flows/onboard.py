@@ -98,7 +98,8 @@ class OnboardConfig(BaseModel):
     @field_validator("detector")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        return detector_class(value).kind  # ValueError naming the known kinds
+        kind = detector_class(value).kind  # ValueError naming the known kinds
+        return value if ":" in value else kind  # package.module:kind stays, for the process that runs the flow
 
     @field_validator("family_settings")
     @classmethod

@@ -14,6 +14,8 @@ import base64
 import hashlib
 import hmac
 import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,10 +232,19 @@ def test_a_family_defined_here_onboards_attributes_serves_and_reloads(tracking, 
     np.testing.assert_allclose(answer["score"], detector.score_samples(own[:5]), rtol=1e-6)
     assert (answer["verdict"] == np.where(detector.predict(own[:5]), "attributed", "not attributed")).all()
 
-    reloaded = load_bundle(save_bundle(tmp_path / "bundle", detector, GeneratorSource(spec, {}, (64,))), device="cpu")
+    bundle = save_bundle(tmp_path / "bundle", detector, GeneratorSource(spec, {}, (64,)))
+    reloaded = load_bundle(bundle, device="cpu")
     assert isinstance(reloaded, MeanDistanceDetector)
     np.testing.assert_array_equal(reloaded.score(noise).score, detector.score(noise).score)
     assert reloaded.thresholds == detector.thresholds
+
+    # a fresh process knows the kind from the bundle, and the command line from package.module:kind
+    check = ("import sys, numpy as np; from flipad import load_bundle; from flipad.kinds import detector_class; "
+             "loaded = type(load_bundle(sys.argv[1])).__name__; "
+             "print(loaded, detector_class('test_extension:mean-distance').kind)")
+    fresh = subprocess.run([sys.executable, "-c", check, str(bundle)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert fresh.stdout.split() == ["MeanDistanceDetector", "mean-distance"], fresh.stderr[-2000:]
 
 
 

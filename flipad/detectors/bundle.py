@@ -21,7 +21,6 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..generators.loading import GeneratorSource
-from . import flipad, reconstruction, verdict  # noqa: F401  (register the built-in kinds)
 from ..kinds import import_kind
 from .base import Detector
 
