@@ -104,12 +104,14 @@ def write_doc(doc: Path = DOC) -> None:
              "this page. Why the design is what it is, with the measurements that decided it: "
              "[design.md](design.md).", "", "## Today's headline figures", ""]
     for name, record in records.items():
-        if record is None:
+        if record is None or record["quick"]:  # a smoke run's figures are no headline
             continue
-        benchmark = load(name)
-        for line in benchmark.headline(record["figures"]):
-            lines.append(f"- {line} ({record['date']}{', quick size' if record['quick'] else ''}; "
-                         f"`{record['command']}`)")
+        for line in load(name).headline(record["figures"]):
+            lines.append(f"- {line} ({record['date']}; `{record['command']}`)")
+    pending = [name for name, record in records.items() if record is None or record["quick"]]
+    if pending:
+        lines += ["", "Not yet run at full size (their sections show a quick run's figures, or none): "
+                  + ", ".join(f"`python -m bench {name}`" for name in pending) + "."]
     for name, record in records.items():
         benchmark = load(name)
         body = _markdown(benchmark.doc).strip().split("\n", 1)

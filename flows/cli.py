@@ -193,7 +193,8 @@ def onboard(
     num_validation: int = typer.Option(1000, help="Generator samples that set the thresholds."),
     num_test: int = typer.Option(500, help="Held-out items per source for the evaluation."),
     option: list[str] = typer.Option([], help="Factory keyword argument KEY=VALUE (JSON values), repeatable."),
-    settings: list[str] = typer.Option([], "--set", help="A detector kind's setting KIND.KEY=VALUE, repeatable "
+    settings: list[str] = typer.Option([], "--set", metavar="KIND.KEY=VALUE",
+                                       help="A detector kind's setting KIND.KEY=VALUE, repeatable "
                                        "(e.g. reconstruction.encoder_steps=500; `flipad families` lists every kind's "
                                        "settings with defaults and help)."),
     challenger_steps: int = typer.Option(300, help="GAN steps of the look-alike challengers onboarding builds (0: only "
