@@ -31,7 +31,7 @@ def search_layout(module: nn.Module, latent_shape: Sequence[int]) -> nn.Module:
     """The generator as a latent search should run it: on the CPU, a copy with its 4-D weights in
     ``channels_last`` when it has any and the copy gives the same outputs (1.2x faster for
     transposed-convolution generators, 1.8x for upsample+conv and skip ones on two cores:
-    ``python bench/layout_speed.py``); else ``module`` itself. The copy holds the same values, so
+    docs/design.md); else ``module`` itself. The copy holds the same values, so
     its :func:`~flipad.generators.adapter.weights_fingerprint` is the module's. CUDA keeps the
     module as it is (not measured there)."""
     parameter = next(module.parameters(), None)

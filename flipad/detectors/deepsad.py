@@ -96,7 +96,7 @@ class DeepSADConfig:
     """Training settings; the defaults are the paper's.
 
     ``channels_last`` trains convolutional encoders in the channels-last memory layout (the same
-    network and loss; 1.3-1.5x faster on the CPU, measured by ``bench/deep_sad_layout.py``).
+    network and loss; 1.3-1.5x faster on the CPU, docs/design.md).
     """
 
     epochs: int = 50

@@ -17,7 +17,7 @@ For a convolution each output interacts only with the outputs within a kernel's 
 matrix is banded once the outputs are ordered well (natural order or reverse Cuthill-McKee,
 whichever is narrower): it is assembled from the products of each column's non-zeros and
 factorised exactly by LAPACK's banded Cholesky. About 20-25 Newton steps reach a gap of 1e-4
-where first-order methods need thousands of iterations (``bench/inversion_speed.py``).
+where first-order methods need thousands of iterations (``python -m bench inversion_speed``).
 
 The method runs on the CPU in float64. :func:`output_system` returns ``None`` for layers without
 an explicit adjoint or whose columns are too many to probe, and says whether the method pays (a
@@ -43,7 +43,7 @@ __all__ = ["OutputSystem", "output_system", "barrier_lasso", "blocks"]
 
 # A Newton step may cost at most this many FISTA iterations (2 nnz(A) multiply-adds each):
 # ~25 steps x 100 = 2,500 iterations, fewer than FISTA needs for a gap of 1e-4 (3,000 left a
-# median of 4.9e-4 on the 32x32 DCGAN of bench/inversion_speed.py, where one step costs ~50).
+# median of 4.9e-4 on the 32x32 DCGAN of `python -m bench inversion_speed`, where one step costs ~50).
 NEWTON_STEP_BUDGET = 100
 MAX_PROBE_ENTRIES = 50_000_000  # n * m: A's columns are probed densely, in chunks
 PROBE_CHUNK_BYTES = 64 * 2**20

@@ -7,7 +7,7 @@ the latent through it: linear operations (Linear, convolutions, eval-mode batch 
 sums, reshapes) act on the tangents in bfloat16, elementwise activations multiply them by their
 derivative at the primal. On a CPU with native bfloat16 arithmetic (AMX) this is 2.3-3.1x faster
 than forward differences for the benchmark generators, and about as close to the exact Jacobian
-(0.4% relative error, against 0.3-0.7%; ``python bench/jacobian_speed.py``). The LM only takes its steps from the
+(0.4% relative error, against 0.3-0.7%; docs/design.md). The LM only takes its steps from the
 Jacobian and accepts a step by the float32 loss, so the search still ends where it did.
 
 :func:`search_jacobian` picks it for a generator when the trace covers every operation and its
