@@ -62,12 +62,8 @@ def detector_class(kind: str) -> type:
 def import_kind(kind: str, module: str | None) -> type:
     """The class of ``kind``, importing ``module`` (where a bundle says the kind was defined) first
     when the kind is not registered yet: a family outside this package loads where it is installed."""
-    if DETECTOR_ALIASES.get(kind, kind) not in DETECTOR_KINDS and module:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass  # detector_class names the kinds that are known
-    return detector_class(kind)
+    known = DETECTOR_ALIASES.get(kind, kind) in DETECTOR_KINDS
+    return detector_class(kind if known or not module else f"{module}:{kind}")
 
 
 def diagnostic_columns() -> dict[str, str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from scipy.fft import dctn, idctn
 
 __all__ = [
     "ItemInfo",
@@ -206,8 +207,6 @@ def jpeg_history_quality(item: np.ndarray, below: float) -> float:
     qualities = np.arange(GHOST_LOWEST, int(min(below, 98)) + 3)
     if h == 0 or w == 0 or len(qualities) < 5:
         return float("nan")
-    from scipy.fft import dctn, idctn
-
     blocks = (luma[:h, :w] - 128).reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
     steps = _libjpeg_luma_tables()[qualities - 1].reshape(len(qualities), 1, 8, 8)
     coefficients = dctn(blocks, axes=(1, 2), norm="ortho")[None]
