@@ -189,3 +189,31 @@ def timed(fn, *args, **kwargs) -> tuple:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return out, time.perf_counter() - start
+
+
+# the issue's test-size autoencoder: Stable Diffusion's VAE layout (8x latent, 4 channels, the same
+# decoder tail) at 32-64-64-64 channels, one layer per block: about 1.25 M parameters
+SMALL_AUTOENCODER = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                     "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [32, 64, 64, 64],
+                     "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32, "sample_size": 64}
+# Stable Diffusion's VAE configuration (83.65 M parameters) at a given sample size
+SD_AUTOENCODER = {**SMALL_AUTOENCODER, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                  "sample_size": 512, "scaling_factor": 0.18215}
+
+
+def saved_autoencoder(folder: Path, config: dict, real: np.ndarray | None, steps: int, seed: int = 0,
+                      batch: int = 8) -> Path:
+    """An ``AutoencoderKL`` of ``config`` trained ``steps`` batches on ``real`` (random weights when
+    ``steps`` is 0) and saved with ``save_pretrained`` in ``folder`` (kept: reused when present)."""
+    from diffusers import AutoencoderKL
+
+    from flipad.detectors.autoencoder import train_autoencoder
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**config)
+    if steps:
+        train_autoencoder(vae, real, steps, batch, seed, parameters=None)
+    vae.save_pretrained(folder)
+    return folder

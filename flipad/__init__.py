@@ -24,6 +24,8 @@ from .detectors.features import FeatureConfig
 from .detectors.flipad import FlipadDetector
 from .detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector
 from .detectors.verdict import AttributionDetector
+# after the image families: registration order is the order of the diagnostics' columns
+from .detectors.autoencoder import AedrDetector, AutoencoderDetector, AutoencoderGenerator, load_autoencoder  # noqa: E402
 from .generators import (
     GeneratorAdapter,
     GeneratorSource,
@@ -35,6 +37,9 @@ from .kinds import family_settings
 
 __all__ = [
     "DETECTOR_KINDS",
+    "AedrDetector",
+    "AutoencoderDetector",
+    "AutoencoderGenerator",
     "AttributionDetector",
     "Detector",
     "DetectorSettings",
@@ -54,6 +59,7 @@ __all__ = [
     "Stages",
     "detector_class",
     "family_settings",
+    "load_autoencoder",
     "load_bundle",
     "load_generator",
     "register_kind",

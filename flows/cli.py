@@ -137,10 +137,12 @@ def _check_device(device: str) -> None:
         raise ValueError("--device cuda: this machine has no CUDA device; use --device cpu or auto")
 
 
-def _check_kind(kind: str) -> None:
+def _check_kind(kind: str | None) -> None:
     """An unknown ``--detector`` as one line before anything starts."""
     from flipad.detectors.base import detector_class
 
+    if kind is None:
+        return
     try:
         detector_class(kind)
     except ValueError as exc:
@@ -181,7 +183,8 @@ def _options(values: list[str]) -> dict:
 @app.command()
 def onboard(
     name: str = typer.Argument(..., help="Registered model name for this generator's detector."),
-    generator: str = typer.Option(..., help="Built-in name, path/to/file.py:factory or package.module:factory."),
+    generator: str = typer.Option(..., help="Built-in name, path/to/file.py:factory, package.module:factory, or "
+                                  "diffusers:FOLDER (an AutoencoderKL saved by save_pretrained: its decoder)."),
     weights: Path | None = typer.Option(None, help="Weights: .safetensors or a torch.save'd state dict, also nested in a "
                                         "checkpoint (state_dict, netG_state_dict, g_ema, ...; module. prefixes removed)."),
     weights_key: str | None = typer.Option(None, help="The key of the generator's state dict in a checkpoint that "
@@ -200,8 +203,11 @@ def onboard(
     challenger_steps: int = typer.Option(300, help="GAN steps of the look-alike challengers onboarding builds (0: only "
                                          "a weight-perturbed copy)."),
     open_world: bool = typer.Option(True, help="Also evaluate recompressed own samples and look-alike challengers."),
-    detector: str = typer.Option("reconstruction", help="The detector kind: reconstruction (the default verdict: "
-                                 "full-generator latent inversion, thresholds calibrated on recompressed copies), flipad, "
+    samples: str | None = typer.Option(None, help="The owner's generated images (folder or array), where the family "
+                                       "would otherwise make its own items (an autoencoder: decoded real images)."),
+    detector: str | None = typer.Option(None, help="The detector kind; default: the generator's own (autoencoder for "
+                                        "diffusers:FOLDER), else reconstruction (full-generator latent inversion, "
+                                        "thresholds calibrated on recompressed copies). Others: flipad, "
                                  "combined (FLIPAD and reconstruction loss must both accept), or any registered kind "
                                  "(`flipad families`)."),
     device: Device = typer.Option(Device.auto, help="Where the inversions run."),
@@ -217,6 +223,8 @@ def onboard(
         _check_location("--real", real)
         for path in negatives:
             _check_location("--negatives", path)
+        if samples is not None:
+            _check_location("--samples", samples)
         if weights is not None and not weights.is_file():
             raise ValueError(f"--weights {weights} is not a file")
         _check_device(device.value)
@@ -230,7 +238,7 @@ def onboard(
 
     try:  # never silent: the stage's heartbeat speaks while the imports and Prefect start, and between stages
         with stage(f"onboard {name}"):
-            _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples,
+            _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, samples, num_samples,
                              num_validation, num_test, option, settings, challenger_steps, open_world, detector, device,
                              promote, secret_file, secret_block, deployment)
     except _Failed as exc:  # said once the stage has said it failed, so the error is the last line
@@ -241,8 +249,8 @@ class _Failed(Exception):
     """An error a user can act on, raised inside a progress stage and reported by :func:`_fail` after it."""
 
 
-def _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, num_samples, num_validation,
-                     num_test, option, settings, challenger_steps, open_world, detector, device, promote,
+def _onboard_command(name, generator, weights, weights_key, latent_shape, real, negatives, samples, num_samples,
+                     num_validation, num_test, option, settings, challenger_steps, open_world, detector, device, promote,
                      secret_file, secret_block, deployment) -> None:
     """The body of ``flipad onboard`` after the quick checks (inside its progress stage)."""
     from pydantic import ValidationError
@@ -267,10 +275,12 @@ def _onboard_command(name, generator, weights, weights_key, latent_shape, real, 
         if deployment:  # the worker resolves paths from its own working directory
             generator, real = absolute_generator(generator), absolute_location(real)
             weights, negatives = (weights and weights.resolve()), [absolute_location(n) for n in negatives]
+            samples = samples and absolute_location(samples)
         config = OnboardConfig(
             name=name, generator=generator, weights=str(weights) if weights else None, weights_key=weights_key,
             generator_kwargs=_options(option), latent_shape=parse_latent_shape(latent_shape), real=real,
-            negatives=tuple(negatives), num_samples=num_samples, num_validation=num_validation, num_test=num_test,
+            negatives=tuple(negatives), samples=samples, num_samples=num_samples, num_validation=num_validation,
+            num_test=num_test,
             detector=detector, family_settings=_settings(settings), device=device.value, promote=promote.value,
             challenger_steps=challenger_steps, open_world=open_world,
             secret_file=str(secret_file) if secret_file else None, secret_block=secret_block,

@@ -43,8 +43,6 @@ from flipad.detectors.base import (
 from flipad.detectors.calibration import fnr_upper_bound
 from flipad.detectors.evaluation import evaluate_scores
 from flipad.generators import GeneratorSource, weights_fingerprint
-from flipad.generators.challengers import build_challengers
-from flipad.generators.sampling import generate_samples
 from flipad.io.data import encode_item, load_dataset, pixel_stats
 from flipad.kinds import diagnostic_columns, family_settings
 from flipad.io.perturb import perturb
@@ -82,7 +80,10 @@ class OnboardConfig(BaseModel):
     num_validation: int = Field(1000, ge=20)
     num_test: int = Field(500, ge=10, description="held-out items per source")
     fnr: tuple[float, ...] = (0.005, 0.01, 0.05)
-    detector: str = Field("reconstruction", description="a registered detector kind (flipad.DETECTOR_KINDS)")
+    detector: str | None = Field(None, description="a registered detector kind (flipad.DETECTOR_KINDS); default: the "
+                                 "generator's own (autoencoder for diffusers:FOLDER), else reconstruction")
+    samples: str | None = Field(None, description="the owner's generated images (a folder or array): own items for "
+                                "the thresholds and the evaluation, where the family would otherwise make them")
     family_settings: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="KIND -> KEY -> VALUE: the kinds' own settings (flipad families lists them)")
     open_world: bool = Field(True, description="also evaluate recompressed own samples and look-alike challengers")
@@ -97,7 +98,9 @@ class OnboardConfig(BaseModel):
 
     @field_validator("detector")
     @classmethod
-    def _known_kind(cls, value: str) -> str:
+    def _known_kind(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         kind = detector_class(value).kind  # ValueError naming the known kinds
         return value if ":" in value else kind  # package.module:kind stays, for the process that runs the flow
 
@@ -171,7 +174,7 @@ def build_detector(config: OnboardConfig) -> tuple[Detector, GeneratorSource]:
     """The generator from its spec and weights, wrapped in an unfitted detector of the asked kind."""
     source = GeneratorSource(config.generator, dict(config.generator_kwargs), config.latent_shape)
     module = source.load(config.weights, weights_key=config.weights_key)
-    kind = detector_class(config.detector)
+    kind = detector_class(config.detector or getattr(module, "default_detector", "reconstruction"))
     detector = kind.from_settings(module, config.latent_shape, config.detector_settings())
     if kind.secret:
         secret = master_secret(config.secret_file, config.secret_block)
@@ -296,24 +299,20 @@ def _reference(scores: dict[str, Scores], samples: dict[str, np.ndarray]) -> pd.
 @task(name="open-world-sets", persist_result=False)
 def open_world_sets(detector: Detector, config: OnboardConfig, real: np.ndarray,
                     own: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The owner's held-out samples after each recompression the thresholds were calibrated for
-    (as own variants), and samples of look-alike challengers built from the generator and the real
-    data alone, pristine and JPEG q80 (as other sources)."""
-    seeds, n = Seeds(config.seed), min(config.num_challenger, config.num_test)
+    """The owner's held-out items after each recompression the thresholds were calibrated for
+    (as own variants), and items of the look-alikes the detector's family builds from the
+    generator and the real data alone (:meth:`~flipad.detectors.base.Detector.lookalikes`), the
+    first of them also as JPEG q80 (as other sources)."""
+    n = min(config.num_challenger, config.num_test)
     variants: dict[str, np.ndarray] = {}
-    challengers: dict[str, np.ndarray] = {}
     if not config.open_world or own.ndim != 4 or own.dtype != np.uint8:
-        return variants, challengers
+        return variants, {}
     for name in ("jpeg q90", "jpeg q80", "jpeg q70"):  # q70: the lowest the default thresholds are calibrated on
         variants[f"{OWN} {name}"] = perturb(own[:n], name)
-    latent_shape = detector.generator_info()["latent_shape"]
-    built = build_challengers(detector.module, latent_shape, real, detector.sample_range, seeds.challengers,
-                              train_steps=config.challenger_steps)
-    for kind, module in built.items():
-        samples = generate_samples(module, latent_shape, n, seeds.test, detector.sample_range)
-        challengers[f"lookalike_{kind}"] = samples
-        if kind == "retrained":
-            challengers[f"lookalike_{kind} jpeg q80"] = perturb(samples, "jpeg q80")
+    challengers = detector.lookalikes(real, Seeds(config.seed), config.challenger_steps, n)
+    first = next((name for name in challengers if not name.endswith("perturbed")), None)
+    if first is not None:
+        challengers[f"{first} jpeg q80"] = perturb(challengers[first], "jpeg q80")
     return variants, challengers
 
 
@@ -358,18 +357,26 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
     start = time.perf_counter()
     with progress_stage("load the generator and the data"):
         detector, source = build_detector(config)
-        test = {OWN: detector.generate(config.num_test, seed=Seeds(config.seed).test)}
-        shape = tuple(test[OWN].shape[1:])
+        shape = detector.sample_shape()
         train: dict[str, np.ndarray] = {}
+        test: dict[str, np.ndarray] = {}
         for k, path in enumerate((config.real, *config.negatives)):
             label = "real" if k == 0 else f"negatives_{k}"
             train[label], test[label] = load_split(path, shape, config.num_samples, config.num_test, config.seed + k)
+        generated = None
+        if config.samples:  # the owner's own items: half set the thresholds, the rest are held out
+            given, held_out = load_split(config.samples, shape, config.num_samples, config.num_test, config.seed)
+            generated, test[OWN] = given, held_out
+        else:
+            test[OWN] = detector.own_samples(config.num_test, Seeds(config.seed).test, test["real"])
+        test = {OWN: test.pop(OWN), **test}
     timings["time_sample_and_load_s"] = time.perf_counter() - start
 
     stages = PrefectStages()
     start = time.perf_counter()
     with progress_stage(f"fit the {detector.kind} detector"):
-        detector.fit(real=train["real"], negatives=[v for k, v in train.items() if k != "real"], stages=stages)
+        detector.fit(generated=generated, real=train["real"], negatives=[v for k, v in train.items() if k != "real"],
+                     stages=stages)
     timings["time_fit_s"] = time.perf_counter() - start
     start = time.perf_counter()
     with progress_stage("build the look-alike challengers", config.challenger_steps if config.open_world else None, "GAN steps"):

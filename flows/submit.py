@@ -20,8 +20,13 @@ def absolute_location(value: str) -> str:
 
 
 def absolute_generator(spec: str) -> str:
-    """``path/to/file.py:factory`` with an absolute path; built-in names and ``package.module:factory`` unchanged."""
+    """``path/to/file.py:factory`` and ``SCHEME:FOLDER`` (``diffusers:path``) with absolute paths; built-in
+    names and ``package.module:factory`` unchanged."""
+    from flipad.generators.loading import split_scheme
+
     head, sep, tail = spec.partition(":")
+    if split_scheme(spec) is not None:
+        return f"{head}:{Path(tail).resolve()}"
     return f"{Path(head).resolve()}:{tail}" if sep and head.endswith(".py") else spec
 
 

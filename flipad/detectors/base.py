@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..generators.challengers import build_challengers
+from ..generators.sampling import generate_samples
 from ..kinds import DETECTOR_ALIASES, DETECTOR_KINDS, detector_class, register_kind
 from .calibration import CalibratedDetector
 
@@ -199,6 +201,25 @@ class Detector(CalibratedDetector):
     def generate(self, n: int, seed: int) -> np.ndarray:
         """``n`` samples of the generator (8-bit for images) from the latents drawn for ``seed``."""
         raise NotImplementedError
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one of the generator's items, before ``fit`` (what data is loaded for)."""
+        return tuple(self.generate(1, seed=0).shape[1:])
+
+    def own_samples(self, n: int, seed: int, real: np.ndarray | None = None) -> np.ndarray:
+        """``n`` of the generator's own items for ``seed``: its samples (:meth:`generate`); a family
+        whose generator makes items from real ones (an autoencoder's decoder) makes them from ``real``."""
+        return self.generate(n, seed)
+
+    def lookalikes(self, real: np.ndarray, seeds: Seeds, steps: int, n: int) -> dict[str, np.ndarray]:
+        """``n`` items of each look-alike an owner meets, built from the generator and the ``real``
+        data alone (name -> items): for a latent generator, the same architecture retrained from
+        another seed and the generator fine-tuned, each ``steps`` GAN steps, and a weight-perturbed
+        copy (:func:`~flipad.generators.challengers.build_challengers`)."""
+        latent_shape = self.generator_info()["latent_shape"]
+        built = build_challengers(self.module, latent_shape, real, self.sample_range, seeds.challengers, train_steps=steps)
+        return {f"lookalike_{kind}": generate_samples(module, latent_shape, n, seeds.test, self.sample_range)
+                for kind, module in built.items()}
 
     def feature_means(self, samples: dict[str, np.ndarray], stages: Stages = INLINE) -> dict[str, np.ndarray]:
         """Per sample set, the mean of the features a family learns from (for plots); empty when

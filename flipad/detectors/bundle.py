@@ -6,6 +6,7 @@ Layout of the folder (no pickles anywhere)::
                             the module that defines it (imported on load when the kind is not yet known)
     generator.safetensors   the generator's weights
     code/<file>.py          the factory's source, for ``file.py:factory`` specs
+    code/<folder>/          a ``SCHEME:FOLDER`` spec's configuration files (``diffusers:path/to/vae``)
     detector/               the detector's ``save`` (config.json + tensors.safetensors [+ sub-folders])
 
 The kind names a class of :data:`~flipad.detectors.base.DETECTOR_KINDS`; nothing here depends on
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..generators.loading import GeneratorSource
+from ..generators.loading import GeneratorSource, split_scheme
 from ..kinds import import_kind
 from .base import Detector
 
@@ -32,7 +33,15 @@ def save_bundle(folder: str | Path, detector: Detector, source: GeneratorSource)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target, sep, name = source.spec.rpartition(":")
-    if sep and target.endswith(".py"):
+    scheme = split_scheme(source.spec)
+    if scheme is not None:
+        carried = folder / "code" / (Path(scheme[1]).name or "model")
+        carried.mkdir(parents=True, exist_ok=True)
+        for file in scheme[0].files:
+            shutil.copyfile(Path(scheme[1]) / file, carried / file)
+        source = GeneratorSource(f"{source.spec.partition(':')[0]}:{carried.relative_to(folder)}", source.kwargs,
+                                 source.latent_shape)
+    elif sep and target.endswith(".py"):
         code = folder / "code"
         code.mkdir(exist_ok=True)
         shutil.copyfile(target, code / Path(target).name)

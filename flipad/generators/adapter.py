@@ -32,9 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over the module's state dict (names, shapes, dtypes and bytes), in a stable order."""
+    """sha256 over the module's state dict (names, shapes, dtypes and bytes), in a stable order; a
+    module whose outputs depend on part of its weights only (an autoencoder's decoder) names that
+    part with a ``fingerprint_state()`` method, so two models sharing it are one generator."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    state = module.fingerprint_state() if hasattr(module, "fingerprint_state") else module.state_dict()
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())

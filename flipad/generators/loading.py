@@ -5,12 +5,13 @@ Weights load with ``torch.load(weights_only=True)`` or safetensors only, never b
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,37 @@ from .architectures import BUILTIN_GENERATORS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GeneratorLoadError", "GeneratorSource", "load_generator", "load_weights", "parse_latent_shape"]
+__all__ = ["GENERATOR_SCHEMES", "GeneratorLoadError", "GeneratorScheme", "GeneratorSource", "load_generator",
+           "load_weights", "parse_latent_shape", "register_generator_scheme"]
 
 
 class GeneratorLoadError(ValueError):
     """A generator spec or weights file that cannot be loaded, with what to do about it."""
+
+
+@dataclass(frozen=True)
+class GeneratorScheme:
+    """A kind of saved model named ``SCHEME:PATH`` (``diffusers:path/to/vae``): ``load(path, **kwargs)``
+    builds the generator from the folder ``path``; ``files`` are the folder's files a bundle carries
+    to rebuild it (its configuration; the weights travel as the bundle's own)."""
+
+    load: Callable[..., nn.Module]
+    files: tuple[str, ...]
+
+
+GENERATOR_SCHEMES: dict[str, GeneratorScheme] = {}
+
+
+def register_generator_scheme(name: str, load: Callable[..., nn.Module], files: Sequence[str]) -> None:
+    """Make ``NAME:PATH`` specs load with ``load(path, **kwargs)`` (a family's module registers the
+    models it takes, as the autoencoder family registers ``diffusers``)."""
+    GENERATOR_SCHEMES[name] = GeneratorScheme(load, tuple(files))
+
+
+def split_scheme(spec: str) -> tuple[GeneratorScheme, str] | None:
+    """``(scheme, path)`` for a ``SCHEME:PATH`` spec of a registered scheme, else None."""
+    name, sep, path = spec.partition(":")
+    return (GENERATOR_SCHEMES[name], path) if sep and name in GENERATOR_SCHEMES else None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -38,11 +65,14 @@ def _one_line(exc: BaseException) -> str:
 def _factory_from_spec(spec: str):
     if spec.lower() in BUILTIN_GENERATORS:
         return BUILTIN_GENERATORS[spec.lower()]
+    scheme = split_scheme(spec)
+    if scheme is not None:
+        return functools.partial(scheme[0].load, scheme[1])
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise GeneratorLoadError(
             f"unknown generator {spec!r}: use a built-in name ({', '.join(BUILTIN_GENERATORS)}), "
-            "path/to/file.py:factory or package.module:factory"
+            f"path/to/file.py:factory, package.module:factory or {'|'.join(GENERATOR_SCHEMES) or 'SCHEME'}:FOLDER"
         )
     if target.endswith(".py"):
         path = Path(target)
@@ -186,7 +216,10 @@ class GeneratorSource:
         ``weights_key`` picks the state dict of a checkpoint that holds several."""
         spec = self.spec
         target, sep, name = spec.rpartition(":")
-        if base is not None and sep and target.endswith(".py") and not Path(target).is_absolute():
+        scheme = split_scheme(spec)
+        if base is not None and scheme is not None and not Path(scheme[1]).is_absolute():
+            spec = f"{spec.partition(':')[0]}:{Path(base) / scheme[1]}"
+        elif base is not None and sep and target.endswith(".py") and not Path(target).is_absolute():
             spec = f"{Path(base) / target}:{name}"
         return load_generator(spec, weights, weights_key=weights_key, **self.kwargs)
 

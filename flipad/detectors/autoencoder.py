@@ -1,0 +1,582 @@
+"""Latent-diffusion autoencoders: "was this image decoded by my VAE?" (diffusers ``AutoencoderKL``).
+
+Every image a latent diffusion model makes leaves through its autoencoder's decoder, a white-box
+generator from a latent of shape ``(C, H/f, W/f)`` to pixels. This module is the whole family:
+
+- ``diffusers:FOLDER`` generator specs (a folder written by ``save_pretrained``; nothing is
+  downloaded): :class:`AutoencoderGenerator` is the decoder, the latent scaling and the clamp to
+  the output range the pipelines apply, as one generator whose fingerprint is the decoder's
+  weights (two models sharing a decoder are one generator);
+- the ``autoencoder`` kind, the default for such generators: each item is encoded once (the
+  posterior mean), decoded, and refined by a few matrix-free Gauss-Newton steps on the decoder
+  input (:class:`DecoderSearch`; products with J and J^T by reverse-mode passes, conjugate
+  gradients, J never formed). The score is the residual in JPEG's quantisation steps
+  (:mod:`flipad.inversion.metrics`), calibrated on the owner's held-out decoded items, pristine and
+  re-saved, with early exits that settle an item once its verdict cannot change;
+- the ``aedr`` kind: the training-free double-reconstruction ratio of AEDR (Wang et al., AAAI 2026),
+  ``MSE(x, x1) / MSE(x1, x2)`` with ``x1 = D(E(x))`` and ``x2 = D(E(x1))``, thresholds set on
+  held-out own items (not on the items it then scores): the cheap screen to compare against;
+- the owner's own items: decoded encodings of real images (exactly outputs of this decoder) unless
+  the owner gives the images their model made, and the look-alikes an owner meets: an autoencoder
+  of the same configuration trained from another seed, and the same autoencoder with a fine-tuned
+  decoder (:meth:`AutoencoderDetector.lookalikes`).
+
+Items are scored at the model's native size only; another size is refused by the scoring layer,
+never resampled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..device import resolve_device
+from ..generators.adapter import weights_fingerprint
+from ..generators.loading import GeneratorLoadError, register_generator_scheme
+from ..inversion.amortised import Exits
+from ..inversion.metrics import ResidualMetric
+from ..io.data import check_sample_shape, quantize, to_output_range
+from ..io.perturb import PERTURBATIONS, perturb
+from ..progress import report, stage
+from .base import INLINE, ROBUST_PERTURBATIONS, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
+from .calibration import check_fnr
+from .persist import check_generator, read_saved, write_saved
+
+__all__ = ["AedrDetector", "AutoencoderDetector", "AutoencoderGenerator", "AutoencoderSettings", "DecoderSearch",
+           "load_autoencoder", "train_autoencoder"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+OUTPUT_RANGE = (-1.0, 1.0)  # what the decoder makes; the pipelines map it to [0, 1] and clamp
+PIXELS_PER_BATCH = 2**17  # items per batch = this / pixels per item: memory scales with the image, not the count
+
+
+def load_autoencoder(path: str | Path) -> AutoencoderGenerator:
+    """The ``AutoencoderKL`` saved in the folder ``path`` (``save_pretrained``: ``config.json`` and
+    ``diffusion_pytorch_model.safetensors``), built from its config; nothing is downloaded."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise GeneratorLoadError("diffusers:FOLDER needs the diffusers package: pip install 'flipad[diffusers]'") from None
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file():
+        raise GeneratorLoadError(f"{folder} holds no {CONFIG_FILE}: give the folder AutoencoderKL.save_pretrained wrote")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise GeneratorLoadError(f"{folder} holds a {config['_class_name']}, not an AutoencoderKL")
+    try:
+        vae = AutoencoderKL.from_config(config)
+    except (TypeError, ValueError) as exc:
+        raise GeneratorLoadError(f"{folder / CONFIG_FILE} is not an AutoencoderKL config ({exc})") from exc
+    weights = folder / WEIGHTS_FILE
+    if weights.is_file():
+        try:
+            vae.load_state_dict(load_file(str(weights)))
+        except RuntimeError as exc:
+            raise GeneratorLoadError(f"{weights} does not fit {folder / CONFIG_FILE}: {str(exc).splitlines()[0]}") from exc
+    else:  # a bundle carries the config alone; its weights are loaded after this
+        logger.info("%s has no %s: the autoencoder is built from its config alone", folder, WEIGHTS_FILE)
+    return AutoencoderGenerator(vae)
+
+
+register_generator_scheme("diffusers", load_autoencoder, (CONFIG_FILE,))
+
+
+class AutoencoderGenerator(nn.Module):
+    """An ``AutoencoderKL`` as a generator: a latent in the diffusion model's scale
+    ``(latent_channels, H/f, W/f)`` to pixels in [-1, 1], as the pipelines decode
+    (``latent / scaling_factor + shift_factor``, decode, clamp). ``encode`` gives the posterior
+    mean in the same scale. The attention runs through the plain processor, which second-order
+    autograd (the search's J products) supports."""
+
+    default_detector = "autoencoder"
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.vae = vae.eval()
+        if getattr(vae, "attn_processors", None):
+            vae.set_attn_processor(AttnProcessor())
+        config = vae.config
+        self.scaling_factor = float(config.scaling_factor or 1.0)
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        self.latent_shape = (int(config.latent_channels), height // factor, width // factor)
+        self.image_shape = (int(config.out_channels), height, width)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor + self.shift_factor).sample.clamp(*OUTPUT_RANGE)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of ``images`` (in [-1, 1]) in the decoder's latent scale."""
+        return (self.vae.encode(images).latent_dist.mean - self.shift_factor) * self.scaling_factor
+
+    def fingerprint_state(self) -> dict[str, torch.Tensor]:
+        """What the outputs depend on: the decoder's weights and the latent scaling."""
+        state = {k: v for k, v in self.state_dict().items() if k.startswith(("vae.decoder.", "vae.post_quant_conv."))}
+        return {**state, "scaling": torch.tensor([self.scaling_factor, self.shift_factor], dtype=torch.float64)}
+
+    def batches(self, n: int) -> list[slice]:
+        """Slices of ``n`` items in batches whose memory is bounded by the image size."""
+        size = max(1, PIXELS_PER_BATCH // (self.image_shape[1] * self.image_shape[2]))
+        return [slice(start, start + size) for start in range(0, n, size)]
+
+    @torch.no_grad()
+    def reconstruct(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``D(E(x))`` of uint8 images, as 8-bit images: outputs of this decoder."""
+        x = to_output_range(images, *OUTPUT_RANGE)
+        device = next(self.parameters()).device
+        parts = [quantize(self(self.encode(x[part].to(device))), *OUTPUT_RANGE) for part in self.batches(len(x))]
+        return np.concatenate(parts) if parts else np.empty((0, *self.image_shape), np.uint8)
+
+
+def _autoencoder(module: nn.Module) -> AutoencoderGenerator:
+    if not isinstance(module, AutoencoderGenerator):
+        raise ValueError(f"the autoencoder families take an autoencoder (--generator diffusers:FOLDER), not a "
+                         f"{type(module).__name__}")
+    return module
+
+
+class DecoderSearch:
+    """The ``autoencoder`` family's stage: per item, the residual after each step of a search on
+    the decoder input, started from the encoder's posterior mean.
+
+    Step 0 is ``D(E(x))`` (one encoder and one decoder pass). Each further step is a Gauss-Newton
+    step for the pixel residual, ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
+    gradients with J products from reverse-mode passes (``J v`` as the derivative of a vector-Jacobian
+    product), so its cost does not grow with the latent size; a step is kept only where the loss
+    falls (Levenberg-Marquardt damping). Losses are reported in ``metric``. ``exits`` stop an item
+    once its verdict is settled. ``passes_`` counts decoder-pass equivalents per item of the last
+    run (a forward 1, a vector-Jacobian product 2, a Jacobian-vector product 2).
+    """
+
+    name = "decoder-search"
+
+    def __init__(self, module: AutoencoderGenerator, steps: int, cg_steps: int, exits: Exits = Exits()):
+        self.module = module
+        self.steps = steps
+        self.cg_steps = cg_steps
+        self.exits = exits
+        self.metric = ResidualMetric("jpeg", module.image_shape, OUTPUT_RANGE)
+
+    @property
+    def device(self) -> str:
+        return next(self.module.parameters()).device.type
+
+    def with_exits(self, exits: Exits) -> DecoderSearch:
+        """The same search, stopping each item where ``exits`` settle its verdict."""
+        return DecoderSearch(self.module, self.steps, self.cg_steps, exits)
+
+    def fingerprint(self) -> str:
+        parts = {"generator": weights_fingerprint(self.module), "device": self.device, "steps": self.steps,
+                 "cg_steps": self.cg_steps, "exits": asdict(self.exits)}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Per item, the loss after each step ``(n, steps + 1)``; once an item exits, its later
+        entries repeat the loss it stopped at."""
+        check_sample_shape(samples, self.module.image_shape)
+        targets = to_output_range(samples, *OUTPUT_RANGE)
+        out = torch.empty(len(targets), self.steps + 1, dtype=torch.float64)
+        passes = torch.zeros(len(targets))
+        for part in self.module.batches(len(targets)):
+            out[part], passes[part] = self._search(targets[part].to(next(self.module.parameters()).device))
+        self.passes_ = passes
+        return out
+
+    def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.metric((outputs - targets).double()).cpu()
+
+    def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        module, n = self.module, len(x)
+        with torch.no_grad():
+            z = module.encode(x)
+            decoded = module(z)
+        loss = self._loss(decoded, x)
+        trajectory = torch.empty(n, self.steps + 1, dtype=torch.float64)
+        trajectory[:, 0] = loss
+        passes = torch.full((n,), 2.0)  # an encoder pass costs about a decoder pass
+        damping = torch.full((n,), 1e-3)
+        active = torch.ones(n, dtype=torch.bool)
+        for step in range(1, self.steps + 1):
+            active &= ~self._settled(loss, step - 1)
+            idx = active.nonzero().flatten()
+            if len(idx):
+                z_new, out_new, cost = self._gauss_newton(z[idx], decoded[idx], x[idx], damping[idx])
+                new = self._loss(out_new, x[idx])
+                better = new < loss[idx]
+                keep = idx[better]
+                z[keep], decoded[keep], loss[keep] = z_new[better], out_new[better], new[better]
+                damping[idx] = torch.where(better, damping[idx] / 3, damping[idx] * 5)
+                passes[idx] += cost
+            trajectory[:, step] = loss
+        return trajectory, passes
+
+    def _settled(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        settled = loss <= self.exits.accept
+        if step < len(self.exits.screen):
+            settled |= loss > self.exits.screen[step]
+        return settled
+
+    def _gauss_newton(self, z: torch.Tensor, decoded: torch.Tensor, x: torch.Tensor,
+                      damping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One damped Gauss-Newton step per item by conjugate gradients; its cost in decoder passes."""
+        def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a * b).flatten(1).sum(1)
+
+        def per_item(v: torch.Tensor) -> torch.Tensor:
+            return v.view(-1, *([1] * (z.dim() - 1)))
+
+        with torch.enable_grad():
+            point = z.detach().requires_grad_(True)
+            output = self.module(point)
+            dual = torch.zeros_like(output, requires_grad=True)
+            (pulled,) = torch.autograd.grad(output, point, dual, create_graph=True)  # J^T u, linear in u
+            (gradient,) = torch.autograd.grad(output, point, (decoded - x).detach(), retain_graph=True)
+            shift = damping.to(z)
+            residual, direction = -gradient, -gradient
+            step = torch.zeros_like(z)
+            norm = dot(residual, residual)
+            for _ in range(self.cg_steps):
+                (jv,) = torch.autograd.grad(pulled, dual, direction, retain_graph=True)  # J v
+                (jtjv,) = torch.autograd.grad(output, point, jv, retain_graph=True)  # J^T J v
+                product = jtjv + per_item(shift) * direction
+                alpha = norm / dot(direction, product).clamp_min(1e-30)
+                step = step + per_item(alpha) * direction
+                residual = residual - per_item(alpha) * product
+                new_norm = dot(residual, residual)
+                direction = residual + per_item(new_norm / norm.clamp_min(1e-30)) * direction
+                norm = new_norm
+        with torch.no_grad():
+            moved = z + step.detach()
+            return moved, self.module(moved), 3.0 + 4.0 * self.cg_steps + 1.0
+
+
+@dataclass(frozen=True)
+class AutoencoderSettings:
+    """The ``autoencoder`` family's options (``--set autoencoder.KEY=VALUE``)."""
+
+    steps: int = field(default=2, metadata={
+        "help": "Gauss-Newton steps on the decoder input after D(E(x)), each stopped early once the verdict is settled"})
+    cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
+    perturbations: tuple[str, ...] = field(default=ROBUST_PERTURBATIONS, metadata={
+        "help": "re-saves the thresholds are also calibrated on, comma-separated (e.g. jpeg q90,jpeg q80)"})
+    n_perturbed: int = field(default=300, metadata={
+        "help": "held-out own items per re-save the thresholds are also set on (at most the validation items)"})
+    lookalike_batch: int = field(default=16, metadata={"help": "images per training step of the look-alike autoencoders"})
+
+    def __post_init__(self) -> None:
+        for name in self.perturbations:
+            if name not in PERTURBATIONS:
+                raise ValueError(f"autoencoder.perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
+        for name, low in (("steps", 0), ("cg_steps", 1), ("n_perturbed", 20), ("lookalike_batch", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"autoencoder.{name} {getattr(self, name)}: use at least {low}")
+
+
+class _AutoencoderFamily(Detector):
+    """What both autoencoder kinds share: own items from real images, look-alikes, calibration on
+    held-out own items pristine and re-saved, persistence."""
+
+    Settings: Any = AutoencoderSettings
+
+    def __init__(self, module: nn.Module, fnr: Sequence[float] = (0.005,), n_validation: int = 1000,
+                 settings: AutoencoderSettings | None = None, device: str = "auto", seed: int = 0,
+                 progress: bool = True):
+        self._module = _autoencoder(module)
+        self.fnr = check_fnr(fnr)
+        self.n_validation = n_validation
+        self.settings = settings or AutoencoderSettings()
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+
+    @classmethod
+    def from_settings(cls, module: nn.Module, latent_shape: Sequence[int] | None, settings: DetectorSettings):
+        own = settings.of(AutoencoderDetector)
+        return cls(module, settings.fnr, settings.n_validation, replace(own, n_perturbed=min(own.n_perturbed,
+                   settings.n_validation)), settings.device, settings.seed, settings.progress)
+
+    @property
+    def module(self) -> AutoencoderGenerator:
+        return self._module
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self._module.image_shape
+
+    @property
+    def sample_range(self) -> tuple[float, float]:
+        return OUTPUT_RANGE
+
+    def generator_info(self) -> dict[str, Any]:
+        return {"latent_shape": list(self._module.latent_shape)}
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return self._module.image_shape
+
+    def generate(self, n: int, seed: int) -> np.ndarray:
+        raise ValueError("an autoencoder's own items are decoded images: use own_samples(n, seed, real)")
+
+    def own_samples(self, n: int, seed: int, real: np.ndarray | None = None) -> np.ndarray:
+        """``n`` outputs of this decoder: decoded encodings of ``n`` of the ``real`` images (drawn
+        for ``seed``), exactly what the decoder makes from a latent."""
+        if real is None or not len(real):
+            raise ValueError("the autoencoder family makes its own items from real images: give real images")
+        check_sample_shape(real, self.output_shape, "real image")
+        order = np.random.default_rng(seed).permutation(len(real))[:n]
+        self._module.to(resolve_device(self.device))
+        return self._module.reconstruct(real[order])
+
+    def lookalikes(self, real: np.ndarray, seeds: Seeds, steps: int, n: int) -> dict[str, np.ndarray]:
+        """What an owner of a latent diffusion model meets, built from the autoencoder and the
+        ``real`` images alone, each as ``n`` decoded encodings of real images: an autoencoder of
+        the same configuration trained ``steps`` batches from another seed, and this autoencoder
+        with its decoder fine-tuned ``steps`` batches (as Stable Diffusion's ft-EMA/ft-MSE decoders
+        differ from the original)."""
+        if steps <= 0 or len(real) < 2:
+            return {}
+        seed = seeds.challengers
+        rng = np.random.default_rng(seed)
+        held = real[rng.permutation(len(real))[:n]]
+        vae = self._module.vae
+        other = copy.deepcopy(vae)
+        torch.manual_seed(seed)
+        for module in other.modules():
+            if hasattr(module, "reset_parameters") and module is not other:
+                module.reset_parameters()
+        batch = self.settings.lookalike_batch
+        with stage("train the other-seed autoencoder", steps, "batches"):
+            train_autoencoder(other, real, steps, batch, seed, parameters=None)
+        tuned = copy.deepcopy(vae)
+        with stage("fine-tune the decoder", steps, "batches"):
+            train_autoencoder(tuned, real, steps, batch, seed + 1,
+                               parameters=[*tuned.decoder.parameters(), *tuned.post_quant_conv.parameters()], lr=1e-4)
+        return {"lookalike_other-seed-autoencoder": AutoencoderGenerator(other).reconstruct(held),
+                "lookalike_finetuned-decoder": AutoencoderGenerator(tuned).reconstruct(held)}
+
+    def _validation(self, generated: np.ndarray | None, real: np.ndarray | None,
+                    validation: np.ndarray | None) -> np.ndarray:
+        """Held-out own items: ``validation``, else the owner's ``generated`` images, else decoded real images."""
+        if validation is not None:
+            return validation
+        if generated is not None and len(generated):
+            return generated[: self.n_validation]
+        return self.own_samples(self.n_validation, Seeds(self.seed).validation, real)
+
+    def _conditions(self, validation: np.ndarray) -> dict[str, np.ndarray]:
+        subset = validation[: self.settings.n_perturbed]
+        return {name: perturb(subset, name) for name in self.settings.perturbations}
+
+    def calibrated_jpeg_quality(self) -> float | None:
+        self._check_fitted()
+        qualities = [PERTURBATIONS[name][1] for name in self.condition_scores_ if PERTURBATIONS[name][0] == "jpeg"]
+        return float(min(qualities)) if qualities else None
+
+    def fit_summary(self) -> dict[str, float]:
+        return {f"{self.kind}_validation_median": float(self.validation_scores_.median())}
+
+    def _config(self) -> dict[str, Any]:
+        return {"generator_sha256": weights_fingerprint(self._module), "fnr": list(self.fnr),
+                "n_validation": self.n_validation, "settings": asdict(self.settings), "seed": self.seed,
+                "perturbations": list(self.condition_scores_)}
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"validation_scores": self.validation_scores_,
+                **{f"condition.{name}": s for name, s in self.condition_scores_.items()}}
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` and ``tensors.safetensors`` into the folder ``path`` (no pickles)."""
+        self._check_fitted()
+        return write_saved(path, self.kind, self._config(), self._tensors())
+
+    @classmethod
+    def load(cls, path: str | Path, module: nn.Module, device: str = "auto", latent_shape: Sequence[int] | None = None):
+        """The detector saved by :meth:`save` for the same decoder (checked by weight hash)."""
+        config, tensors = read_saved(path, cls.kind)
+        saved = config["settings"]
+        settings = AutoencoderSettings(**{**saved, "perturbations": tuple(saved["perturbations"])})
+        det = cls(module, config["fnr"], config["n_validation"], settings, device, config["seed"], progress=False)
+        check_generator(path, config["generator_sha256"], weights_fingerprint(det._module))
+        det._prepare()
+        det._calibrate(tensors["validation_scores"], {name: tensors[f"condition.{name}"] for name in config["perturbations"]})
+        det._restore(config)
+        return det
+
+    def _prepare(self) -> None:
+        self._module.to(resolve_device(self.device)).eval()
+
+    def _restore(self, config: dict[str, Any]) -> None:
+        """Learned state beyond the thresholds, from a saved config."""
+
+
+def train_autoencoder(vae: nn.Module, real: np.ndarray, steps: int, batch: int, seed: int,
+                       parameters: list[nn.Parameter] | None, lr: float = 1e-3) -> None:
+    """``steps`` Adam steps of ``vae`` (all its weights, or ``parameters``) on ``real`` images:
+    L1 reconstruction of a posterior sample plus a small KL term, as latent-diffusion VAEs train
+    (without their perceptual and adversarial terms)."""
+    device = next(vae.parameters()).device
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    trained = list(vae.parameters()) if parameters is None else parameters
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(trained, lr=lr)
+    vae.train()
+    for _ in range(steps):
+        x = to_output_range(real[rng.integers(len(real), size=batch)], *OUTPUT_RANGE).to(device)
+        posterior = vae.encode(x).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        z = posterior.mean + posterior.std * noise
+        loss = (vae.decode(z).sample - x).abs().mean() + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        report(1)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    vae.eval()
+
+
+@register_kind
+class AutoencoderDetector(_AutoencoderFamily):
+    """Attribution to an autoencoder's decoder by the residual of a short decoder-input search
+    started from the encoder's posterior mean (:class:`DecoderSearch`), in JPEG's quantisation
+    steps, calibrated on held-out own items pristine and re-saved. The default for
+    ``diffusers:FOLDER`` generators."""
+
+    kind = "autoencoder"
+    description = "decoder-input search from the encoder's posterior mean (diffusers AutoencoderKL decoders)"
+    diagnostics = {"decoder_loss": "the residual the decoder search reached (in JPEG's quantisation steps)",
+                   "decoder_passes": "decoder-pass equivalents the decoder search spent on the item (an encoder pass "
+                                     "counts as one)"}
+
+    def _search(self) -> DecoderSearch:
+        return DecoderSearch(self._module, self.settings.steps, self.settings.cg_steps)
+
+    def fit(self, generated: np.ndarray | None = None, real: np.ndarray | None = None,
+            negatives: Sequence[np.ndarray] | np.ndarray | None = None, validation: np.ndarray | None = None,
+            stages: Stages = INLINE) -> AutoencoderDetector:
+        """Set the thresholds and the early exits from held-out own items (``validation``, else the
+        owner's ``generated`` images, else decoded ``real`` images), pristine and after each
+        re-save of the settings. Returns self."""
+        self._prepare()
+        validation = self._validation(generated, real, validation)
+        search = self._search()
+        pristine = stages.run(search, validation, "own (validation)")
+        conditions = {name: stages.run(search, items, f"own (validation, {name})")
+                      for name, items in self._conditions(validation).items()}
+        self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
+        thresholds = self.thresholds_.values()
+        self.exits_ = Exits.calibrated(torch.cat([pristine, *conditions.values()]), threshold=max(thresholds),
+                                       accept=min(thresholds))
+        return self
+
+    def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return self._search().with_exits(self.exits_).run(samples)[:, -1]
+
+    def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
+        """The verdict with the residual and the search's cost per item; by default each item's
+        search stops once its verdict is settled, ``exhaustive`` runs every step (the exact
+        residual, for evaluation) and reports what the default says as ``attributed``."""
+        self._check_fitted()
+        search = self._search() if exhaustive else self._search().with_exits(self.exits_)
+        trajectories = stages.run(search, samples, "score")
+        passes = getattr(search, "passes_", torch.full((len(trajectories),), float("nan")))  # unknown when cached
+        scores = self._loss_scores(trajectories[:, -1], passes)
+        if exhaustive:
+            scores = replace(scores, attributed=self._loss_scores(self.exits_.settle(trajectories), passes))
+        return scores
+
+    def _loss_scores(self, losses: torch.Tensor, passes: torch.Tensor) -> Scores:
+        return self._verdict_scores(losses, {"decoder_loss": losses.double().numpy(),
+                                             "decoder_passes": passes.double().numpy()})
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "exits": asdict(self.exits_)}
+
+    def _restore(self, config: dict[str, Any]) -> None:
+        self.exits_ = Exits(config["exits"]["accept"], tuple(config["exits"]["screen"]))
+
+
+class AedrRatio:
+    """The ``aedr`` family's stage: ``MSE(x, x1) / MSE(x1, x2)`` per item, ``x1 = D(E(x))`` and
+    ``x2 = D(E(x1))`` by the posterior mean (deterministic): two encoder and two decoder passes."""
+
+    name = "aedr-ratio"
+
+    def __init__(self, module: AutoencoderGenerator):
+        self.module = module
+
+    @property
+    def device(self) -> str:
+        return next(self.module.parameters()).device.type
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"aedr\0{weights_fingerprint(self.module)}\0{self.device}".encode()).hexdigest()
+
+    @torch.no_grad()
+    def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        check_sample_shape(samples, self.module.image_shape)
+        x = to_output_range(samples, *OUTPUT_RANGE)
+        device = next(self.module.parameters()).device
+        out = torch.empty(len(x), dtype=torch.float64)
+        for part in self.module.batches(len(x)):
+            batch = x[part].to(device)
+            first = self.module(self.module.encode(batch))
+            second = self.module(self.module.encode(first))
+            error = ((batch - first) ** 2).flatten(1).mean(1).double()
+            out[part] = (error / ((first - second) ** 2).flatten(1).mean(1).double().clamp_min(1e-12)).cpu()
+        return out
+
+
+@register_kind
+class AedrDetector(_AutoencoderFamily):
+    """AEDR's training-free double-reconstruction ratio (Wang et al., AAAI 2026), with thresholds
+    set on held-out own items pristine and re-saved: a cheap screen (two encoder and two decoder
+    passes per item) to compare with the ``autoencoder`` kind."""
+
+    kind = "aedr"
+    description = "AEDR's double-reconstruction ratio MSE(x, D(E(x))) / MSE(D(E(x)), D(E(D(E(x))))) (autoencoders)"
+    diagnostics = {"aedr_ratio": "MSE(x, x1) / MSE(x1, x2) with x1 = D(E(x)), x2 = D(E(x1))"}
+
+    def fit(self, generated: np.ndarray | None = None, real: np.ndarray | None = None,
+            negatives: Sequence[np.ndarray] | np.ndarray | None = None, validation: np.ndarray | None = None,
+            stages: Stages = INLINE) -> AedrDetector:
+        """Thresholds from held-out own items, pristine and re-saved. Returns self."""
+        self._prepare()
+        validation = self._validation(generated, real, validation)
+        ratio = AedrRatio(self._module)
+        pristine = stages.run(ratio, validation, "own (validation)")
+        conditions = {name: stages.run(ratio, items, f"own (validation, {name})")
+                      for name, items in self._conditions(validation).items()}
+        self._calibrate(pristine, conditions)
+        return self
+
+    def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return AedrRatio(self._module).run(samples)
+
+    def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
+        self._check_fitted()
+        ratio = stages.run(AedrRatio(self._module), samples, "score")
+        return self._verdict_scores(ratio, {"aedr_ratio": ratio.double().numpy()})
