@@ -53,7 +53,7 @@ from .base import INLINE, ROBUST_PERTURBATIONS, Detector, DetectorSettings, Scor
 from .calibration import check_fnr
 from .persist import check_generator, read_saved, write_saved
 
-__all__ = ["AedrDetector", "AutoencoderDetector", "AutoencoderGenerator", "AutoencoderSettings", "DecoderSearch",
+__all__ = ["AedrDetector", "AedrSettings", "AutoencoderDetector", "AutoencoderGenerator", "AutoencoderSettings", "DecoderSearch",
            "load_autoencoder", "train_autoencoder"]
 
 logger = logging.getLogger(__name__)
@@ -269,12 +269,9 @@ class DecoderSearch:
 
 
 @dataclass(frozen=True)
-class AutoencoderSettings:
-    """The ``autoencoder`` family's options (``--set autoencoder.KEY=VALUE``)."""
+class AedrSettings:
+    """The ``aedr`` family's options (``--set aedr.KEY=VALUE``), shared by the ``autoencoder`` family."""
 
-    steps: int = field(default=2, metadata={
-        "help": "Gauss-Newton steps on the decoder input after D(E(x)), each stopped early once the verdict is settled"})
-    cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
     perturbations: tuple[str, ...] = field(default=ROBUST_PERTURBATIONS, metadata={
         "help": "re-saves the thresholds are also calibrated on, comma-separated (e.g. jpeg q90,jpeg q80)"})
     n_perturbed: int = field(default=300, metadata={
@@ -284,32 +281,47 @@ class AutoencoderSettings:
     def __post_init__(self) -> None:
         for name in self.perturbations:
             if name not in PERTURBATIONS:
-                raise ValueError(f"autoencoder.perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
-        for name, low in (("steps", 0), ("cg_steps", 1), ("n_perturbed", 20), ("lookalike_batch", 1)):
+                raise ValueError(f"perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
+        for name, low in self._lower_bounds():
             if getattr(self, name) < low:
-                raise ValueError(f"autoencoder.{name} {getattr(self, name)}: use at least {low}")
+                raise ValueError(f"{name} {getattr(self, name)}: use at least {low}")
+
+    def _lower_bounds(self) -> tuple[tuple[str, int], ...]:
+        return (("n_perturbed", 20), ("lookalike_batch", 1))
+
+
+@dataclass(frozen=True)
+class AutoencoderSettings(AedrSettings):
+    """The ``autoencoder`` family's options (``--set autoencoder.KEY=VALUE``)."""
+
+    steps: int = field(default=2, metadata={
+        "help": "Gauss-Newton steps on the decoder input after D(E(x)), each stopped early once the verdict is settled"})
+    cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
+
+    def _lower_bounds(self) -> tuple[tuple[str, int], ...]:
+        return (*super()._lower_bounds(), ("steps", 0), ("cg_steps", 1))
 
 
 class _AutoencoderFamily(Detector):
     """What both autoencoder kinds share: own items from real images, look-alikes, calibration on
     held-out own items pristine and re-saved, persistence."""
 
-    Settings: Any = AutoencoderSettings
+    Settings: Any = AedrSettings
 
     def __init__(self, module: nn.Module, fnr: Sequence[float] = (0.005,), n_validation: int = 1000,
-                 settings: AutoencoderSettings | None = None, device: str = "auto", seed: int = 0,
+                 settings: AedrSettings | None = None, device: str = "auto", seed: int = 0,
                  progress: bool = True):
         self._module = _autoencoder(module)
         self.fnr = check_fnr(fnr)
         self.n_validation = n_validation
-        self.settings = settings or AutoencoderSettings()
+        self.settings = settings or self.Settings()
         self.device = device
         self.seed = seed
         self.progress = progress
 
     @classmethod
     def from_settings(cls, module: nn.Module, latent_shape: Sequence[int] | None, settings: DetectorSettings):
-        own = settings.of(AutoencoderDetector)
+        own = settings.of(cls)
         return cls(module, settings.fnr, settings.n_validation, replace(own, n_perturbed=min(own.n_perturbed,
                    settings.n_validation)), settings.device, settings.seed, settings.progress)
 
@@ -411,7 +423,7 @@ class _AutoencoderFamily(Detector):
         """The detector saved by :meth:`save` for the same decoder (checked by weight hash)."""
         config, tensors = read_saved(path, cls.kind)
         saved = config["settings"]
-        settings = AutoencoderSettings(**{**saved, "perturbations": tuple(saved["perturbations"])})
+        settings = cls.Settings(**{**saved, "perturbations": tuple(saved["perturbations"])})
         det = cls(module, config["fnr"], config["n_validation"], settings, device, config["seed"], progress=False)
         check_generator(path, config["generator_sha256"], weights_fingerprint(det._module))
         det._prepare()
@@ -464,6 +476,7 @@ class AutoencoderDetector(_AutoencoderFamily):
     ``diffusers:FOLDER`` generators."""
 
     kind = "autoencoder"
+    Settings = AutoencoderSettings
     description = "decoder-input search from the encoder's posterior mean (diffusers AutoencoderKL decoders)"
     diagnostics = {"decoder_loss": "the residual the decoder search reached (in JPEG's quantisation steps)",
                    "decoder_passes": "decoder-pass equivalents the decoder search spent on the item (an encoder pass "
@@ -556,6 +569,7 @@ class AedrDetector(_AutoencoderFamily):
     passes per item) to compare with the ``autoencoder`` kind."""
 
     kind = "aedr"
+    Settings = AedrSettings
     description = "AEDR's double-reconstruction ratio MSE(x, D(E(x))) / MSE(D(E(x)), D(E(D(E(x))))) (autoencoders)"
     diagnostics = {"aedr_ratio": "MSE(x, x1) / MSE(x1, x2) with x1 = D(E(x)), x2 = D(E(x1))"}
 

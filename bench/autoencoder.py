@@ -1,0 +1,185 @@
+"""Latent-diffusion autoencoders: the autoencoder family's verdict, AEDR's ratio and their cost.
+
+Trains the issue's small ``AutoencoderKL`` (about 1.25 M parameters, Stable Diffusion's layout) on
+RGB photo patches at 64x64 (:mod:`flows.photos`), and from the same patches its look-alikes: an
+autoencoder of the same configuration trained from another seed, and the owner's autoencoder with
+its decoder fine-tuned. The ``autoencoder`` kind is fitted with its defaults (held-out own items:
+decoded encodings of real patches, pristine and re-saved) and the ``aedr`` kind on the same items.
+On held-out sets it reports each source's attributed share under the default verdict, the AUC
+of the decoder family's residual, of the residual before any search step (one encode and decode,
+a single reconstruction loss) and of AEDR's ratio against each other source, and the settled
+verdict's cost on a half-own, half-other stream: decoder-pass equivalents per item (an encoder
+pass counts as one) and seconds per item. Then the same cost for an autoencoder of Stable
+Diffusion's configuration (83.65 M parameters, random weights built from the config) at
+``--sd-size`` pixels on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from flipad import AedrDetector, AutoencoderDetector
+from flipad.detectors.autoencoder import AutoencoderGenerator, AutoencoderSettings, DecoderSearch, train_autoencoder
+from flipad.generators.loading import load_generator
+from flipad.io.perturb import perturb
+from flows.photos import photo_patches
+
+from .common import SD_AUTOENCODER, SMALL_AUTOENCODER, saved_autoencoder
+from .report import Benchmark, markdown_table
+
+
+def _finetuned(folder: Path, owner: Path, real: np.ndarray, steps: int) -> Path:
+    """The owner's autoencoder with its decoder fine-tuned ``steps`` batches (lr 1e-4), saved in ``folder``."""
+    if (folder / "config.json").is_file():
+        return folder
+    vae = load_generator(f"diffusers:{owner}").vae
+    train_autoencoder(vae, real, steps, 8, seed=11, parameters=[*vae.decoder.parameters(),
+                                                                *vae.post_quant_conv.parameters()], lr=1e-4)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def _auc(own: np.ndarray, other: np.ndarray) -> float:
+    """AUC of telling ``other`` from ``own`` by an anomaly score (higher = less like own)."""
+    labels = np.r_[np.zeros(len(own)), np.ones(len(other))]
+    return float(roc_auc_score(labels, np.r_[own, other]))
+
+
+def _sd_cost(size: int, items: int, steps: AutoencoderSettings) -> dict:
+    """Seconds and decoder passes per item of the settled verdict for Stable Diffusion's VAE
+    configuration (random weights) at ``size`` pixels, half own items, half random photo patches."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    module = AutoencoderGenerator(AutoencoderKL(**{**SD_AUTOENCODER, "sample_size": size}))
+    real = photo_patches(size, 3 * items, seed=5, scale=max(2 * size, 256))
+    detector = AutoencoderDetector(module, n_validation=items, settings=AutoencoderSettings(
+        steps=steps.steps, cg_steps=steps.cg_steps, perturbations=("jpeg q90",), n_perturbed=max(items, 20)),
+        progress=False)
+    start = time.perf_counter()
+    detector.fit(real=real[:items])
+    fit_s = time.perf_counter() - start
+    stream = np.concatenate([detector.own_samples(items, seed=1, real=real[items:2 * items]), real[2 * items:]])
+    start = time.perf_counter()
+    scores = detector.score(stream)
+    seconds = time.perf_counter() - start
+    return {"size": size, "parameters_m": sum(p.numel() for p in module.parameters()) / 1e6, "items": len(stream),
+            "fit_s": fit_s, "s_per_item": seconds / len(stream),
+            "passes_per_item": float(np.mean(scores.diagnostics["decoder_passes"]))}
+
+
+def run(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench autoencoder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-steps", type=int, default=600, help="batches of 8 patches per autoencoder")
+    parser.add_argument("--finetune-steps", type=int, default=200, help="batches of the fine-tuned decoder")
+    parser.add_argument("--validation", type=int, default=300, help="held-out own items that set the thresholds")
+    parser.add_argument("--items", type=int, default=100, help="held-out items per source")
+    parser.add_argument("--sd-size", type=int, default=128, help="image size of the Stable-Diffusion-config cost run")
+    parser.add_argument("--sd-items", type=int, default=2, help="own and other items of that run")
+    parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    train = photo_patches(64, 4000, seed=0)
+    test = photo_patches(64, 4 * args.items + args.validation, seed=1, split="test")
+    tag = f"ae{args.train_steps}"
+    owner = saved_autoencoder(args.cache / f"{tag}-owner", SMALL_AUTOENCODER, train, args.train_steps, seed=0)
+    other = saved_autoencoder(args.cache / f"{tag}-other-seed", SMALL_AUTOENCODER, train, args.train_steps, seed=1)
+    tuned = _finetuned(args.cache / f"{tag}-finetuned-{args.finetune_steps}", owner, train, args.finetune_steps)
+    module = load_generator(f"diffusers:{owner}")
+
+    settings = AutoencoderSettings()
+    detector = AutoencoderDetector(module, n_validation=args.validation, settings=settings, progress=False)
+    validation = detector.own_samples(args.validation, seed=2, real=test[4 * args.items:])
+    start = time.perf_counter()
+    detector.fit(validation=validation)
+    fit_s = time.perf_counter() - start
+    aedr = AedrDetector(module, n_validation=args.validation, settings=settings, progress=False).fit(validation=validation)
+
+    n = args.items
+    own = detector.own_samples(n, seed=3, real=test[:n])
+    sets = {"own": own, "own jpeg q90": perturb(own, "jpeg q90"), "own jpeg q80": perturb(own, "jpeg q80"),
+            "own jpeg q70": perturb(own, "jpeg q70"), "real": test[n:2 * n],
+            "other-seed autoencoder": load_generator(f"diffusers:{other}").reconstruct(test[2 * n:3 * n]),
+            "fine-tuned decoder": load_generator(f"diffusers:{tuned}").reconstruct(test[3 * n:4 * n])}
+    exhaustive = {name: detector.score(x, exhaustive=True) for name, x in sets.items()}
+    first = {name: DecoderSearch(module, 0, 1).run(x)[:, 0].numpy() for name, x in sets.items()}
+    ratio = {name: -aedr.score(x).score for name, x in sets.items()}
+    rows = []
+    for name, scores in exhaustive.items():
+        loss = scores.diagnostics["decoder_loss"]
+        row = {"source": name, "attributed": float(scores.attributed.is_generated().mean()),
+               "aedr attributed": float(aedr.score(sets[name]).is_generated().mean()),
+               "median residual": float(np.median(loss))}
+        if not name.startswith("own"):
+            row |= {"AUC decoder family": _auc(exhaustive["own"].diagnostics["decoder_loss"], loss),
+                    "AUC one reconstruction": _auc(first["own"], first[name]),
+                    "AUC AEDR ratio": _auc(ratio["own"], ratio[name])}
+        rows.append(row)
+
+    stream = np.concatenate([own[: n // 2], sets["own jpeg q90"][n // 2:], sets["real"][: n // 3],
+                             sets["other-seed autoencoder"][: n // 3], sets["fine-tuned decoder"][: n - 2 * (n // 3)]])
+    start = time.perf_counter()
+    settled = detector.score(stream)
+    verdict_s = (time.perf_counter() - start) / len(stream)
+    start = time.perf_counter()
+    aedr.score(stream)
+    aedr_s = (time.perf_counter() - start) / len(stream)
+    cost = {"stream": len(stream), "passes_per_item": float(np.mean(settled.diagnostics["decoder_passes"])),
+            "passes_own": float(np.mean(settled.diagnostics["decoder_passes"][:n])),
+            "passes_other": float(np.mean(settled.diagnostics["decoder_passes"][n:])),
+            "s_per_item": verdict_s, "aedr_s_per_item": aedr_s, "aedr_passes_per_item": 4.0}
+    sd = _sd_cost(args.sd_size, args.sd_items, settings)
+
+    print(f"small autoencoder ({args.train_steps} batches), fit {fit_s:.0f} s on {args.validation} own items "
+          f"(+ re-saves); threshold residual {-detector.threshold():.3g}")
+    for row in rows:
+        print("  " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    print(f"settled verdict on a half-own stream of {cost['stream']}: {cost['passes_per_item']:.1f} decoder passes/item "
+          f"(own {cost['passes_own']:.1f}, other {cost['passes_other']:.1f}), {verdict_s * 1000:.0f} ms/item; "
+          f"AEDR {aedr_s * 1000:.0f} ms/item (4 passes)")
+    print(f"Stable Diffusion's VAE config ({sd['parameters_m']:.1f} M) at {sd['size']}px, random weights: "
+          f"{sd['s_per_item']:.2f} s/item, {sd['passes_per_item']:.1f} passes/item (fit {sd['fit_s']:.0f} s)")
+    return {"train_steps": args.train_steps, "finetune_steps": args.finetune_steps, "validation": args.validation,
+            "items": n, "fit_s": fit_s, "settings": {"steps": settings.steps, "cg_steps": settings.cg_steps},
+            "rows": rows, "cost": cost, "sd": sd}
+
+
+def render(figures: dict) -> str:
+    cost, sd = figures["cost"], figures["sd"]
+    return (f"Small autoencoder trained {figures['train_steps']} batches (look-alikes: another seed, the same "
+            f"batches; the decoder fine-tuned {figures['finetune_steps']} batches); thresholds on "
+            f"{figures['validation']} held-out own items and their re-saves (fit {figures['fit_s']:.0f} s); "
+            f"{figures['items']} items per source. Default search: {figures['settings']['steps']} Gauss-Newton steps of "
+            f"{figures['settings']['cg_steps']} conjugate gradients.\n\n"
+            + markdown_table(figures["rows"], ["source", "attributed", "aedr attributed", "median residual",
+                                               "AUC decoder family", "AUC one reconstruction", "AUC AEDR ratio"],
+                             {"median residual": ".3g"})
+            + f"\n\nSettled verdict on a half-own stream of {cost['stream']} items: {cost['passes_per_item']:.1f} "
+            f"decoder-pass equivalents per item (own {cost['passes_own']:.1f}, others {cost['passes_other']:.1f}; the "
+            f"issue's bar is 1 encoder + 10 decoder passes), {cost['s_per_item'] * 1000:.0f} ms per item; AEDR "
+            f"{cost['aedr_s_per_item'] * 1000:.0f} ms per item (2 encoder + 2 decoder passes).\n\n"
+            f"Stable Diffusion's VAE configuration ({sd['parameters_m']:.1f} M parameters, random weights) at "
+            f"{sd['size']}x{sd['size']} on the CPU: {sd['s_per_item']:.2f} s per item, {sd['passes_per_item']:.1f} "
+            f"decoder-pass equivalents per item over {sd['items']} items (fit on {sd['items'] // 2} own items "
+            f"{sd['fit_s']:.0f} s).")
+
+
+def headline(figures: dict) -> list[str]:
+    by = {row["source"]: row for row in figures["rows"]}
+    return [f"Autoencoder family (small VAE): own attributed {by['own']['attributed']:.3f}, q80 "
+            f"{by['own jpeg q80']['attributed']:.3f}; real {by['real']['attributed']:.3f}, other-seed VAE "
+            f"{by['other-seed autoencoder']['attributed']:.3f}, fine-tuned decoder "
+            f"{by['fine-tuned decoder']['attributed']:.3f}; {figures['cost']['passes_per_item']:.1f} decoder passes "
+            f"per item"]
+
+
+BENCHMARK = Benchmark("autoencoder", __doc__, run, render, headline,
+                      quick=("--train-steps", "10", "--finetune-steps", "2", "--validation", "20", "--items", "6",
+                             "--sd-size", "32", "--sd-items", "1"))
