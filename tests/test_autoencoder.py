@@ -136,3 +136,22 @@ def test_onboard_attribute_and_serve_an_autoencoder(tracking, vae_folder, photos
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
     answer = served.predict(pd.DataFrame({"image": [base64.b64encode(encode_item(x)).decode() for x in own[:4]]}))
     np.testing.assert_allclose(answer["score"], detector.score(own[:4]).score, rtol=1e-6)
+
+    # the owner's own generated images, where given, are the own items (thresholds and evaluation)
+    given = tmp_path / "given"
+    given.mkdir()
+    made = detector.own_samples(60, seed=5, real=photos["train"][1000:1200])
+    for i, item in enumerate(made):
+        (given / f"{i:03d}.png").write_bytes(encode_item(item))
+    second = runner.invoke(app, [
+        "onboard", MODEL, "--generator", f"diffusers:{vae_folder}", "--real", str(real_folder), "--samples", str(given),
+        "--num-samples", "40", "--num-validation", "40", "--num-test", "20", "--no-open-world",
+        "--set", "autoencoder.n_perturbed=20", "--set", "autoencoder.perturbations=jpeg q90"])
+    assert second.exit_code == 0, second.output
+    run = mlflow.get_run(mlflow.MlflowClient().get_model_version(MODEL, "2").run_id)
+    assert run.data.params["samples"] == str(given)
+    from flipad.detectors.base import sha256_array
+    from flipad.io.data import load_images
+
+    held_out = load_images(given)[np.random.default_rng(0).permutation(60)[:12]]  # the flow's split of the given items
+    assert run.data.tags["data_sha256.own"] == sha256_array(held_out)
