@@ -85,6 +85,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--sd-items", type=int, default=2, help="own and other items of that run")
     parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
     args = parser.parse_args(argv)
+    if args.sd_items < 2:
+        parser.error("--sd-items: at least 2 (the thresholds need two own items)")
     torch.set_num_threads(2)
     train = photo_patches(64, 4000, seed=0)
     test = photo_patches(64, 4 * args.items + args.validation, seed=1, split="test")
@@ -182,4 +184,4 @@ def headline(figures: dict) -> list[str]:
 
 BENCHMARK = Benchmark("autoencoder", __doc__, run, render, headline,
                       quick=("--train-steps", "10", "--finetune-steps", "2", "--validation", "20", "--items", "6",
-                             "--sd-size", "32", "--sd-items", "1"))
+                             "--sd-size", "32", "--sd-items", "2"))
