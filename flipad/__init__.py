@@ -7,7 +7,12 @@ search), ``detectors`` (the families, the verdict, calibration, persistence) and
 decoding, perturbations); ``scoring`` scores raw items with any detector.
 """
 
-from .detectors.base import (
+# before anything imports torch: idle compute threads sleep rather than spin (flipad/cpu.py)
+from .cpu import share_cores, size_threads
+
+share_cores()
+
+from .detectors.base import (  # noqa: E402
     DETECTOR_KINDS,
     Detector,
     DetectorSettings,
@@ -18,22 +23,24 @@ from .detectors.base import (
     detector_class,
     register_kind,
 )
-from .detectors.bundle import load_bundle, save_bundle
-from .detectors.calibration import NotFittedError
-from .detectors.features import FeatureConfig
-from .detectors.flipad import FlipadDetector
-from .detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector
-from .detectors.verdict import AttributionDetector
+from .detectors.bundle import load_bundle, save_bundle  # noqa: E402
+from .detectors.calibration import NotFittedError  # noqa: E402
+from .detectors.features import FeatureConfig  # noqa: E402
+from .detectors.flipad import FlipadDetector  # noqa: E402
+from .detectors.reconstruction import ReconstructionConfig, ReconstructionLossDetector  # noqa: E402
+from .detectors.verdict import AttributionDetector  # noqa: E402
 # after the image families: registration order is the order of the diagnostics' columns
 from .detectors.autoencoder import AedrDetector, AutoencoderDetector, AutoencoderGenerator, load_autoencoder  # noqa: E402
-from .generators import (
+from .generators import (  # noqa: E402
     GeneratorAdapter,
     GeneratorSource,
     NotInvertibleError,
     load_generator,
 )
-from .inversion import InversionResult, LassoOptions
-from .kinds import family_settings
+from .inversion import InversionResult, LassoOptions  # noqa: E402
+from .kinds import family_settings  # noqa: E402
+
+size_threads()  # torch's pool: the cores this process may use, not the host's
 
 __all__ = [
     "DETECTOR_KINDS",

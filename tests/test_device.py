@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 import torch
 from helpers import VectorLatentGenerator
 from torch import nn
 
 from flipad import ReconstructionLossDetector
+from flipad.cpu import usable_cpus
 from flipad.device import search_layout
 from flipad.generators.adapter import weights_fingerprint
 from flipad.inversion.latent import ReconstructionConfig
@@ -56,3 +62,33 @@ def test_the_detector_searches_with_the_fast_copy_and_saves_the_users_weights(tm
     loaded = ReconstructionLossDetector.load(tmp_path / "det", module)
     samples = det.generate(6, seed=1)
     np.testing.assert_allclose(loaded.score_samples(samples), det.score_samples(samples))
+
+
+def test_threads_are_sized_to_the_affinity_mask_and_the_cgroup_quota(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    v2, v1 = tmp_path / "cpu.max", tmp_path / "v1"
+    assert usable_cpus(v2, v1) == cores  # no quota file: the affinity mask
+    v2.write_text("max 100000\n")
+    assert usable_cpus(v2, v1) == cores
+    v2.write_text("50000 100000\n")  # docker run --cpus 0.5
+    assert usable_cpus(v2, v1) == 1
+    v2.unlink()
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(v2, v1) == cores
+    (v1 / "cpu.cfs_quota_us").write_text("100000\n")
+    assert usable_cpus(v2, v1) == 1
+    (v1 / "cpu.cfs_quota_us").write_text("garbage\n")
+    assert usable_cpus(v2, v1) == cores
+
+
+@pytest.mark.parametrize("environment, policy", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                                 ({"GOMP_SPINCOUNT": "1000"}, None)])
+def test_importing_flipad_makes_idle_threads_sleep_unless_the_environment_chose(environment, policy):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    probe = "import os, flipad, torch; print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, **environment}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == str(policy)
+    assert 1 <= int(out[1]) <= usable_cpus()
