@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -178,6 +179,34 @@ def trained(name: str, steps: int, real, cache: Path = Path(".flipad/bench"), lo
     cache.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
     return module
+
+
+def rgb_dcgan(size: int, width: int, steps: int, seed: int, real: np.ndarray, cache: Path = Path(".flipad/bench")) -> nn.Module:
+    """The paper's DCGAN (latent 100, RGB) at ``size`` px and ``width``, trained ``steps`` GAN steps
+    on the photo patches ``real`` from ``seed`` (cached in ``cache``)."""
+    module = DCGANGenerator(latent_dim=100, channels=3, image_size=size, width=width)
+    path = cache / f"rgb{size}-w{width}-s{seed}-{steps}.safetensors"
+    if path.is_file():
+        module.load_state_dict(load_file(str(path)))
+        return module.eval()
+    module = train_gan(module, real, steps=steps, seed=seed, device="cpu", progress=False)
+    cache.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return module
+
+
+# the end line of a progress stage (flipad.progress): "NAME: done (N items, S s)"
+STAGE_END = re.compile(r"(?P<stage>[^\n]*?): done \((?:[^()]*, )?(?P<seconds>[\d.]+) s\)")
+
+
+def stage_seconds(log: str) -> dict[str, float]:
+    """Seconds per progress stage in ``log`` (stages of the same name added up; a logger's prefix
+    ending in "] " is dropped)."""
+    stages: dict[str, float] = {}
+    for match in STAGE_END.finditer(log):
+        name = match["stage"].split("] ")[-1].strip()
+        stages[name] = stages.get(name, 0.0) + float(match["seconds"])
+    return stages
 
 
 def timed(fn, *args, **kwargs) -> tuple:

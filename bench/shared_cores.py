@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import shlex
 import subprocess
@@ -27,10 +26,10 @@ from flipad.io.data import encode_item
 from flows.datasets import load_fashion_mnist
 from flows.demo import DEMO_GENERATOR, demo_generator
 
+from .common import stage_seconds
 from .report import Benchmark, markdown_table
 
 BAR = 2.5  # shared / idle onboarding time
-STAGE_END = re.compile(r"(?P<stage>[^\n]*?): done \((?:[^()]*, )?(?P<seconds>[\d.]+) s\)")
 COMPETITOR = [sys.executable, "-c", "while True: pass"]
 
 
@@ -51,11 +50,8 @@ def onboard(command: list[str], cwd: Path, env: dict, competitor: bool) -> dict:
     if done.returncode:
         sys.stderr.write(done.stderr[-4000:])
         raise SystemExit(f"flipad onboard failed ({done.returncode}); its last output is above")
-    stages: dict[str, float] = {}
-    for match in STAGE_END.finditer(done.stderr):
-        name = match["stage"].split("] ")[-1].strip()
-        if not name.startswith("onboard "):  # the whole run, not a stage of it
-            stages[name] = stages.get(name, 0.0) + float(match["seconds"])
+    # the stages, not the whole run ("onboard NAME")
+    stages = {name: s for name, s in stage_seconds(done.stderr).items() if not name.startswith("onboard ")}
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": wall, "cpu_s": cpu, "stages": stages}
 
