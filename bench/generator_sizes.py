@@ -164,7 +164,7 @@ def headline(figures: dict) -> list[str]:
 
 
 BENCHMARK = Benchmark("generator_sizes", __doc__, run, render, headline,
-                      quick=("--sizes", "32", "64", "--train-steps", "3", "--real", "200", "--validation", "20",
+                      quick=("--sizes", "32", "--train-steps", "3", "--real", "200", "--validation", "20",
                              "--perturbed", "20", "--encoder-steps", "20", "--items", "4"))
 
 

@@ -113,6 +113,6 @@ def headline(figures: dict) -> list[str]:
 
 
 BENCHMARK = Benchmark("shared_cores", __doc__, run, render, headline,
-                      quick=("--real", "100", "--baseline",
-                             "--onboard-args=--num-samples 60 --num-validation 40 --num-test 20 --challenger-steps 0 "
-                             "--set reconstruction.encoder_steps=60 --set reconstruction.n_perturbed=20"))
+                      quick=("--real", "60", "--baseline",
+                             "--onboard-args=--num-samples 40 --num-validation 20 --num-test 10 --challenger-steps 0 "
+                             "--set reconstruction.encoder_steps=20 --set reconstruction.n_perturbed=20"))
