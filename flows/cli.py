@@ -309,6 +309,9 @@ def _onboard_command(name, generator, weights, weights_key, latent_shape, real, 
         f"{result.metrics['worst_own_accepted']:.3f} at worst)\n"
         f"run: {result.run_url}\nUI:  {result.ui_command}"
     )
+    if result.same_generator:
+        typer.echo(f"note: the generator has the same weights as {', '.join(result.same_generator)} "
+                   "(for an autoencoder, the same decoder): those detectors attribute the same items")
 
 
 @app.command()

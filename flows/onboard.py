@@ -132,6 +132,7 @@ class OnboardResult:
     results: pd.DataFrame
     cached_feature_sets: int
     detector: Detector
+    same_generator: tuple[str, ...] = ()  # other registered detectors of the same generator weights
 
 
 def _stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -438,5 +439,5 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
         )
     return OnboardResult(
         config.name, registration.version, registration.alias, logged.run_id, logged.run_url, tracking_uri,
-        ui_command(tracking_uri), metrics, table, cached, detector,
+        ui_command(tracking_uri), metrics, table, cached, detector, registration.same_generator,
     )

@@ -42,6 +42,7 @@ class Registration:
     metric: float
     champion_metric: float | None  # the previous champion on the same held-out evaluation
     reason: str = ""  # why this alias, with both figures
+    same_generator: tuple[str, ...] = ()  # other registered detectors of the same generator weights
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
@@ -161,10 +162,15 @@ def register_version(
     except MlflowException:
         client.create_registered_model(name, description=f"Attribution detectors for generator {name} (flipad)")
     _remove_unfinished(client, name)
+    shared = same_generator(name, tags["generator_sha256"]) if tags and tags.get("generator_sha256") else ()
     with _quiet_mlflow():
         version = mlflow.register_model(model_uri, name, tags={**(tags or {}), REGISTRATION_TAG: "pending"})
     try:
         decision = f"## Promotion\n{alias} when registered: {reason}.\n"
+        if shared:
+            decision += (f"\n## Same generator\nIts generator has the same weights as {', '.join(shared)}: "
+                         "those detectors attribute the same items.\n")
+            client.set_model_version_tag(name, str(version.version), "same_generator_as", ", ".join(shared))
         client.update_model_version(name, str(version.version), description=f"{description}\n\n{decision}".lstrip())
         client.set_registered_model_alias(name, alias, str(version.version))
         client.set_model_version_tag(name, str(version.version), "promotion", f"{alias}: {reason}")
@@ -183,7 +189,17 @@ def register_version(
         if champion_metric is not None:
             mlflow.log_metric("champion_worst_balanced_accuracy", champion_metric)
     logger.info("registered %s version %s as %s", name, version.version, alias)
-    return Registration(name, str(version.version), alias, metric, champion_metric, reason)
+    if shared:
+        logger.warning("%s version %s has the same generator weights as %s", name, version.version, ", ".join(shared))
+    return Registration(name, str(version.version), alias, metric, champion_metric, reason, shared)
+
+
+def same_generator(name: str, generator_sha256: str) -> tuple[str, ...]:
+    """The versions of other registered detectors (``NAME vN``) whose generator has the weights
+    fingerprint ``generator_sha256``: the same generator under another name (for an autoencoder,
+    the same decoder, whatever its encoder). Their verdicts attribute the same items."""
+    found = MlflowClient().search_model_versions(f"tags.generator_sha256 = '{generator_sha256}'")
+    return tuple(sorted({f"{v.name} v{v.version}" for v in found if v.name != name}))
 
 
 def list_versions(name: str | None = None) -> list[dict]:

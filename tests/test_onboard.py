@@ -23,7 +23,7 @@ from flipad.detectors.evaluation import evaluate_scores
 from flows.cli import app
 from flows.onboard import TEST_SEED_OFFSET, onboard_generator
 from registry.pyfunc import to_request_cell
-from registry.versions import load_detector
+from registry.versions import load_detector, register_version
 from flows.stage_cache import stage_cache_dir
 
 SEED = 7
@@ -90,6 +90,12 @@ def test_onboarding_registers_logs_promotes_and_caches(tracking, user_generator,
     third = onboard_generator(small_config(spec, weights, real_folder, seed=SEED, promote="never"))
     aliases = client.get_registered_model("tiny-gen").aliases
     assert third.alias == "challenger" and aliases == {"champion": "2", "challenger": "3"}
+
+    # the same generator registered under another name is reported as the same generator
+    copy = register_version("tiny-gen-copy", mv.source, 1.0, lambda champion: 0.0, tags=dict(mv.tags))
+    assert {"tiny-gen v1", "tiny-gen v2", "tiny-gen v3"} <= set(copy.same_generator)
+    copied = client.get_model_version("tiny-gen-copy", copy.version)
+    assert "tiny-gen v1" in copied.tags["same_generator_as"] and "## Same generator" in copied.description
 
 
 def _real_test_split(real_folder, detector):
