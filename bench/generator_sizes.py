@@ -148,7 +148,7 @@ def render(figures: dict) -> str:
     stages = [{"size": r["size"], **r["stages"]} for r in rows]
     stage_names = ["size", *dict.fromkeys(k for r in rows for k in r["stages"])]
     shares = [{"size": r["size"], **r["attributed"]} for r in rows]
-    options = ", ".join(f"{k} {v}" for k, v in figures["options"].items())
+    options = ", ".join(f"{k} {v}" for k, v in figures["options"].items() if v is not None)
     return "\n".join([
         f"Reduced onboarding ({options}). Forward-pass equivalents per settled item, worst size: "
         f"{figures['worst_passes']:.1f} (bar <= {BAR_PASSES}: {'met' if figures['bar_met'] else 'NOT met'}).", "",
