@@ -4,7 +4,8 @@ Two measured failures on shared machines (docs/design.md, "Sharing the cores"):
 
 - OpenMP's default wait policy spins each idle compute thread on its core between parallel
   regions. Beside one other CPU-bound process on two cores, a fit took 3.3-3.8x its idle time
-  (an onboarding 13x), most of it spinning. Passive waiting puts idle threads to sleep: 1.6x.
+  (issue 32 saw an onboarding take 13x), much of it spinning. Passive waiting puts idle threads
+  to sleep: 1.6x for the fit, 1.49x for a whole onboarding (``python -m bench shared_cores``).
   The policy is read once, when torch loads its OpenMP runtime, so :func:`share_cores` sets it
   before flipad imports torch unless the caller set ``OMP_WAIT_POLICY`` (or ``GOMP_SPINCOUNT``).
 - torch starts one thread per core of the host, not per core the process may use. In a
