@@ -169,14 +169,19 @@ def samples(name: str, module: nn.Module, n: int, seed: int) -> np.ndarray:
 def trained(name: str, steps: int, real, cache: Path = Path(".flipad/bench"), lookalike: bool = False) -> nn.Module:
     """The core-bar generator ``name`` trained ``steps`` GAN steps on ``real`` (cached in ``cache``);
     ``lookalike``: the same architecture trained from another seed on the same data."""
-    module = VectorGenerator(**TARGETS[name])
     path = cache / f"{name.replace('+', '_')}{'-lookalike' if lookalike else ''}-{steps}.safetensors"
+    return _cached_gan(VectorGenerator(**TARGETS[name]), path, real, steps=steps,
+                       seed=len(name) + (1000 if lookalike else 0), output_range=output_range(name))
+
+
+def _cached_gan(module: nn.Module, path: Path, real, **training) -> nn.Module:
+    """``module`` with the weights saved at ``path``, else trained on ``real`` by ``train_gan(**training)``
+    and saved there."""
     if path.is_file():
         module.load_state_dict(load_file(str(path)))
         return module.eval()
-    module = train_gan(module, real, steps=steps, seed=len(name) + (1000 if lookalike else 0),
-                       output_range=output_range(name), progress=False)
-    cache.mkdir(parents=True, exist_ok=True)
+    module = train_gan(module, real, progress=False, **training)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
     return module
 
@@ -184,15 +189,9 @@ def trained(name: str, steps: int, real, cache: Path = Path(".flipad/bench"), lo
 def rgb_dcgan(size: int, width: int, steps: int, seed: int, real: np.ndarray, cache: Path = Path(".flipad/bench")) -> nn.Module:
     """The paper's DCGAN (latent 100, RGB) at ``size`` px and ``width``, trained ``steps`` GAN steps
     on the photo patches ``real`` from ``seed`` (cached in ``cache``)."""
-    module = DCGANGenerator(latent_dim=100, channels=3, image_size=size, width=width)
-    path = cache / f"rgb{size}-w{width}-s{seed}-{steps}.safetensors"
-    if path.is_file():
-        module.load_state_dict(load_file(str(path)))
-        return module.eval()
-    module = train_gan(module, real, steps=steps, seed=seed, device="cpu", progress=False)
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
-    return module
+    return _cached_gan(DCGANGenerator(latent_dim=100, channels=3, image_size=size, width=width),
+                       cache / f"rgb{size}-w{width}-s{seed}-{steps}.safetensors", real, steps=steps, seed=seed,
+                       device="cpu")
 
 
 # the end line of a progress stage (flipad.progress): "NAME: done (N items, S s)"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .common import rgb_dcgan, stage_seconds
+from .common import rgb_dcgan, stage_seconds, timed
 from .report import Benchmark, markdown_table
 
 BAR_PASSES = 20
@@ -83,10 +83,10 @@ def measure(size: int, width: int, args: argparse.Namespace) -> dict:
               "look-alike": generate_samples(other_gan, (100, 1, 1), 3 * n // 2, 778, (-1.0, 1.0)),
               "real": photo_patches(size, 3 * n // 2, seed=1, split="test")}
     everything = np.concatenate(list(stream.values()))
-    scores, seconds = _timed(detector.score, everything)
+    scores, seconds = timed(detector.score, everything)
     latents = torch.randn(64, 100, 1, 1, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        forward_s = min(_timed(own_gan, latents)[1] for _ in range(3)) / len(latents)
+        forward_s = min(timed(own_gan, latents)[1] for _ in range(3)) / len(latents)
     attributed, at = {}, 0
     for name, images in stream.items():
         attributed[name] = float(np.mean(scores.score[at: at + len(images)] >= scores.threshold))
@@ -99,12 +99,6 @@ def measure(size: int, width: int, args: argparse.Namespace) -> dict:
             "forward-pass equivalents": per_item / forward_s,
             "peak MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "onboard s": onboard_s,
             "stages": stages, "attributed": attributed}
-
-
-def _timed(fn, *args):
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
 
 
 def run(argv: list[str]) -> dict:

@@ -73,6 +73,7 @@ def size_threads() -> int:
     ``OMP_NUM_THREADS`` does not set the number; returns the pool's size."""
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable_cpus():
-        torch.set_num_threads(usable_cpus())
+    usable = usable_cpus()
+    if "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > usable:
+        torch.set_num_threads(usable)
     return torch.get_num_threads()
