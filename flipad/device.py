@@ -1,18 +1,24 @@
-"""Resolving the compute device once, from "auto", "cpu", "cuda" or "cuda:N", and the memory
-layout a generator runs fastest in there."""
+"""Resolving the compute device once, from "auto", "cpu", "cuda" or "cuda:N", the memory layout a
+generator runs fastest in there, and how much memory a batched computation may hold there."""
 
 from __future__ import annotations
 
 import copy
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["resolve_device", "search_layout"]
+__all__ = ["resolve_device", "search_layout", "working_memory"]
 
 logger = logging.getLogger(__name__)
+
+WORKING_SHARE = 0.25  # of the memory available on the device, what one batched computation may hold
+MEMINFO = Path("/proc/meminfo")
+CGROUP_MEMORY = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"))  # cgroup v2
+FALLBACK_BYTES = 1 << 30  # where the available memory cannot be read
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -47,3 +53,36 @@ def search_layout(module: nn.Module, latent_shape: Sequence[int]) -> nn.Module:
         logger.debug("generator kept in its own layout: %s", exc)
         return module
     return fast if same else module
+
+
+def _available_cpu_memory(meminfo: Path = MEMINFO, cgroup: tuple[Path, Path] = CGROUP_MEMORY) -> int | None:
+    """Bytes this process may still allocate: the host's ``MemAvailable``, capped by what its
+    cgroup's limit leaves (a container's ``--memory``); None where neither can be read."""
+    found = []
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit, current = (path.read_text().strip() for path in cgroup)
+        if limit != "max":
+            found.append(max(int(limit) - int(current), 0))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def working_memory(device: torch.device | str) -> int:
+    """Bytes one batched computation of the latent search may hold on ``device``:
+    ``WORKING_SHARE`` of the free memory of a CUDA device, or of what the host (and its cgroup)
+    leaves this process on the CPU; ``FALLBACK_BYTES`` where that cannot be read. The search
+    sizes its chunks from this, not from constants, so a GPU takes large batches and a small
+    container small ones."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * WORKING_SHARE)
+    available = _available_cpu_memory()
+    return int(available * WORKING_SHARE) if available else FALLBACK_BYTES

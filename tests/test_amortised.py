@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import SkipToOutput
+from torch import nn
 
 from flipad import ReconstructionLossDetector
 from flipad.generators.sampling import generate_samples
@@ -15,6 +16,7 @@ from flipad.inversion.amortised import (
     levenberg_marquardt,
     lm_trajectories,
     quantisation_floor,
+    sketch_basis,
     train_encoder,
 )
 from flipad.inversion.latent import ReconstructionConfig
@@ -144,3 +146,72 @@ def test_a_search_with_exits_stops_where_its_exhaustive_trajectory_settles():
     assert torch.equal(stopped <= threshold, full[:, -1] <= threshold)
     assert (stopped[24:] > threshold).all()
     assert (stopped[24:] > full[24:, -1]).all()  # each rejected item stopped before its search's end
+
+
+
+class FewDirections(nn.Module):
+    """A generator whose output moves mostly along a few latent directions (``decay`` per
+    direction, in a random orthonormal frame), as briefly trained DCGANs' do; ``decay=1``: every
+    direction alike."""
+
+    def __init__(self, decay: float, dim: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        frame = torch.linalg.qr(torch.randn(dim, dim, generator=g))[0]
+        self.latent_shape = (dim,)
+        self.register_buffer("mix", frame * decay ** torch.arange(dim, dtype=torch.float32))
+        self.head = nn.Linear(dim, 2 * 8 * 8)
+        self.up = nn.ConvTranspose2d(2, 1, 4, 2, 1)
+
+    def forward(self, z):
+        return torch.tanh(self.up(torch.tanh(self.head(z @ self.mix.T)).view(-1, 2, 8, 8)))
+
+
+def test_the_sketch_holds_the_directions_that_move_the_output_most():
+    module = FewDirections(decay=0.3).eval()
+    differentiate = search_jacobian(module, module.latent_shape)
+    basis = sketch_basis(differentiate, module.latent_shape, max_dims=16, seed=0)
+    k = basis.shape[1]
+    assert basis.shape[0] == 32 and 1 <= k <= 8
+    torch.testing.assert_close(basis.T @ basis, torch.eye(k), rtol=0, atol=1e-4)  # orthonormal
+    z = torch.randn(32, 32, generator=torch.Generator().manual_seed(9))
+    jac = jacobian(module, z)
+    captured = float((jac @ basis).norm() ** 2 / jac.norm() ** 2)
+    random = torch.linalg.qr(torch.randn(32, k, generator=torch.Generator().manual_seed(1)))[0]
+    # at latents it was not estimated at, the sketch keeps what moves the output; k random
+    # directions keep about k / 32 of it
+    assert captured > 0.98 and captured > 2 * float((jac @ random).norm() ** 2 / jac.norm() ** 2)
+    # where every direction moves the output alike, no few directions do: no sketch
+    alike = FewDirections(decay=1.0).eval()
+    assert sketch_basis(search_jacobian(alike, alike.latent_shape), alike.latent_shape, max_dims=16, seed=0) is None
+
+
+@pytest.mark.slow
+def test_a_sketched_first_step_settles_most_own_items_and_the_search_still_reaches_the_floor():
+    torch.manual_seed(0)
+    module = FewDirections(decay=0.3).eval()
+    latent, shape = module.latent_shape, (1, 16, 16)
+    floor = quantisation_floor(RANGE)
+    differentiate = search_jacobian(module, latent)
+    basis = sketch_basis(differentiate, latent, max_dims=16, seed=0)
+    encoder = train_encoder(module, latent, shape, RANGE, steps=20, seed=0)  # a rough start
+    own = to_output_range(generate_samples(module, latent, 40, 99, RANGE), *RANGE)
+    noise = torch.rand(40, *shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    targets = torch.cat([own, noise])
+    with torch.no_grad():
+        start = encoder(targets)
+    full = lm_trajectories(module, targets, start.clone(), 6, floor, differentiate=differentiate)
+    sketched = lm_trajectories(module, targets, start.clone(), 6, floor, differentiate=differentiate, basis=basis)
+    assert (sketched.diff(dim=1) <= 0).all()
+    # exhaustive, the sketched search ends where the full one does: own items at the floor, noise far above
+    assert np.quantile(sketched[:40, -1].numpy(), 0.95) <= 3 * floor
+    assert sketched[40:, -1].min() > 30 * floor
+    # the sketched step alone takes own items most of the way a full first Jacobian does
+    gain_sketch, gain_full = (sketched[:40, 0] / sketched[:40, 1]).median(), (full[:40, 0] / full[:40, 1]).median()
+    assert gain_sketch > 0.3 * gain_full and gain_sketch > 3, (gain_sketch, gain_full)
+    # with exits calibrated on the sketched trajectories, each item stops where its exhaustive one settles
+    threshold = float(sketched[:40, -1].quantile(0.9))
+    exits = Exits.calibrated(sketched[:40], threshold=threshold, accept=threshold)
+    stopped = lm_trajectories(module, targets, start.clone(), 6, floor, exits, differentiate=differentiate, basis=basis)
+    torch.testing.assert_close(stopped[:, -1], exits.settle(sketched), rtol=1e-4, atol=1e-7)
+    assert torch.equal(stopped[:, -1] <= threshold, sketched[:, -1] <= threshold)

@@ -14,7 +14,7 @@ from torch import nn
 
 from flipad import ReconstructionLossDetector
 from flipad.cpu import usable_cpus
-from flipad.device import search_layout
+from flipad.device import FALLBACK_BYTES, _available_cpu_memory, search_layout, working_memory
 from flipad.generators.adapter import weights_fingerprint
 from flipad.inversion.latent import ReconstructionConfig
 
@@ -92,3 +92,19 @@ def test_importing_flipad_makes_idle_threads_sleep_unless_the_environment_chose(
                          check=True).stdout.split()
     assert out[0] == str(policy)
     assert 1 <= int(out[1]) <= usable_cpus()
+
+
+def test_the_working_memory_is_a_share_of_what_the_host_and_its_cgroup_leave(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    limit, current = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("max\n")
+    current.write_text("1000\n")
+    assert _available_cpu_memory(meminfo, (limit, current)) == 20_000_000 * 1024
+    limit.write_text(f"{4 << 30}\n")  # docker run --memory 4g, 1000 bytes of it used
+    assert _available_cpu_memory(meminfo, (limit, current)) == (4 << 30) - 1000
+    meminfo.write_text("garbage")
+    assert _available_cpu_memory(meminfo, (limit, current)) == (4 << 30) - 1000
+    assert _available_cpu_memory(tmp_path / "absent", (tmp_path / "absent", current)) is None
+    budget = working_memory("cpu")
+    assert 0 < budget and (budget == FALLBACK_BYTES or budget <= _available_cpu_memory())

@@ -30,7 +30,7 @@ from ..generators.sampling import (
     probe_output_range,
     resolve_latent_shape,
 )
-from ..inversion.amortised import Differentiate, Exits, LatentEncoder, train_encoder
+from ..inversion.amortised import Differentiate, Exits, LatentEncoder, sketch_basis, train_encoder
 from ..inversion.latent import SEARCH_METHODS, ReconstructionConfig, reconstruction_trajectories
 from ..inversion.tangents import search_jacobian
 from ..io.data import check_sample_shape, to_output_range
@@ -63,13 +63,14 @@ class LatentSearch:
     The ``encoder-lm`` search needs ``encoder`` (:meth:`train_encoder` or a loaded one); ``exits``
     stop its items once their verdict is settled (:meth:`with_exits`). Its Jacobians are taken
     by ``differentiate``, by default the one :func:`~flipad.inversion.tangents.search_jacobian`
-    picks for the module.
+    picks for the module; the first is sketched along ``basis`` where one is set
+    (:meth:`train_encoder` sets it when ``config.sketch`` asks for one).
     """
 
     def __init__(self, module: nn.Module, latent_shape: Sequence[int], output_range: tuple[float, float],
                  output_shape: Sequence[int], config: ReconstructionConfig, progress: bool = False,
                  encoder: LatentEncoder | None = None, exits: Exits = Exits(),
-                 differentiate: Differentiate | None = None):
+                 differentiate: Differentiate | None = None, basis: torch.Tensor | None = None):
         self.module = module
         self.latent_shape = tuple(latent_shape)
         self.output_range = output_range
@@ -78,6 +79,7 @@ class LatentSearch:
         self.progress = progress
         self.encoder = encoder
         self.exits = exits
+        self.basis = basis
         if differentiate is None and config.method == "encoder-lm":
             differentiate = search_jacobian(module, self.latent_shape)
         self.differentiate = differentiate
@@ -100,12 +102,16 @@ class LatentSearch:
     def with_exits(self, exits: Exits) -> LatentSearch:
         """The same search, stopping each item where ``exits`` settle its verdict."""
         return LatentSearch(self.module, self.latent_shape, self.output_range, self.output_shape, self.config,
-                            self.progress, self.encoder, exits, self.differentiate)
+                            self.progress, self.encoder, exits, self.differentiate, self.basis)
 
     def train_encoder(self) -> LatentEncoder:
-        """Train (and keep) the amortised encoder of the ``encoder-lm`` search on fresh generator pairs."""
+        """Train (and keep) the amortised encoder of the ``encoder-lm`` search on fresh generator
+        pairs, and the directions its sketched first step works in (``config.sketch`` > 0)."""
         self.encoder = train_encoder(self.module, self.latent_shape, self.output_shape, self.output_range,
                                      self.config.encoder_steps, seed=self.config.seed)
+        if self.config.sketch:
+            device = next(self.module.parameters()).device
+            self.basis = sketch_basis(self.differentiate, self.latent_shape, self.config.sketch, self.config.seed, device)
         return self.encoder
 
     def losses(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,7 @@ class LatentSearch:
         check_sample_shape(samples, self.output_shape)
         targets = to_output_range(samples, *self.output_range)
         return reconstruction_trajectories(self.module, self.latent_shape, targets, self.config, self.output_range,
-                                           self.progress, self.encoder, self.exits, self.differentiate)
+                                           self.progress, self.encoder, self.exits, self.differentiate, self.basis)
 
     def fingerprint(self) -> str:
         """A hash of what the losses depend on besides the samples (weights, device kind, search)."""
@@ -126,6 +132,8 @@ class LatentSearch:
                  "latent_shape": list(self.latent_shape), "range": list(self.output_range)}
         if self.encoder is not None:
             parts["encoder"] = weights_fingerprint(self.encoder)
+        if self.basis is not None:
+            parts["sketch"] = hashlib.sha256(self.basis.cpu().numpy().tobytes()).hexdigest()
         if self.exits != Exits():
             parts["exits"] = asdict(self.exits)
         if self.differentiate is not None:
@@ -161,6 +169,9 @@ class ReconstructionSettings:
                 "Levenberg-Marquardt) or adam (screened random starts + Adam)"})
     encoder_steps: int = field(default=ReconstructionConfig.encoder_steps,
                                metadata={"help": "encoder-lm: training batches of the encoder"})
+    sketch: int = field(default=ReconstructionConfig.sketch, metadata={
+        "help": "encoder-lm: at most this many latent directions the first step works in (a sketched Jacobian); "
+                "0 takes every Jacobian in full"})
     steps: int = field(default=ReconstructionConfig.steps, metadata={"help": "adam: steps of the search per item"})
     starts: int = field(default=ReconstructionConfig.starts, metadata={"help": "adam: starts of the search per item"})
     perturbations: tuple[str, ...] = field(default=ROBUST_PERTURBATIONS, metadata={
@@ -174,7 +185,7 @@ class ReconstructionSettings:
         for name in self.perturbations:
             if name not in PERTURBATIONS:
                 raise ValueError(f"reconstruction.perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
-        for name, low in (("encoder_steps", 1), ("steps", 10), ("starts", 1), ("n_perturbed", 20)):
+        for name, low in (("encoder_steps", 1), ("sketch", 0), ("steps", 10), ("starts", 1), ("n_perturbed", 20)):
             if getattr(self, name) < low:
                 raise ValueError(f"reconstruction.{name} {getattr(self, name)}: use at least {low}")
 
@@ -182,7 +193,7 @@ class ReconstructionSettings:
         """The latent search these settings ask for."""
         return ReconstructionConfig(steps=self.steps, starts=self.starts, seed=seed,
                                     candidates=max(ReconstructionConfig.candidates, self.starts),
-                                    method=self.method, encoder_steps=self.encoder_steps)
+                                    method=self.method, encoder_steps=self.encoder_steps, sketch=self.sketch)
 
 
 @register_kind
@@ -359,6 +370,8 @@ class ReconstructionLossDetector(Detector):
                    **{f"condition.{name}": s for name, s in self.condition_scores_.items()}}
         if self.search_.encoder is not None:
             tensors |= {f"encoder.{k}": v for k, v in self.search_.encoder.state_dict().items()}
+        if self.search_.basis is not None:
+            tensors["sketch_basis"] = self.search_.basis
         return write_saved(path, "reconstruction", config, tensors)
 
     @classmethod
@@ -375,6 +388,8 @@ class ReconstructionLossDetector(Detector):
             encoder = LatentEncoder(det.output_shape_, det.latent_shape_).to(det.device_)
             encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")})
             det.search_.encoder = encoder.eval()
+            if "sketch_basis" in tensors:
+                det.search_.basis = tensors["sketch_basis"].to(det.device_)
         det._calibrate(tensors["validation_scores"],
                        {name: tensors[f"condition.{name}"] for name in config.get("perturbations", ())})
         saved_exits = config.get("exits", {})  # detectors saved before the exits had none

@@ -24,12 +24,12 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..device import working_memory
 from ..progress import report
 
 __all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse", "quantisation_floor",
-           "train_encoder"]
+           "sketch_basis", "train_encoder"]
 
-JACOBIAN_BUDGET = 1 << 22  # floats of Jacobian held at once: bounds the memory of one LM chunk
 CHORD_STEPS = 8  # steps an LM Jacobian serves before a new one is taken
 FD_STEP = 1e-3  # the latent step of the forward differences (latents are ~N(0, 1))
 FD_ROWS = 512  # latents per forward pass of the forward differences: bounds their activations (and
@@ -38,6 +38,9 @@ MIN_DAMPING = 1e-6  # successes lower the damping no further, so a failure soon 
 STALL = 0.02  # an item whose loss fell by less than this share over a Jacobian's steps has converged
 MAX_REJECTED = 8  # rejected steps in a row (damping x5 each) before an item gives up
 SCREEN_MARGIN = 1.5  # how far above the worst attributed own calibration item the screen sits
+SKETCH_ENERGY = 0.99  # the share of the generator's mean J^T J trace the sketch's directions hold
+SKETCH_LATENTS = 64  # prior latents the sketch's directions are estimated at
+SKETCH_STEPS = 4  # steps the sketched Jacobian serves
 
 
 def quantisation_floor(output_range: tuple[float, float]) -> float:
@@ -148,7 +151,9 @@ class Exits:
 
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # residuals (n, out_dim) -> loss per item
-Differentiate = Callable[[torch.Tensor], torch.Tensor]  # latents (n, *latent_shape) -> Jacobians (n, out_dim, dim)
+# latents (n, *latent_shape) -> Jacobians (n, out_dim, dim); with a second argument, a basis (dim, k)
+# of orthonormal columns, the Jacobians' products with it (n, out_dim, k)
+Differentiate = Callable[..., torch.Tensor]
 
 
 def mse(residual: torch.Tensor) -> torch.Tensor:
@@ -165,7 +170,7 @@ def levenberg_marquardt(module: nn.Module, targets: torch.Tensor, z: torch.Tenso
 
 def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
                     exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse,
-                    differentiate: Differentiate | None = None) -> torch.Tensor:
+                    differentiate: Differentiate | None = None, basis: torch.Tensor | None = None) -> torch.Tensor:
     """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place) with at most
     ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's loss in ``metric``
     (of the flattened residuals) after the steps taken with its ``k``-th Jacobian, the lowest among
@@ -176,23 +181,29 @@ def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, i
     ``2 * floor``, at an exit, when a Jacobian's steps lowered its MSE by less than ``STALL``, after
     ``MAX_REJECTED`` failed steps in a row where its Jacobian was taken, or when its Jacobians are
     spent. ``differentiate(z)`` takes the Jacobians (:func:`flipad.inversion.tangents.search_jacobian`);
-    forward differences of ``module`` (:func:`jacobian`) by default."""
+    forward differences of ``module`` (:func:`jacobian`) by default. With a ``basis`` (``(dim, k)``,
+    :func:`sketch_basis`) the first Jacobian is sketched: its product with the basis (``k`` tangents
+    instead of ``dim``) serves ``SKETCH_STEPS`` steps within the basis's span, which settle most
+    items' verdicts at a fraction of a full Jacobian's cost; the later Jacobians are full."""
     if chord_steps < 1:
         raise ValueError(f"chord_steps must be at least 1, got {chord_steps}")
     latent_shape = z.shape[1:]
     dim, out_dim = math.prod(latent_shape), targets[0].numel()
-    chunk = max(1, JACOBIAN_BUDGET // (dim * out_dim))
+    # the chunk's Jacobians, their products and the step's temporaries: about three float32 copies
+    chunk = max(1, working_memory(targets.device) // (3 * 4 * dim * out_dim))
     differentiate = differentiate or partial(jacobian, module)
     parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits, chord_steps, metric,
-                       differentiate)
+                       differentiate, basis)
              for i in range(0, len(targets), chunk)]
     return torch.cat(parts) if parts else torch.empty(0, iterations + 1, device=targets.device)
 
 
 @torch.no_grad()
-def jacobian(module: nn.Module, z: torch.Tensor, step: float = FD_STEP) -> torch.Tensor:
+def jacobian(module: nn.Module, z: torch.Tensor, step: float = FD_STEP, basis: torch.Tensor | None = None) -> torch.Tensor:
     """``(n, out_dim, dim)``: the Jacobian of the flattened ``module`` output at each latent of
-    ``z`` (``(n, *latent_shape)``), by forward differences of ``step`` in each latent coordinate.
+    ``z`` (``(n, *latent_shape)``), by forward differences of ``step`` in each latent coordinate;
+    with a ``basis`` ``(dim, k)`` of orthonormal columns, its product with the basis
+    ``(n, out_dim, k)`` by differences along those columns.
 
     As costly as forward-mode differentiation's ``dim`` tangents in arithmetic, without its
     dual-number overhead (1.7x faster on CPU for a DCGAN) or its process-global state; within about
@@ -200,16 +211,70 @@ def jacobian(module: nn.Module, z: torch.Tensor, step: float = FD_STEP) -> torch
     """
     latent_shape, n = z.shape[1:], len(z)
     flat = z.reshape(n, -1)
-    dim = flat.shape[1]
-    probes = torch.cat([flat[:, None], flat[:, None] + step * torch.eye(dim, device=z.device, dtype=z.dtype)], 1)
+    directions = torch.eye(flat.shape[1], device=z.device, dtype=z.dtype) if basis is None else basis.T.to(z.dtype)
+    dim = len(directions)
+    probes = torch.cat([flat[:, None], flat[:, None] + step * directions], 1)
     probes = probes.view(-1, *latent_shape)
     outputs = torch.cat([module(probes[i : i + FD_ROWS]).flatten(1) for i in range(0, len(probes), FD_ROWS)])
     outputs = outputs.view(n, dim + 1, -1)
     return ((outputs[:, 1:] - outputs[:, :1]) / step).transpose(1, 2)
 
 
+@torch.no_grad()
+def sketch_basis(differentiate: Differentiate, latent_shape: Sequence[int], max_dims: int, seed: int = 0,
+                 device: torch.device | str = "cpu", latents: int = SKETCH_LATENTS) -> torch.Tensor | None:
+    """``(dim, k)``: the latent directions that move the generator's output most, the top
+    eigenvectors of ``E[J^T J]`` over ``latents`` prior latents (its own items' latents), ``k`` the
+    fewest holding ``SKETCH_ENERGY`` of the trace. None where that takes more than ``max_dims``:
+    a step within them would leave too much of the output's motion out to settle items. The
+    sketched first step of :func:`lm_trajectories` works in their span: its Jacobian costs ``k``
+    tangents, not ``dim``."""
+    z = torch.randn(latents, *latent_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    dim = math.prod(latent_shape)
+    moment = torch.zeros(dim, dim, device=device, dtype=torch.float64)
+    for i in range(0, latents, 8):
+        jac = differentiate(z[i : i + 8]).double()
+        moment += (jac.transpose(1, 2) @ jac).sum(0)
+    values, vectors = torch.linalg.eigh(moment / latents)
+    values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+    share = values.cumsum(0) / values.sum().clamp(min=1e-30)
+    k = int((share < SKETCH_ENERGY).sum()) + 1
+    return vectors[:, :k].float().contiguous() if k <= max_dims and k < dim else None
+
+
+@torch.no_grad()
+def _sketched_steps(module: nn.Module, latent_shape: Sequence[int], flat: torch.Tensor, zf: torch.Tensor,
+                    residual: torch.Tensor, loss: torch.Tensor,
+                    score: torch.Tensor, idx: torch.Tensor, basis: torch.Tensor, jac: torch.Tensor, accept: float,
+                    floor: float, metric: Metric) -> None:
+    """``SKETCH_STEPS`` damped Gauss-Newton steps of items ``idx`` within the span of ``basis``, with
+    their sketched Jacobians ``jac`` (m, out_dim, k); the item tensors are updated in place where a
+    step lowers the MSE. An item stops trying once it is attributed or at the quantisation floor."""
+    normal = jac.transpose(1, 2) @ jac
+    diagonal = torch.diagonal(normal, dim1=1, dim2=2)
+    damping = torch.full((len(idx),), 1e-3, device=zf.device, dtype=zf.dtype)
+    trying = torch.arange(len(idx), device=zf.device)
+    for _ in range(SKETCH_STEPS):
+        rows = idx[trying]
+        gradient = (jac[trying].transpose(1, 2) @ residual[rows, :, None])[..., 0]
+        step = torch.linalg.solve(normal[trying] + torch.diag_embed(damping[trying, None] * (diagonal[trying] + 1e-9)),
+                                  -gradient) @ basis.T
+        new_residual = module((zf[rows] + step).view(-1, *latent_shape)).flatten(1) - flat[rows]
+        new = (new_residual**2).mean(1)
+        better = new < loss[rows]
+        went = rows[better]
+        zf[went] += step[better]
+        residual[went], loss[went] = new_residual[better], new[better]
+        score[went] = torch.minimum(score[went], metric(new_residual[better]))
+        damping[trying] = torch.where(better, (damping[trying] / 5).clamp(min=MIN_DAMPING), damping[trying] * 5)
+        trying = trying[(score[rows] > accept) & (loss[rows] > 2 * floor)]
+        if not len(trying):
+            return
+
+
 def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
-              exits: Exits, chord_steps: int, metric: Metric, differentiate: Differentiate) -> torch.Tensor:
+              exits: Exits, chord_steps: int, metric: Metric, differentiate: Differentiate,
+              basis: torch.Tensor | None = None) -> torch.Tensor:
     latent_shape = z.shape[1:]
     flat = targets.flatten(1)
     zf = z.view(len(z), -1)
@@ -243,6 +308,14 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
     active = torch.zeros(n, dtype=torch.bool, device=device)
     every = torch.arange(n, device=device)
     active[every] = going(every)
+    if basis is not None and iterations and (idx := active.nonzero().squeeze(1)).numel():
+        # the first Jacobian is sketched: k tangents along the basis, steps in its span
+        sketched = differentiate(zf[idx].view(-1, *latent_shape), basis)
+        _sketched_steps(module, latent_shape, flat, zf, residual, loss, score, idx, basis, sketched, exits.accept, floor,
+                        metric)
+        jacobians[idx] = 1  # stale stays set: the next Jacobian is the full one; ``before`` stays
+        trajectory[idx, 1:] = score[idx, None]  # infinite: a stall within the span says nothing of the rest
+        active[idx] = going(idx)
     while (idx := active.nonzero().squeeze(1)).numel():
         need = idx[stale[idx]]
         if len(need):

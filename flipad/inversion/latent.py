@@ -41,6 +41,9 @@ class ReconstructionConfig:
     ``method="encoder-lm"``: an encoder trained for ``encoder_steps`` batches of the generator's
     own pairs at fit time gives each item's start, then ``lm_iterations`` Levenberg-Marquardt
     steps (an item stops at twice the quantisation floor). ``seed`` seeds the encoder's training.
+    ``sketch``: at most this many latent directions (those that move the output most) the first
+    step works in, a cheap sketched Jacobian (:func:`~flipad.inversion.amortised.sketch_basis`);
+    0 takes every Jacobian in full.
 
     ``metric``: what an item's loss is, the lowest among the latents the search reached: ``jpeg``
     (the residual in JPEG's quantisation steps, so recompressed copies of the generator's outputs
@@ -59,6 +62,7 @@ class ReconstructionConfig:
     encoder_steps: int = 1000
     lm_iterations: int = 10
     metric: str = "jpeg"
+    sketch: int = 16
 
     def __post_init__(self):
         if self.method not in SEARCH_METHODS:
@@ -70,9 +74,10 @@ class ReconstructionConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> ReconstructionConfig:
-        """The config of a saved detector; searches saved before screening or metrics existed keep
-        their unscreened random starts and the MSE (their thresholds were set with them)."""
-        return cls(**{"candidates": saved["starts"], "metric": "mse", **saved})
+        """The config of a saved detector; searches saved before screening, metrics or the sketch
+        existed keep their unscreened random starts, the MSE and full Jacobians (their thresholds
+        were set with them)."""
+        return cls(**{"candidates": saved["starts"], "metric": "mse", "sketch": 0, **saved})
 
 
 def reconstruction_losses(module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor,
@@ -92,12 +97,14 @@ def reconstruction_trajectories(
     encoder: LatentEncoder | None = None,
     exits: Exits = Exits(),
     differentiate: Differentiate | None = None,
+    basis: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per item, the loss in ``config.metric`` after each stage of the search, ``(n, stages)``; the
     last column is the result. ``targets`` lie in ``output_range`` (it sets the metric's 8-bit step
     and the quantisation floor an LM item stops at). ``encoder-lm`` needs the ``encoder`` trained
     for ``module``: the start and the loss after each Jacobian (:func:`lm_trajectories`, stopping at
-    ``exits``, taking Jacobians with ``differentiate``); ``adam``: the result alone."""
+    ``exits``, taking Jacobians with ``differentiate``, the first sketched along ``basis`` where
+    given); ``adam``: the result alone."""
     if config.method == "encoder-lm" and encoder is None:
         raise ValueError("the encoder-lm search needs the generator's trained encoder")
     metric = ResidualMetric(config.metric, targets.shape[1:], output_range)
@@ -111,7 +118,7 @@ def reconstruction_trajectories(
             with torch.no_grad():
                 z = encoder(batch)
             out.append(lm_trajectories(module, batch, z, config.lm_iterations, floor, exits, metric=metric,
-                                       differentiate=differentiate).cpu())
+                                       differentiate=differentiate, basis=basis).cpu())
         else:
             out.append(_search(module, latent_shape, batch, config, config.seed + start, metric).cpu()[:, None])
         report(len(batch))

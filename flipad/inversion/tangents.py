@@ -51,8 +51,8 @@ class ForwardDifferences:
     def __init__(self, module: nn.Module):
         self.module = module
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return jacobian(self.module, z)
+    def __call__(self, z: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+        return jacobian(self.module, z, basis=basis)
 
 
 def _derivative(kind: str, inputs: torch.Tensor, output: torch.Tensor, slope: float = 0.0) -> torch.Tensor:
@@ -101,13 +101,16 @@ class TangentJacobian:
                 self.linear[name] = (scale * m.weight.detach() if m.weight is not None else scale).to(dtype)
 
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        """``(n, out_dim, dim)``: the Jacobian of the flattened output at each latent of ``z``."""
-        chunk = max(1, self.rows // z[0].numel())
-        return torch.cat([self._chunk(z[i : i + chunk]) for i in range(0, len(z), chunk)])
+    def __call__(self, z: torch.Tensor, basis: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, out_dim, dim)``: the Jacobian of the flattened output at each latent of ``z``; with
+        a ``basis`` ``(dim, k)``, its product with the basis ``(n, out_dim, k)``, at the cost of
+        ``k`` tangents per item."""
+        seeds = torch.eye(z[0].numel(), dtype=self.dtype, device=z.device) if basis is None else basis.T.to(self.dtype)
+        chunk = max(1, self.rows // len(seeds))
+        return torch.cat([self._chunk(z[i : i + chunk], seeds) for i in range(0, len(z), chunk)])
 
-    def _chunk(self, z: torch.Tensor) -> torch.Tensor:
-        n, dim = len(z), z[0].numel()
+    def _chunk(self, z: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        n, dim = len(z), len(seeds)  # dim: the tangents per item
         env: dict[fx.Node, tuple[Any, torch.Tensor | None]] = {}
 
         def value(arg: Any) -> Any:
@@ -118,8 +121,7 @@ class TangentJacobian:
 
         for node in self.graph_module.graph.nodes:
             if node.op == "placeholder":
-                eye = torch.eye(dim, dtype=self.dtype, device=z.device)
-                env[node] = (z, eye.expand(n, dim, dim).reshape(n * dim, *z.shape[1:]))
+                env[node] = (z, seeds.expand(n, *seeds.shape).reshape(n * dim, *z.shape[1:]))
             elif node.op == "get_attr":
                 env[node] = (_attribute(self.graph_module, node.target), None)
             elif node.op == "output":
