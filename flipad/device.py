@@ -15,7 +15,7 @@ __all__ = ["resolve_device", "search_layout", "working_memory"]
 
 logger = logging.getLogger(__name__)
 
-WORKING_SHARE = 0.25  # of the memory available on the device, what one batched computation may hold
+WORKING_SHARE = 0.125  # of the memory available on the device, what one batched computation may hold
 MEMINFO = Path("/proc/meminfo")
 CGROUP_MEMORY = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"))  # cgroup v2
 FALLBACK_BYTES = 1 << 30  # where the available memory cannot be read
