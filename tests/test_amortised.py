@@ -215,3 +215,29 @@ def test_a_sketched_first_step_settles_most_own_items_and_the_search_still_reach
     stopped = lm_trajectories(module, targets, start.clone(), 6, floor, exits, differentiate=differentiate, basis=basis)
     torch.testing.assert_close(stopped[:, -1], exits.settle(sketched), rtol=1e-4, atol=1e-7)
     assert torch.equal(stopped[:, -1] <= threshold, sketched[:, -1] <= threshold)
+
+
+@pytest.mark.slow
+def test_calibration_stops_milder_resaves_early_and_sets_the_thresholds_an_exhaustive_search_would(trained_generator):
+    from flipad.detectors.calibration import CalibratedDetector
+    from flipad.io.perturb import perturb
+
+    config = ReconstructionConfig(method="encoder-lm", encoder_steps=150)
+    det = ReconstructionLossDetector(trained_generator, LATENT, fnr=(0.005, 0.05), n_validation=120, config=config,
+                                     progress=False, perturbations=("jpeg q95", "jpeg q90", "jpeg q80", "jpeg q70"),
+                                     n_perturbed=80)
+    validation = det.generate(120, seed=3)
+    det.fit(validation=validation)
+    info = det.fit_info_["perturbations"]
+    assert info["jpeg q70"]["searched_until"] == 0.0  # the lowest quality is searched to the end
+    assert all(info[name]["searched_until"] > 0 for name in ("jpeg q95", "jpeg q90", "jpeg q80"))
+    # every search to its end: the same thresholds, and looser (or equal) screens
+    exhaustive = {name: det.search_.trajectories(perturb(validation[:80], name)) for name in info}
+    reference = CalibratedDetector()
+    reference.fnr = det.fnr
+    reference._calibrate(det.search_.trajectories(validation)[:, -1], {k: t[:, -1] for k, t in exhaustive.items()})
+    for fnr, threshold in reference.thresholds_.items():
+        assert det.thresholds_[fnr] == pytest.approx(threshold, rel=1e-6)
+    stopped = det.condition_scores_["jpeg q95"]
+    exact = exhaustive["jpeg q95"][:, -1].double()
+    assert (stopped >= exact - 1e-9).all() and (stopped > exact + 1e-9).sum() > 20  # most stopped early

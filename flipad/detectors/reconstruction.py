@@ -196,6 +196,13 @@ class ReconstructionSettings:
                                     method=self.method, encoder_steps=self.encoder_steps, sketch=self.sketch)
 
 
+def _searched_first(name: str) -> tuple[bool, float]:
+    """The order calibration searches re-saves in: JPEG from the lowest quality (the loosest
+    quantiles, usually), then the others as given (a stable sort)."""
+    kind, strength, _ = PERTURBATIONS[name]
+    return kind != "jpeg", strength if kind == "jpeg" else 0.0
+
+
 @register_kind
 class ReconstructionLossDetector(Detector):
     """Attribution by the best reconstruction loss of a full-generator latent search.
@@ -281,25 +288,42 @@ class ReconstructionLossDetector(Detector):
     ) -> ReconstructionLossDetector:
         """Set the thresholds from held-out samples of the generator (``validation``, else drawn
         fresh) and, for each of ``perturbations``, from the first ``n_perturbed`` of them after that
-        perturbation (so the FNR holds for recompressed copies too). Returns self."""
+        perturbation (so the FNR holds for recompressed copies too). Returns self.
+
+        The pristine items and the first re-save (the lowest JPEG quality) are searched to their
+        end; an item of a later re-save stops once its loss is within the largest quantile found so
+        far (``fit_info_["perturbations"][name]["searched_until"]``), which leaves every threshold
+        as the exhaustive search would set it: those conditions' losses are exact above that level
+        and upper bounds below it."""
         self._prepare()
         if self.config.method == "encoder-lm":
             with stage("train the latent search's encoder", self.config.encoder_steps, "batches"):
                 self.search_.train_encoder()
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
-        trajectories = self.search_.trajectories_stage()
-        pristine = stages.run(trajectories, validation, "generated (validation)")
-        conditions = {}
+        pristine = stages.run(self.search_.trajectories_stage(), validation, "generated (validation)")
+        conditions, stopped_at = {}, {}
         if self.perturbations and validation.ndim == 4 and validation.dtype == np.uint8:
             subset = validation[: self.n_perturbed or len(validation)]
-            conditions = {name: stages.run(trajectories, perturb(subset, name), f"generated (validation, {name})")
-                          for name in self.perturbations}
+            # The lowest JPEG quality first, each item searched to its end. Every threshold is at
+            # least the largest quantile found so far, so an item of a later condition whose loss
+            # is already below it is settled: stopping it there raises no quantile past it and
+            # changes no threshold (only the screens, which can only loosen). Most items of the
+            # milder re-saves stop at their start.
+            accept = 0.0
+            for name in sorted(self.perturbations, key=_searched_first):
+                search = self.search_.with_exits(Exits(accept=accept))
+                conditions[name] = stages.run(search.trajectories_stage(), perturb(subset, name),
+                                              f"generated (validation, {name})")
+                stopped_at[name] = accept
+                accept = max(accept, min(float(torch.quantile(conditions[name][:, -1].double(), 1 - f)) for f in self.fnr))
+            conditions = {name: conditions[name] for name in self.perturbations}
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         self._set_exits(torch.cat([pristine, *conditions.values()]))
         self.fit_info_ = {"n_validation": len(validation), "validation_loss_median": float(self.validation_scores_.median()),
-                          "perturbations": {name: {"n": len(s), "loss_median": float(s.median())}
-                                            for name, s in conditions.items()}}
+                          "perturbations": {name: {"n": len(t), "loss_median": float(t[:, -1].median()),
+                                                   "searched_until": stopped_at[name]}
+                                            for name, t in conditions.items()}}
         return self
 
     def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
