@@ -15,6 +15,7 @@ from flipad.inversion.amortised import (
     jacobian,
     levenberg_marquardt,
     lm_trajectories,
+    encoder_steps_within,
     quantisation_floor,
     sketch_basis,
     train_encoder,
@@ -241,3 +242,18 @@ def test_calibration_stops_milder_resaves_early_and_sets_the_thresholds_an_exhau
     stopped = det.condition_scores_["jpeg q95"]
     exact = exhaustive["jpeg q95"][:, -1].double()
     assert (stopped >= exact - 1e-9).all() and (stopped > exact + 1e-9).sum() > 20  # most stopped early
+
+
+def test_the_encoder_trains_fewer_batches_on_a_costlier_generator_within_its_budget():
+    from flipad.generators.architectures import DCGANGenerator
+
+    small = DCGANGenerator(latent_dim=64, channels=1, image_size=32, width=16).eval()
+    paper = DCGANGenerator(latent_dim=100, channels=3, image_size=64, width=64).eval()  # the paper's 64x64 RGB
+    assert encoder_steps_within(small, LATENT, SHAPE, RANGE, 1000, tflop=48) == 1000
+    steps = encoder_steps_within(paper, (100, 1, 1), (3, 64, 64), RANGE, 1000, tflop=48)
+    # one step of 256 pairs is about 0.8 GFLOP per pair at 64x64 RGB: about 235 batches in 48 TFLOP
+    assert 150 <= steps <= 350, steps
+    assert encoder_steps_within(paper, (100, 1, 1), (3, 64, 64), RANGE, 1000, tflop=96) > steps
+    assert encoder_steps_within(paper, (100, 1, 1), (3, 64, 64), RANGE, 1000, tflop=0) == 1000  # no budget
+    assert encoder_steps_within(paper, (100, 1, 1), (3, 64, 64), RANGE, 1000, tflop=1) == 100  # the floor
+    assert encoder_steps_within(paper, (100, 1, 1), (3, 64, 64), RANGE, 40, tflop=1) == 40  # never past the maximum

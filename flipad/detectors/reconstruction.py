@@ -30,7 +30,14 @@ from ..generators.sampling import (
     probe_output_range,
     resolve_latent_shape,
 )
-from ..inversion.amortised import Differentiate, Exits, LatentEncoder, sketch_basis, train_encoder
+from ..inversion.amortised import (
+    Differentiate,
+    Exits,
+    LatentEncoder,
+    encoder_steps_within,
+    sketch_basis,
+    train_encoder,
+)
 from ..inversion.latent import SEARCH_METHODS, ReconstructionConfig, reconstruction_trajectories
 from ..inversion.tangents import search_jacobian
 from ..io.data import check_sample_shape, to_output_range
@@ -104,11 +111,17 @@ class LatentSearch:
         return LatentSearch(self.module, self.latent_shape, self.output_range, self.output_shape, self.config,
                             self.progress, self.encoder, exits, self.differentiate, self.basis)
 
-    def train_encoder(self) -> LatentEncoder:
+    def encoder_steps(self) -> int:
+        """The batches :meth:`train_encoder` takes: ``config.encoder_steps`` within ``config.encoder_tflop``."""
+        return encoder_steps_within(self.module, self.latent_shape, self.output_shape, self.output_range,
+                                    self.config.encoder_steps, self.config.encoder_tflop)
+
+    def train_encoder(self, steps: int | None = None) -> LatentEncoder:
         """Train (and keep) the amortised encoder of the ``encoder-lm`` search on fresh generator
-        pairs, and the directions its sketched first step works in (``config.sketch`` > 0)."""
+        pairs for ``steps`` batches (default :meth:`encoder_steps`), and the directions its
+        sketched first step works in (``config.sketch`` > 0)."""
         self.encoder = train_encoder(self.module, self.latent_shape, self.output_shape, self.output_range,
-                                     self.config.encoder_steps, seed=self.config.seed)
+                                     self.encoder_steps() if steps is None else steps, seed=self.config.seed)
         if self.config.sketch:
             device = next(self.module.parameters()).device
             self.basis = sketch_basis(self.differentiate, self.latent_shape, self.config.sketch, self.config.seed, device)
@@ -168,7 +181,10 @@ class ReconstructionSettings:
         "help": "the latent search: encoder-lm (an encoder trained on the generator's own pairs, refined by "
                 "Levenberg-Marquardt) or adam (screened random starts + Adam)"})
     encoder_steps: int = field(default=ReconstructionConfig.encoder_steps,
-                               metadata={"help": "encoder-lm: training batches of the encoder"})
+                               metadata={"help": "encoder-lm: training batches of the encoder, at most"})
+    encoder_tflop: float = field(default=ReconstructionConfig.encoder_tflop, metadata={
+        "help": "encoder-lm: the encoder's training budget in TFLOP: larger generators train fewer batches "
+                "(at least 100); 0 trains encoder_steps"})
     sketch: int = field(default=ReconstructionConfig.sketch, metadata={
         "help": "encoder-lm: at most this many latent directions the first step works in (a sketched Jacobian); "
                 "0 takes every Jacobian in full"})
@@ -185,7 +201,7 @@ class ReconstructionSettings:
         for name in self.perturbations:
             if name not in PERTURBATIONS:
                 raise ValueError(f"reconstruction.perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
-        for name, low in (("encoder_steps", 1), ("sketch", 0), ("steps", 10), ("starts", 1), ("n_perturbed", 20)):
+        for name, low in (("encoder_steps", 1), ("encoder_tflop", 0), ("sketch", 0), ("steps", 10), ("starts", 1), ("n_perturbed", 20)):
             if getattr(self, name) < low:
                 raise ValueError(f"reconstruction.{name} {getattr(self, name)}: use at least {low}")
 
@@ -193,7 +209,8 @@ class ReconstructionSettings:
         """The latent search these settings ask for."""
         return ReconstructionConfig(steps=self.steps, starts=self.starts, seed=seed,
                                     candidates=max(ReconstructionConfig.candidates, self.starts),
-                                    method=self.method, encoder_steps=self.encoder_steps, sketch=self.sketch)
+                                    method=self.method, encoder_steps=self.encoder_steps,
+                                    encoder_tflop=self.encoder_tflop, sketch=self.sketch)
 
 
 def _searched_first(name: str) -> tuple[bool, float]:
@@ -296,9 +313,11 @@ class ReconstructionLossDetector(Detector):
         as the exhaustive search would set it: those conditions' losses are exact above that level
         and upper bounds below it."""
         self._prepare()
+        encoder_steps = None
         if self.config.method == "encoder-lm":
-            with stage("train the latent search's encoder", self.config.encoder_steps, "batches"):
-                self.search_.train_encoder()
+            encoder_steps = self.search_.encoder_steps()
+            with stage("train the latent search's encoder", encoder_steps, "batches"):
+                self.search_.train_encoder(encoder_steps)
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
         pristine = stages.run(self.search_.trajectories_stage(), validation, "generated (validation)")
@@ -321,6 +340,7 @@ class ReconstructionLossDetector(Detector):
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         self._set_exits(torch.cat([pristine, *conditions.values()]))
         self.fit_info_ = {"n_validation": len(validation), "validation_loss_median": float(self.validation_scores_.median()),
+                          "encoder_steps": encoder_steps,
                           "perturbations": {name: {"n": len(t), "loss_median": float(t[:, -1].median()),
                                                    "searched_until": stopped_at[name]}
                                             for name, t in conditions.items()}}

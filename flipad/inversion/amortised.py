@@ -23,16 +23,21 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..device import working_memory
 from ..progress import report
 
-__all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse", "quantisation_floor",
-           "sketch_basis", "train_encoder"]
+__all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "encoder_steps_within", "jacobian", "levenberg_marquardt",
+           "lm_trajectories", "mse", "quantisation_floor", "sketch_basis", "train_encoder"]
 
 # float32 copies of a chunk's Jacobians held while they are taken, kept and multiplied (about 7
 # measured: a 13.5 GB peak with 1.8 GB of Jacobians per chunk at 128x128 RGB, bench generator_sizes)
 JACOBIAN_COPIES = 8
+ENCODER_BATCH = 256  # fresh generator pairs per batch of the encoder's training
+# batches below which a budget does not cut the encoder's training: 75 batches of 256 still gave
+# 64x64 RGB own items starts without a tail (docs/design.md); fewer were not measured
+MIN_ENCODER_STEPS = 100
 CHORD_STEPS = 8  # steps an LM Jacobian serves before a new one is taken
 FD_STEP = 1e-3  # the latent step of the forward differences (latents are ~N(0, 1))
 FD_ROWS = 512  # latents per forward pass of the forward differences: bounds their activations (and
@@ -83,7 +88,7 @@ def train_encoder(
     output_shape: Sequence[int],
     output_range: tuple[float, float],
     steps: int,
-    batch_size: int = 256,
+    batch_size: int = ENCODER_BATCH,
     image_weight: float = 10.0,
     seed: int = 0,
 ) -> LatentEncoder:
@@ -103,19 +108,44 @@ def train_encoder(
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         z = torch.randn(batch_size, *latent_shape, generator=gen).to(device)
-        with torch.no_grad():
-            x = torch.round((module(z) - low) / scale) * scale + low  # what an 8-bit copy holds
-        guess = encoder(x)
-        # only the encoder's weights are updated; the generator's get no gradients
-        reconstruction = ((module(guess) - x) ** 2).mean()
-        loss = ((guess - z) ** 2).mean() + image_weight * reconstruction
-        grads = torch.autograd.grad(loss, list(encoder.parameters()))
+        grads = _encoder_gradients(module, encoder, z, low, scale, image_weight)
         for p, g in zip(encoder.parameters(), grads):
             p.grad = g
         opt.step()
         schedule.step()
         report(1)
     return encoder.eval()
+
+
+def _encoder_gradients(module: nn.Module, encoder: LatentEncoder, z: torch.Tensor, low: float, scale: float,
+                       image_weight: float) -> tuple[torch.Tensor, ...]:
+    """One training step's gradients of the encoder's weights on the latents ``z``."""
+    with torch.no_grad():
+        x = torch.round((module(z) - low) / scale) * scale + low  # what an 8-bit copy holds
+    guess = encoder(x)
+    # only the encoder's weights are updated; the generator's get no gradients
+    reconstruction = ((module(guess) - x) ** 2).mean()
+    loss = ((guess - z) ** 2).mean() + image_weight * reconstruction
+    return torch.autograd.grad(loss, list(encoder.parameters()))
+
+
+def encoder_steps_within(module: nn.Module, latent_shape: Sequence[int], output_shape: Sequence[int],
+                         output_range: tuple[float, float], max_steps: int, tflop: float,
+                         batch_size: int = ENCODER_BATCH) -> int:
+    """The batches :func:`train_encoder` may take within ``tflop`` TFLOP of training (at most
+    ``max_steps``, at least ``MIN_ENCODER_STEPS``; ``tflop=0``: ``max_steps``). A step's FLOPs are
+    counted once (``torch.utils.flop_counter``) on two latents: the generator's forward passes and
+    the encoder's forward and backward pass, which grow with the image, not with the latent."""
+    if not tflop:
+        return max_steps
+    low, high = output_range
+    device = next(module.parameters()).device
+    encoder = LatentEncoder(output_shape, latent_shape).to(device)
+    z = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
+    with FlopCounterMode(display=False) as counter:
+        _encoder_gradients(module, encoder, z, low, (high - low) / 255, 1.0)
+    per_item = counter.get_total_flops() / len(z)
+    return max(min(max_steps, MIN_ENCODER_STEPS), min(max_steps, int(tflop * 1e12 / (batch_size * max(per_item, 1)))))
 
 
 @dataclass(frozen=True)

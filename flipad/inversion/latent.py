@@ -38,8 +38,10 @@ class ReconstructionConfig:
     less than ``tol`` (relative) over ``patience`` steps. ``batch_size`` counts items (each with
     all its starts).
 
-    ``method="encoder-lm"``: an encoder trained for ``encoder_steps`` batches of the generator's
-    own pairs at fit time gives each item's start, then ``lm_iterations`` Levenberg-Marquardt
+    ``method="encoder-lm"``: an encoder trained for at most ``encoder_steps`` batches of the
+    generator's own pairs at fit time, fewer where they would cost more than ``encoder_tflop``
+    TFLOP (0: no budget; :func:`~flipad.inversion.amortised.encoder_steps_within`), gives each
+    item's start, then ``lm_iterations`` Levenberg-Marquardt
     steps (an item stops at twice the quantisation floor). ``seed`` seeds the encoder's training.
     ``sketch``: at most this many latent directions (those that move the output most) the first
     step works in, a cheap sketched Jacobian (:func:`~flipad.inversion.amortised.sketch_basis`);
@@ -60,6 +62,7 @@ class ReconstructionConfig:
     seed: int = 0
     method: str = "adam"
     encoder_steps: int = 1000
+    encoder_tflop: float = 48.0
     lm_iterations: int = 10
     metric: str = "jpeg"
     sketch: int = 16
@@ -74,10 +77,10 @@ class ReconstructionConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> ReconstructionConfig:
-        """The config of a saved detector; searches saved before screening, metrics or the sketch
-        existed keep their unscreened random starts, the MSE and full Jacobians (their thresholds
-        were set with them)."""
-        return cls(**{"candidates": saved["starts"], "metric": "mse", "sketch": 0, **saved})
+        """The config of a saved detector; searches saved before screening, metrics, the sketch or
+        the encoder's budget existed keep their unscreened random starts, the MSE, full Jacobians
+        and the batches they trained (their thresholds were set with them)."""
+        return cls(**{"candidates": saved["starts"], "metric": "mse", "sketch": 0, "encoder_tflop": 0.0, **saved})
 
 
 def reconstruction_losses(module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor,
