@@ -34,7 +34,7 @@ COMPETITOR = [sys.executable, "-c", "while True: pass"]
 
 
 def onboard(command: list[str], cwd: Path, env: dict, competitor: bool) -> dict:
-    """One ``flipad onboard`` run: wall and CPU seconds, and its stages' seconds."""
+    """One ``flipad onboard`` run: wall and CPU seconds, its stages' seconds and the last lines it printed."""
     print("$ " + shlex.join(command) + ("   # beside a busy loop" if competitor else ""), flush=True)
     hog = subprocess.Popen(COMPETITOR) if competitor else None
     try:
@@ -53,7 +53,7 @@ def onboard(command: list[str], cwd: Path, env: dict, competitor: bool) -> dict:
     # the stages, not the whole run ("onboard NAME")
     stages = {name: s for name, s in stage_seconds(done.stderr).items() if not name.startswith("onboard ")}
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": wall, "cpu_s": cpu, "stages": stages}
+    return {"wall_s": wall, "cpu_s": cpu, "stages": stages, "output": "\n".join(done.stdout.strip().splitlines()[-8:])}
 
 
 def run(argv: list[str]) -> dict:

@@ -48,6 +48,11 @@ Attributed when `score >= threshold` (score: higher = more typical of the genera
 Thresholds: {thresholds}. 95% upper bounds on the FNR from the calibration samples: {bounds}.
 
 ## Held-out evaluation at FNR {first:g} (one row per other source)
+Scored as attribution scores them: a latent search stops once an item's verdict is settled (an
+attributed item's loss at most the threshold, a rejected one's above it), so the AUC ranks those
+settled scores, exact where the verdict is right; a verdict of several families is scored
+exhaustively.
+
 | source | balanced accuracy | AUC | own attributed | source attributed |
 |---|---|---|---|---|
 {sources}
