@@ -219,7 +219,7 @@ def test_a_sketched_first_step_settles_most_own_items_and_the_search_still_reach
 
 
 @pytest.mark.slow
-def test_calibration_stops_milder_resaves_early_and_sets_the_thresholds_an_exhaustive_search_would(trained_generator):
+def test_calibration_stops_milder_conditions_early_and_sets_the_thresholds_an_exhaustive_search_would(trained_generator):
     from flipad.detectors.calibration import CalibratedDetector
     from flipad.io.perturb import perturb
 
@@ -232,6 +232,8 @@ def test_calibration_stops_milder_resaves_early_and_sets_the_thresholds_an_exhau
     info = det.fit_info_["perturbations"]
     assert info["jpeg q70"]["searched_until"] == 0.0  # the lowest quality is searched to the end
     assert all(info[name]["searched_until"] > 0 for name in ("jpeg q95", "jpeg q90", "jpeg q80"))
+    assert det.fit_info_["searched_until"] >= info["jpeg q80"]["searched_until"]  # the pristine set last
+    assert det.fit_summary()["validation_settled_early"] > 0.5
     # every search to its end: the same thresholds, and looser (or equal) screens
     exhaustive = {name: det.search_.trajectories(perturb(validation[:80], name)) for name in info}
     reference = CalibratedDetector()

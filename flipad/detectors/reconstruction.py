@@ -307,11 +307,11 @@ class ReconstructionLossDetector(Detector):
         fresh) and, for each of ``perturbations``, from the first ``n_perturbed`` of them after that
         perturbation (so the FNR holds for recompressed copies too). Returns self.
 
-        The pristine items and the first re-save (the lowest JPEG quality) are searched to their
-        end; an item of a later re-save stops once its loss is within the largest quantile found so
-        far (``fit_info_["perturbations"][name]["searched_until"]``), which leaves every threshold
-        as the exhaustive search would set it: those conditions' losses are exact above that level
-        and upper bounds below it."""
+        The first re-save (the lowest JPEG quality) is searched to its end; an item of a later
+        re-save, and then of the pristine set, stops once its loss is within the largest quantile
+        found so far (``fit_info_["perturbations"][name]["searched_until"]``, the pristine set's
+        ``fit_info_["searched_until"]``), which leaves every threshold as the exhaustive search
+        would set it: those losses are exact above that level and upper bounds below it."""
         self._prepare()
         encoder_steps = None
         if self.config.method == "encoder-lm":
@@ -320,16 +320,14 @@ class ReconstructionLossDetector(Detector):
                 self.search_.train_encoder(encoder_steps)
         if validation is None:
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
-        pristine = stages.run(self.search_.trajectories_stage(), validation, "generated (validation)")
-        conditions, stopped_at = {}, {}
+        conditions, stopped_at, accept = {}, {}, 0.0
         if self.perturbations and validation.ndim == 4 and validation.dtype == np.uint8:
             subset = validation[: self.n_perturbed or len(validation)]
             # The lowest JPEG quality first, each item searched to its end. Every threshold is at
-            # least the largest quantile found so far, so an item of a later condition whose loss
-            # is already below it is settled: stopping it there raises no quantile past it and
-            # changes no threshold (only the screens, which can only loosen). Most items of the
-            # milder re-saves stop at their start.
-            accept = 0.0
+            # least the largest quantile found so far, so an item of a later condition (the milder
+            # re-saves, then the pristine items) whose loss is already below it is settled:
+            # stopping it there raises no quantile past it and changes no threshold (only the
+            # screens, which can only loosen). Most such items stop at their start.
             for name in sorted(self.perturbations, key=_searched_first):
                 search = self.search_.with_exits(Exits(accept=accept))
                 conditions[name] = stages.run(search.trajectories_stage(), perturb(subset, name),
@@ -337,9 +335,12 @@ class ReconstructionLossDetector(Detector):
                 stopped_at[name] = accept
                 accept = max(accept, min(float(torch.quantile(conditions[name][:, -1].double(), 1 - f)) for f in self.fnr))
             conditions = {name: conditions[name] for name in self.perturbations}
+        pristine = stages.run(self.search_.with_exits(Exits(accept=accept)).trajectories_stage(), validation,
+                              "generated (validation)")
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         self._set_exits(torch.cat([pristine, *conditions.values()]))
-        self.fit_info_ = {"n_validation": len(validation), "validation_loss_median": float(self.validation_scores_.median()),
+        self.fit_info_ = {"n_validation": len(validation), "searched_until": accept,
+                          "validation_settled_early": float((pristine[:, -1] <= accept).double().mean()),
                           "encoder_steps": encoder_steps,
                           "perturbations": {name: {"n": len(t), "loss_median": float(t[:, -1].median()),
                                                    "searched_until": stopped_at[name]}
@@ -386,7 +387,10 @@ class ReconstructionLossDetector(Detector):
         return self._verdict_scores(losses, {"latent_loss": losses.double().numpy()})
 
     def fit_summary(self) -> dict[str, float]:
-        return {"latent_loss_validation_median": float(self.validation_scores_.median())}
+        """The level calibration searched the milder conditions down to, and the share of pristine
+        validation items within it at their first stop (their losses are upper bounds there)."""
+        return {"calibration_searched_until": float(self.fit_info_.get("searched_until", 0.0)),
+                "validation_settled_early": float(self.fit_info_.get("validation_settled_early", 0.0))}
 
     def generator_info(self) -> dict[str, Any]:
         return {"latent_shape": list(self.latent_shape_)}
