@@ -275,6 +275,28 @@ def sketch_basis(differentiate: Differentiate, latent_shape: Sequence[int], max_
 
 
 @torch.no_grad()
+def _damped_step(module: nn.Module, latent_shape: Sequence[int], flat: torch.Tensor, zf: torch.Tensor,
+                 residual: torch.Tensor, loss: torch.Tensor, score: torch.Tensor, rows: torch.Tensor,
+                 normal: torch.Tensor, gradient: torch.Tensor, damping: torch.Tensor, metric: Metric,
+                 basis: torch.Tensor | None = None) -> torch.Tensor:
+    """One damped Gauss-Newton step of items ``rows`` from their normal equations (within the span
+    of ``basis`` where given), kept where it lowers the MSE: ``zf``, ``residual``, ``loss`` and
+    ``score`` are updated in place; returns which of ``rows`` improved."""
+    diagonal = torch.diagonal(normal, dim1=1, dim2=2)
+    step = torch.linalg.solve(normal + torch.diag_embed(damping[:, None] * (diagonal + 1e-9)), -gradient)
+    if basis is not None:
+        step = step @ basis.T
+    new_residual = module((zf[rows] + step).view(-1, *latent_shape)).flatten(1) - flat[rows]
+    new = (new_residual**2).mean(1)
+    better = new < loss[rows]
+    went = rows[better]
+    zf[went] += step[better]
+    residual[went], loss[went] = new_residual[better], new[better]
+    score[went] = torch.minimum(score[went], metric(new_residual[better]))
+    return better
+
+
+@torch.no_grad()
 def _sketched_steps(module: nn.Module, latent_shape: Sequence[int], flat: torch.Tensor, zf: torch.Tensor,
                     residual: torch.Tensor, loss: torch.Tensor,
                     score: torch.Tensor, idx: torch.Tensor, basis: torch.Tensor, jac: torch.Tensor, accept: float,
@@ -283,21 +305,13 @@ def _sketched_steps(module: nn.Module, latent_shape: Sequence[int], flat: torch.
     their sketched Jacobians ``jac`` (m, out_dim, k); the item tensors are updated in place where a
     step lowers the MSE. An item stops trying once it is attributed or at the quantisation floor."""
     normal = jac.transpose(1, 2) @ jac
-    diagonal = torch.diagonal(normal, dim1=1, dim2=2)
     damping = torch.full((len(idx),), 1e-3, device=zf.device, dtype=zf.dtype)
     trying = torch.arange(len(idx), device=zf.device)
     for _ in range(SKETCH_STEPS):
         rows = idx[trying]
         gradient = (jac[trying].transpose(1, 2) @ residual[rows, :, None])[..., 0]
-        step = torch.linalg.solve(normal[trying] + torch.diag_embed(damping[trying, None] * (diagonal[trying] + 1e-9)),
-                                  -gradient) @ basis.T
-        new_residual = module((zf[rows] + step).view(-1, *latent_shape)).flatten(1) - flat[rows]
-        new = (new_residual**2).mean(1)
-        better = new < loss[rows]
-        went = rows[better]
-        zf[went] += step[better]
-        residual[went], loss[went] = new_residual[better], new[better]
-        score[went] = torch.minimum(score[went], metric(new_residual[better]))
+        better = _damped_step(module, latent_shape, flat, zf, residual, loss, score, rows, normal[trying], gradient,
+                              damping[trying], metric, basis)
         damping[trying] = torch.where(better, (damping[trying] / 5).clamp(min=MIN_DAMPING), damping[trying] * 5)
         trying = trying[(score[rows] > accept) & (loss[rows] > 2 * floor)]
         if not len(trying):
@@ -357,17 +371,9 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
                 gradient[need] = (jac.transpose(1, 2) @ residual[need, :, None])[..., 0]
             stale[need], jacobians[need], attempts[need], moved[need] = False, jacobians[need] + 1, 0, False
             before[need] = loss[need]
-        with torch.no_grad():
-            a = normal[idx]
-            diagonal = torch.diagonal(a, dim1=1, dim2=2)
-            step = torch.linalg.solve(a + torch.diag_embed(damping[idx, None] * (diagonal + 1e-9)), -gradient[idx])
-            new_residual = module((zf[idx] + step).view(-1, *latent_shape)).flatten(1) - flat[idx]
-            new = (new_residual**2).mean(1)
-        better = new < loss[idx]
+        better = _damped_step(module, latent_shape, flat, zf, residual, loss, score, idx, normal[idx], gradient[idx],
+                              damping[idx], metric)
         went = idx[better]
-        zf[went] += step[better]
-        residual[went], loss[went] = new_residual[better], new[better]
-        score[went] = torch.minimum(score[went], metric(new_residual[better]))
         with torch.no_grad():  # the chord: the same Jacobian, the gradient of the new residual
             gradient[went] = (jacobian_of[went].transpose(1, 2) @ residual[went, :, None])[..., 0]
         # only a step that fails where the Jacobian was taken counts towards giving up; one that
