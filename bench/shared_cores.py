@@ -113,6 +113,6 @@ def headline(figures: dict) -> list[str]:
 
 
 BENCHMARK = Benchmark("shared_cores", __doc__, run, render, headline,
-                      quick=("--real", "60", "--baseline",
+                      quick=("--real", "60",
                              "--onboard-args=--num-samples 40 --num-validation 20 --num-test 10 --challenger-steps 0 "
                              "--set reconstruction.encoder_steps=20 --set reconstruction.n_perturbed=20"))

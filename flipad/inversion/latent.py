@@ -61,7 +61,7 @@ class ReconstructionConfig:
     batch_size: int = 128
     seed: int = 0
     method: str = "adam"
-    encoder_steps: int = 1000
+    encoder_steps: int = 600
     encoder_tflop: float = 48.0
     lm_iterations: int = 10
     metric: str = "jpeg"
