@@ -39,8 +39,8 @@ DEMO_GENERATOR = dict(latent_dim=64, channels=1, image_size=32, width=32)
 DEMO_MODEL = "fashion-dcgan"
 DEMO_LATENT = (64, 1, 1)
 STREAM_SEED = 9000  # the onboarding flow draws with seeds 1000-5000: these samples are new to it
-# the demo's budget (10 minutes on two cores from a fresh clone): a shorter-trained encoder for the
-# latent search and briefly trained challengers (`flipad onboard` trains its encoder 600 steps too)
+# the demo's budget (10 minutes on two cores from a fresh clone): briefly trained challengers; the
+# latent search's encoder trains 600 steps, as `flipad onboard`'s default does
 DEMO_ENCODER_STEPS = 600
 DEMO_CHALLENGER_STEPS = 200
 # the demo generators as trained by demo_generator (seeds 0 and 1, 1,000 steps, torch 2.13.0 CPU,
