@@ -14,7 +14,7 @@ from .io.data import DataError, ItemInfo, decode_item, item_info, jpeg_history_q
 from .keys import KeySet, best_matches
 from .kinds import diagnostic_columns
 
-__all__ = ["Column", "ItemResult", "VERDICTS", "item_columns", "item_schema", "score_items", "served_columns",
+__all__ = ["Column", "ItemResult", "VERDICTS", "item_columns", "item_schema", "score_items", "served_columns", "UNSEEN_RESAVE",
            "undecided_reason"]
 
 NAN = float("nan")
@@ -64,7 +64,9 @@ class ItemResult:
     format: str = _column("string", "what arrived: png, jpeg, webp, npy, ...", default="")
     height: float = _column("double", "the item's height as it arrived", default=NAN)
     width: float = _column("double", "the item's width as it arrived", default=NAN)
-    jpeg_quality: float = _column("double", "the JPEG's quality estimated from its quantisation tables", default=NAN)
+    jpeg_quality: float = _column("double", "the JPEG's quality estimated from its quantisation tables; for another "
+                                  "format, of the JPEG its pixels were once saved as, where they show one",
+                                  default=NAN)
     key_id: str = _column("string", "the recipient whose key the attributed item carries; empty for no key",
                           served=True, default="")
     key_set: str = _column("string", "the key set version of that recipient", default="")
@@ -129,46 +131,62 @@ def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[Ke
     stop the others. JPEGs re-saved below the lowest quality the detector's thresholds were
     calibrated on (:meth:`~flipad.detectors.base.Detector.calibrated_jpeg_quality`), and items of
     other formats that still carry such a JPEG's quantisation (a PNG of a JPEG:
-    :func:`~flipad.io.data.jpeg_history_quality`), are scored but ``undecided``. With ``keysets`` (the generator's key sets, built from the owner's
-    secret), attributed items are inverted once more and their recipient read. The threshold is
-    the detector's default (its first FNR target). Works for every detector kind.
+    :func:`~flipad.io.data.jpeg_history_quality`), are scored but ``undecided``. Items of a
+    lossless format whose pixels carry no JPEG's quantisation at any quality are scored as
+    lossless (:meth:`~flipad.detectors.base.Detector.score_lossless`): families that can, judge
+    them against their unaltered own items, and one between those and the re-saved own items'
+    thresholds is ``undecided``. With ``keysets`` (the generator's key sets, built from the
+    owner's secret), attributed items are inverted once more and their recipient read. The
+    threshold is the detector's default (its first FNR target), per item as its scoring judged it.
+    Works for every detector kind.
     """
     threshold = detector.threshold()
     lowest_quality = detector.calibrated_jpeg_quality()
     results: list[ItemResult | None] = [None] * len(items)
     infos = [item_info(data) for data in items]
-    groups: dict[bool, list[tuple[int, np.ndarray]]] = {}
+    groups: dict[tuple[bool, bool], list[tuple[int, np.ndarray]]] = {}
     for i, data in enumerate(items):
         try:
             arr = decode_item(data, detector.output_shape, value_range=detector.sample_range)
         except DataError as exc:
             results[i] = _result(None, threshold, str(exc), infos[i])
             continue
-        if lowest_quality is not None and arr.dtype == np.uint8 and infos[i].format != "jpeg":
-            infos[i] = replace(infos[i], jpeg_quality=jpeg_history_quality(arr, lowest_quality))
-        groups.setdefault(arr.dtype == np.uint8, []).append((i, arr))
-    for members in groups.values():  # 8-bit pixels and output-range floats are scored apart
+        pixels = arr.dtype == np.uint8
+        if pixels and infos[i].format != "jpeg" and (lowest_quality is not None or infos[i].lossless):
+            infos[i] = replace(infos[i], jpeg_quality=jpeg_history_quality(arr, JPEG_HISTORY_ABOVE))
+        lossless = infos[i].lossless and not infos[i].jpeg_quality < JPEG_HISTORY_ABOVE
+        groups.setdefault((pixels, lossless), []).append((i, arr))
+    for (_, lossless), members in groups.items():  # 8-bit pixels and output-range floats are scored apart
         batch = np.stack([arr for _, arr in members])
         try:
-            scores = detector.score(batch)
+            scores = detector.score_lossless(batch) if lossless else detector.score(batch)
         except (RuntimeError, ValueError) as exc:  # e.g. out of memory: these items fail, the request does not
             message = f"scoring failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
             for i, _ in members:
                 results[i] = _result(None, threshold, message, infos[i])
             continue
         pixel_mean, pixel_std = pixel_stats(batch)
+        between = scores.is_undecided()
         for k, (i, _) in enumerate(members):
             value = scores.score[k]
             ok = bool(np.isfinite(value))
             results[i] = _result(
-                float(value) if ok else None, threshold, "" if ok else "the detector returned a non-finite score",
-                infos[i], undecided_reason(infos[i], lowest_quality),
+                float(value) if ok else None, scores.threshold,
+                "" if ok else "the detector returned a non-finite score", infos[i],
+                undecided_reason(infos[i], lowest_quality) or (UNSEEN_RESAVE if between[k] else ""),
                 {"diagnostics": {name: float(values[k]) for name, values in scores.diagnostics.items()},
                  "pixel_mean": float(pixel_mean[k]), "pixel_std": float(pixel_std[k])},
             )
         if keysets:
             _read_keys(detector, members, batch, results, keysets)
     return results  # type: ignore[return-value]
+
+
+# a lossless item whose pixels carry a JPEG's quantisation at a quality up to this was a JPEG
+JPEG_HISTORY_ABOVE = 99.0
+UNSEEN_RESAVE = ("a lossless item with no trace of a JPEG, which the generator reconstructs worse than its unaltered "
+                 "items but within what its re-saved items reach: its own item re-saved without a trace (a PNG of a "
+                 "WebP, say) or another source")
 
 
 def _read_keys(detector: Detector, members: list, batch: np.ndarray, results: list, keysets: Sequence[KeySet]) -> None:

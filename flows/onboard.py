@@ -211,9 +211,15 @@ def evaluate(detector: Detector, scores: dict[str, Scores],
     attributed; the worst source and variant as the headline; and the verdict's per-source
     results table."""
     own = scores[OWN]
-    metrics, pairs = _pair_metrics(detector, {k: s.score for k, s in scores.items()}, own.thresholds)
-    for fnr, threshold in own.thresholds.items():
+    metrics, pairs = _pair_metrics(detector, {k: s.score for k, s in scores.items()},
+                                   {k: s.thresholds for k, s in scores.items()})
+    for name, s in scores.items():
+        if s.resaved_thresholds:  # scored as lossless by a family that leaves some of them undecided
+            metrics[f"undecided_{source_key(name)}"] = float(s.is_undecided().mean())
+    for fnr, threshold in (own.resaved_thresholds or own.thresholds).items():
         metrics[f"threshold_fnr{fnr:g}"] = threshold  # on the score: attributed when score >= threshold
+    if own.resaved_thresholds:  # the stricter ones lossless items are judged against
+        metrics.update({f"threshold_unaltered_fnr{fnr:g}": t for fnr, t in own.thresholds.items()})
     first = next(iter(own.thresholds))
     worst = min((p for p in pairs if p.fnr_target == first), key=lambda p: p.balanced_accuracy)
     metrics["worst_balanced_accuracy"] = worst.balanced_accuracy
@@ -226,7 +232,7 @@ def evaluate(detector: Detector, scores: dict[str, Scores],
     if len(own.families) > 1:
         for family, thresholds in own.family_thresholds.items():
             family_metrics, _ = _pair_metrics(detector.parts()[family], {k: s.families[family] for k, s in scores.items()},
-                                              thresholds)
+                                              {k: s.family_thresholds[family] for k, s in scores.items()})
             metrics.update({f"{family}.{k}": v for k, v in family_metrics.items()})
     table = pd.DataFrame([p.to_dict() for p in pairs])
     table.attrs["worst_source"] = worst.source
@@ -241,9 +247,14 @@ def headline(metrics: dict[str, float], table: pd.DataFrame, fnr: float) -> str:
             f"({table.attrs['worst_own_variant']})")
 
 
-def _pair_metrics(part, scores: dict[str, np.ndarray], thresholds: dict[float, float]) -> tuple[dict[str, float], list]:
+def _pair_metrics(part, scores: dict[str, np.ndarray],
+                  thresholds: dict[str, dict[float, float]]) -> tuple[dict[str, float], list]:
+    """``scores`` and ``thresholds`` per set (each set is judged against its own: a lossless set
+    may have stricter ones); the own set's are the verdict's."""
     own = scores[OWN]
-    pairs = evaluate_scores(thresholds, own, {k: v for k, v in scores.items() if k != OWN})
+    others = [k for k in scores if k != OWN]
+    pairs = evaluate_scores(thresholds[OWN], own, {k: scores[k] for k in others}, {k: thresholds[k] for k in others})
+    thresholds = thresholds[OWN]
     metrics: dict[str, float] = {}
     for p in pairs:
         tag = f"{source_key(p.source)}_fnr{p.fnr_target:g}"
@@ -261,10 +272,18 @@ def _pair_metrics(part, scores: dict[str, np.ndarray], thresholds: dict[float, f
     return metrics, pairs
 
 
-def primary_metric(detector: Detector, samples: dict[str, np.ndarray], stages: Stages) -> float:
+def score_sets(detector: Detector, samples: dict[str, np.ndarray], lossless: set[str], stages: Stages,
+               exhaustive: bool = False) -> dict[str, Scores]:
+    """Each held-out set's scores; the sets in ``lossless`` (made in memory, never re-saved) as lossless items."""
+    return {name: (detector.score_lossless if name in lossless else detector.score)(x, stages, exhaustive)
+            for name, x in samples.items()}
+
+
+def primary_metric(detector: Detector, samples: dict[str, np.ndarray], lossless: set[str], stages: Stages) -> float:
     """``worst_balanced_accuracy`` of any detector on this run's held-out sets: what promotion compares."""
-    scores = {name: detector.score(x, stages) for name, x in samples.items()}
-    metrics, pairs = _pair_metrics(detector, {k: s.score for k, s in scores.items()}, scores[OWN].thresholds)
+    scores = score_sets(detector, samples, lossless, stages)
+    metrics, pairs = _pair_metrics(detector, {k: s.score for k, s in scores.items()},
+                                   {k: s.thresholds for k, s in scores.items()})
     first = next(iter(scores[OWN].thresholds))
     return min(p.balanced_accuracy for p in pairs if p.fnr_target == first)
 
@@ -296,6 +315,9 @@ def _reference(scores: dict[str, Scores], samples: dict[str, np.ndarray]) -> pd.
     return pd.concat(frames, ignore_index=True)
 
 
+RESAVED_CHALLENGER = "jpeg q80"  # the re-save the first look-alike is also evaluated after
+
+
 @task(name="open-world-sets", persist_result=False)
 def open_world_sets(detector: Detector, config: OnboardConfig, real: np.ndarray,
                     own: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -312,7 +334,7 @@ def open_world_sets(detector: Detector, config: OnboardConfig, real: np.ndarray,
     challengers = detector.lookalikes(real, Seeds(config.seed), config.challenger_steps, n)
     first = next((name for name in challengers if not name.endswith("perturbed")), None)
     if first is not None:
-        challengers[f"{first} jpeg q80"] = perturb(challengers[first], "jpeg q80")
+        challengers[f"{first} {RESAVED_CHALLENGER}"] = perturb(challengers[first], RESAVED_CHALLENGER)
     return variants, challengers
 
 
@@ -382,6 +404,9 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
     with progress_stage("build the look-alike challengers", config.challenger_steps if config.open_world else None, "GAN steps"):
         variants, challengers = open_world_sets(detector, config, train["real"], test[OWN])
     test.update(challengers)
+    # the sets made in memory are scored as lossless items; those read from files may have been re-saved
+    lossless = ({OWN} if not config.samples else set()) | {
+        name for name in challengers if not name.endswith(f" {RESAVED_CHALLENGER}")}
     timings["time_challengers_s"] = time.perf_counter() - start
     start = time.perf_counter()
     with progress_stage("evaluate on the held-out sets", sum(map(len, [*test.values(), *variants.values()]))):
@@ -389,8 +414,8 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
         # rates are what users get, at a fraction of the exhaustive searches' cost; a verdict of
         # several families is scored exhaustively, so that each family's own figures exist
         exhaustive = len(detector.parts()) > 1
-        scores = {name: detector.score(x, stages, exhaustive=exhaustive) for name, x in test.items()}
-        own_variants = {name: detector.score(x, stages, exhaustive=exhaustive) for name, x in variants.items()}
+        scores = score_sets(detector, test, lossless, stages, exhaustive)
+        own_variants = score_sets(detector, variants, set(), stages, exhaustive)
         metrics, table = evaluate(detector, scores, own_variants)
     timings["time_evaluate_s"] = time.perf_counter() - start
     metrics.update(detector.fit_summary())
@@ -435,7 +460,7 @@ def _onboard(config: OnboardConfig, tracking_uri: str) -> OnboardResult:
             config.name,
             logged.model_uri,
             metrics["worst_balanced_accuracy"],
-            lambda champion: primary_metric(champion, test, stages),
+            lambda champion: primary_metric(champion, test, lossless, stages),
             promote=config.promote,
             tags={**record.tags, "run_id": logged.run_id},
             description=record.card,

@@ -18,7 +18,8 @@ and the look-alike challengers.
   reference sets are a few hundred items). (The fine-tuned and weight-perturbed challengers are copies of the
   owner's model: what this monitor is for, so not its reference.)
 - ``undecided`` (decided items): items outside what the thresholds cover (JPEGs below the
-  lowest calibrated quality) get no verdict; the sentence names the compression.
+  lowest calibrated quality; lossless items between the unaltered and the re-saved own items'
+  thresholds, for families that judge those apart) get no verdict; the sentence names which.
 - ``unreadable`` (scored items): error rows, with their commonest reasons.
 - ``input-size`` (the input itself): items of another size than the generator makes.
 
@@ -40,6 +41,7 @@ import pandas as pd
 import scipy.stats
 
 from flipad.detectors.calibration import fnr_upper_bound
+from flipad.scoring import UNSEEN_RESAVE
 
 __all__ = ["ALPHA", "EFFECT", "MIN_ITEMS", "MONITORS", "MonitorResult", "Tolerances", "report_lines", "run_monitors"]
 
@@ -172,9 +174,14 @@ def undecided(reference: pd.DataFrame, window: pd.DataFrame, verdicts: pd.Series
     value = _share(count, n)
     reasons = window.loc[mask, "reason"].astype(str) if "reason" in window else pd.Series(dtype=str)
     compressed = reasons.str.startswith("JPEG").sum()
+    unseen = (reasons == UNSEEN_RESAVE).sum()
     if alarm and compressed >= count / 2:
         sentence = (f"items arrive more compressed than calibrated: {value:.0%} of items are JPEGs below the lowest "
                     f"quality the thresholds cover, left undecided (tolerated {tolerances.undecided:.0%})")
+    elif alarm and unseen >= count / 2:
+        sentence = (f"{value:.0%} of items are lossless files reconstructed worse than the owner's unaltered items but "
+                    f"within what re-saved ones reach, left undecided: own content re-saved without a trace, or a "
+                    f"look-alike model (tolerated {tolerances.undecided:.0%})")
     elif alarm:
         sentence = f"more items the verdict cannot decide: {value:.0%} undecided (tolerated {tolerances.undecided:.0%})"
     else:

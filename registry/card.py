@@ -32,6 +32,14 @@ def model_card(
                          k.endswith(f"_fnr{first:g}"))
     thresholds = ", ".join(f"FNR {k.removeprefix('threshold_fnr')}: {v:.4g}" for k, v in metrics.items()
                            if k.startswith("threshold_fnr"))
+    unaltered = ", ".join(f"FNR {k.removeprefix('threshold_unaltered_fnr')}: {v:.4g}" for k, v in metrics.items()
+                          if k.startswith("threshold_unaltered_fnr"))
+    undecided = ", ".join(f"{k.removeprefix('undecided_')} {v:.3f}" for k, v in sorted(metrics.items())
+                          if k.startswith("undecided_"))
+    lossless = (f"\nItems that arrive lossless with no trace of a JPEG are judged against the unaltered own items' "
+                f"thresholds: {unaltered}; between those and the ones above they are undecided (an own item re-saved "
+                f"without a trace, or another source). Held-out sets made in memory are scored so; undecided: "
+                f"{undecided}.") if unaltered else ""
     bounds = ", ".join(f"FNR {k.removeprefix('validation_fnr_upper95_fnr')}: {v:.4f}" for k, v in metrics.items()
                        if k.startswith("validation_fnr_upper95_fnr"))
     generator_lines = "\n".join(f"- {k}: `{v}`" for k, v in generator.items())
@@ -45,7 +53,7 @@ def model_card(
 
 ## Decision
 Attributed when `score >= threshold` (score: higher = more typical of the generator).
-Thresholds: {thresholds}. 95% upper bounds on the FNR from the calibration samples: {bounds}.
+Thresholds: {thresholds}. 95% upper bounds on the FNR from the calibration samples: {bounds}.{lossless}
 
 ## Held-out evaluation at FNR {first:g} (one row per other source)
 Scored as attribution scores them: a latent search stops once an item's verdict is settled (an

@@ -5,6 +5,7 @@ patches, named as ``diffusers:FOLDER``, onboarded through ``flipad onboard``, at
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import mlflow
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from bench.common import SMALL_AUTOENCODER, saved_autoencoder
@@ -22,6 +24,7 @@ from flipad.generators.loading import GeneratorLoadError, load_generator
 from flipad.io.data import encode_item
 from flipad.io.perturb import perturb
 from flows.cli import app
+from flipad.scoring import score_items
 from flows.photos import photo_patches
 
 pytest.importorskip("diffusers")
@@ -83,11 +86,50 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     passes = scores.diagnostics["decoder_passes"]
     assert (passes >= 2).all() and (passes <= 2 + 2 * (4 + 4 * 4)).all()  # an encode, a decode, at most 2 steps
 
+    # items with no lossy history are judged against the unaltered own items' thresholds, and are
+    # undecided between those and the thresholds that cover re-saved own items
+    lossless = detector.score_lossless(np.concatenate([own, real]))
+    assert lossless.threshold > detector.threshold() and lossless.resaved_thresholds == detector.thresholds
+    assert lossless.is_generated()[:20].mean() >= 0.9 and not lossless.is_generated()[20:].any()
+    assert not (lossless.is_undecided() & lossless.is_generated()).any()
+    assert (lossless.score[lossless.is_undecided()] >= detector.threshold()).all()
+    between = _between(detector, own[0], real[0], lossless.threshold, detector.threshold())
+    rows = score_items(detector, [encode_item(own[1]), _jpeg(own[1], 90), encode_item(_decoded(_jpeg(own[1], 90))),
+                                  encode_item(between)])
+    assert [r.format for r in rows] == ["png", "jpeg", "png", "png"]
+    assert [r.threshold for r in rows] == [lossless.threshold, *[detector.threshold()] * 2, lossless.threshold]
+    assert rows[2].jpeg_quality == 90  # the PNG of a JPEG is judged as the JPEG it was
+    assert rows[3].verdict == "undecided" and "no trace of a JPEG" in rows[3].reason and rows[3].is_generated is None
+
     bundle = save_bundle(tmp_path / "bundle", detector, GeneratorSource(f"diffusers:{vae_folder}"))
     assert (bundle / "code" / "vae" / "config.json").is_file()  # the config travels; the weights are the bundle's
     reloaded = load_bundle(bundle, device="cpu")
     assert isinstance(reloaded, AutoencoderDetector) and reloaded.thresholds == detector.thresholds
     np.testing.assert_array_equal(reloaded.score(real).score, detector.score(real).score)
+
+
+def _jpeg(item: np.ndarray, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(item.transpose(1, 2, 0)).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1).copy()
+
+
+def _between(detector: AutoencoderDetector, own: np.ndarray, other: np.ndarray, high: float, low: float) -> np.ndarray:
+    """An item scoring between ``low`` and ``high`` as a lossless item: ``own`` moved toward
+    ``other`` by a share found by bisection on the log score's distance to the band's middle."""
+    target, lo, hi = -np.sqrt(high * low), 0.0, 1.0  # scores are negated losses
+    for _ in range(14):
+        share = (lo + hi) / 2
+        item = np.round(own * (1 - share) + other * share).astype(np.uint8)
+        score = float(detector.score_lossless(item[None]).score[0])
+        if low <= score < high:
+            return item
+        lo, hi = (share, hi) if score > target else (lo, share)
+    raise AssertionError(f"no item between the thresholds {low} and {high}")
 
 
 @pytest.mark.slow
@@ -107,6 +149,11 @@ def test_onboard_attribute_and_serve_an_autoencoder(tracking, vae_folder, photos
     assert run.data.tags["detector_kind"] == "autoencoder"  # the default for diffusers:FOLDER
     for source in ("real", "lookalike_other-seed-autoencoder", "lookalike_finetuned-decoder"):
         assert f"balanced_accuracy_{source}" in " ".join(run.data.metrics), source
+    # the look-alikes, made in memory, are judged as lossless items (real PNGs from a folder are not)
+    assert 0 <= run.data.metrics["undecided_lookalike_finetuned-decoder"] <= 1
+    assert "undecided_real" not in run.data.metrics
+    card = mlflow.MlflowClient().get_model_version(MODEL, "1").description
+    assert "judged against the unaltered own items' thresholds" in card and "lookalike_finetuned-decoder" in card
 
     from registry.versions import load_detector
 
@@ -135,7 +182,7 @@ def test_onboard_attribute_and_serve_an_autoencoder(tracking, vae_folder, photos
 
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
     answer = served.predict(pd.DataFrame({"image": [base64.b64encode(encode_item(x)).decode() for x in own[:4]]}))
-    np.testing.assert_allclose(answer["score"], detector.score(own[:4]).score, rtol=1e-6)
+    np.testing.assert_allclose(answer["score"], detector.score_lossless(own[:4]).score, rtol=1e-6)  # PNGs
 
     # the owner's own generated images, where given, are the own items (thresholds and evaluation)
     given = tmp_path / "given"

@@ -73,6 +73,24 @@ def test_jpeg_quality_is_estimated_from_the_quantisation_tables(fashion_test, su
     assert item_info(b"not an image").format == ""
 
 
+def test_the_container_says_whether_pixels_arrived_exactly(fashion_test):
+    grey = fashion_test[1, 0]
+    rgba = np.dstack([np.stack([grey] * 3, -1), np.full_like(grey, 200)])
+    lossless = {"PNG": {}, "BMP": {}, "TIFF": {}, "WEBP": dict(lossless=True)}
+    lossy = {"JPEG": dict(quality=95), "WEBP": dict(quality=90)}
+    for fmt, options in lossless.items():
+        assert item_info(_encode(grey, fmt, **options)).lossless, fmt
+    for fmt, options in lossy.items():
+        assert not item_info(_encode(grey, fmt, **options)).lossless, fmt
+    assert item_info(_encode(rgba, "WEBP", lossless=True)).lossless  # VP8X + VP8L
+    assert not item_info(_encode(rgba, "WEBP", quality=90)).lossless  # VP8X + ALPH + VP8
+    assert not item_info(_encode(grey, "TIFF", compression="jpeg")).lossless
+    buffer = io.BytesIO()
+    np.save(buffer, grey[None])
+    assert item_info(buffer.getvalue()).lossless
+    assert not item_info(b"not an image").lossless
+
+
 def test_undecided_below_the_lowest_calibrated_quality_only(fashion_test):
     image = fashion_test[2, 0]
     assert undecided_reason(item_info(_encode(image, "JPEG", quality=70)), 70.0) == ""

@@ -402,7 +402,22 @@ class _AutoencoderFamily(Detector):
         return float(min(qualities)) if qualities else None
 
     def fit_summary(self) -> dict[str, float]:
-        return {f"{self.kind}_validation_median": float(self.validation_scores_.median())}
+        return {f"{self.kind}_validation_median": float(self.validation_scores_.median()),
+                **{f"{self.kind}_unaltered_threshold_fnr{f:g}": t for f, t in self._unaltered_thresholds().items()}}
+
+    def _unaltered_thresholds(self) -> dict[float, float]:
+        """Per FNR target, the anomaly threshold of the unaltered held-out own items alone (their
+        scores are exact: nothing stops early at fit), for items known to carry no lossy history."""
+        self._check_fitted()
+        return {f: float(torch.quantile(self.validation_scores_, 1 - f)) for f in self.fnr}
+
+    def _as_lossless(self, scores: Scores) -> Scores:
+        """``scores`` judged as lossless items: against the unaltered own items' thresholds, with
+        those that cover the re-saved ones as ``resaved_thresholds`` (between the two: undecided)."""
+        unaltered = {f: self._to_score(t) for f, t in self._unaltered_thresholds().items()}
+        attributed = None if scores.attributed is None else self._as_lossless(scores.attributed)
+        return replace(scores, thresholds=unaltered, family_thresholds={self.kind: unaltered},
+                       resaved_thresholds=self.thresholds, attributed=attributed)
 
     def _config(self) -> dict[str, Any]:
         return {"generator_sha256": weights_fingerprint(self._module), "fnr": list(self.fnr),
@@ -512,12 +527,24 @@ class AutoencoderDetector(_AutoencoderFamily):
         search stops once its verdict is settled, ``exhaustive`` runs every step (the exact
         residual, for evaluation) and reports what the default says as ``attributed``."""
         self._check_fitted()
-        search = self._search() if exhaustive else self._search().with_exits(self.exits_)
+        return self._scores(samples, stages, exhaustive, self.exits_)
+
+    def score_lossless(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE,
+                       exhaustive: bool = False) -> Scores:
+        """:meth:`score` for items with no lossy history, against the unaltered own items'
+        thresholds: an item is accepted early only below those, and is undecided between them and
+        the thresholds that cover re-saved own items (the screens, set on the latter, still reject)."""
+        self._check_fitted()
+        exits = Exits(accept=min(self._unaltered_thresholds().values()), screen=self.exits_.screen)
+        return self._as_lossless(self._scores(samples, stages, exhaustive, exits))
+
+    def _scores(self, samples: np.ndarray | torch.Tensor, stages: Stages, exhaustive: bool, exits: Exits) -> Scores:
+        search = self._search() if exhaustive else self._search().with_exits(exits)
         trajectories = stages.run(search, samples, "score")
         passes = getattr(search, "passes_", torch.full((len(trajectories),), float("nan")))  # unknown when cached
         scores = self._loss_scores(trajectories[:, -1], passes)
         if exhaustive:
-            scores = replace(scores, attributed=self._loss_scores(self.exits_.settle(trajectories), passes))
+            scores = replace(scores, attributed=self._loss_scores(exits.settle(trajectories), passes))
         return scores
 
     def _loss_scores(self, losses: torch.Tensor, passes: torch.Tensor) -> Scores:
@@ -594,3 +621,8 @@ class AedrDetector(_AutoencoderFamily):
         self._check_fitted()
         ratio = stages.run(AedrRatio(self._module), samples, "score")
         return self._verdict_scores(ratio, {"aedr_ratio": ratio.double().numpy()})
+
+    def score_lossless(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE,
+                       exhaustive: bool = False) -> Scores:
+        """:meth:`score` against the unaltered own items' thresholds (undecided up to the re-saved ones')."""
+        return self._as_lossless(self.score(samples, stages, exhaustive))

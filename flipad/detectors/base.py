@@ -84,7 +84,10 @@ class Scores:
     ``diagnostics``: per-item figures of the stages (inversion residual and sparsity, latent-search
     loss), NaN where they do not apply. ``attributed``: for exhaustive scores, what the default
     scoring (which stops each item's search once its verdict is settled) reports for the same
-    items, where that differs; the monitoring reference is built from it.
+    items, where that differs; the monitoring reference is built from it. ``resaved_thresholds``:
+    for items scored as lossless (:meth:`Detector.score_lossless`) by a family whose ``thresholds``
+    are then those of its unaltered own items, the thresholds that also cover its re-saved own
+    items; an item between the two is undecided (empty: every item is decided).
     """
 
     score: np.ndarray
@@ -93,6 +96,7 @@ class Scores:
     family_thresholds: dict[str, dict[float, float]] = field(default_factory=dict)
     diagnostics: dict[str, np.ndarray] = field(default_factory=dict)
     attributed: Scores | None = None
+    resaved_thresholds: dict[float, float] = field(default_factory=dict)
 
     @property
     def threshold(self) -> float:
@@ -103,6 +107,14 @@ class Scores:
         """Bool per item: attributed to the generator at the threshold for ``fnr`` (default the first)."""
         threshold = self.threshold if fnr is None else self.thresholds[fnr]
         return self.score >= threshold
+
+    def is_undecided(self, fnr: float | None = None) -> np.ndarray:
+        """Bool per item: below the threshold for ``fnr`` (default the first) but within what the
+        generator's re-saved items reach (``resaved_thresholds``); all False when there are none."""
+        fnr = next(iter(self.thresholds)) if fnr is None else fnr
+        if not self.resaved_thresholds:
+            return np.zeros(len(self.score), dtype=bool)
+        return (self.score >= self.resaved_thresholds[fnr]) & ~self.is_generated(fnr)
 
     def __len__(self) -> int:
         return len(self.score)
@@ -241,6 +253,16 @@ class Detector(CalibratedDetector):
         ``exhaustive`` runs every family on every item (evaluation) where the verdict would stop
         early."""
         raise NotImplementedError
+
+    def score_lossless(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE,
+                       exhaustive: bool = False) -> Scores:
+        """:meth:`score` for items known to carry no lossy history: made in memory, or read from a
+        lossless file whose pixels show no trace of a JPEG. A family whose thresholds also cover
+        re-saved own items, and that knows its unaltered own items' scores exactly, judges these
+        against the thresholds of the unaltered ones (``Scores.thresholds``) and names the others
+        in ``Scores.resaved_thresholds``: an item between the two could be an own item re-saved
+        without a trace, or another source, and is undecided. By default, :meth:`score`."""
+        return self.score(samples, stages, exhaustive)
 
     def use_secret(self, secret: bytes) -> None:
         """Hand the detector the owner's master secret (kinds whose ``secret`` says what they need it

@@ -44,18 +44,22 @@ def evaluate_pairs(detector, generated: np.ndarray, others: Mapping[str, np.ndar
 
 
 def evaluate_scores(
-    thresholds: Mapping[float, float], generated: np.ndarray, others: Mapping[str, np.ndarray]
+    thresholds: Mapping[float, float], generated: np.ndarray, others: Mapping[str, np.ndarray],
+    other_thresholds: Mapping[str, Mapping[float, float]] | None = None,
 ) -> list[PairResult]:
     """:func:`evaluate_pairs` from scores (higher = typical; attributed when ``>= threshold``),
-    with ``thresholds`` mapping each FNR target to its score threshold."""
+    with ``thresholds`` mapping each FNR target to its score threshold; ``other_thresholds``, per
+    other source, the thresholds its items were judged against where they differ (items scored as
+    lossless: :meth:`~flipad.detectors.base.Detector.score_lossless`)."""
     generated = np.asarray(generated, dtype=np.float64)
     results = []
     for name, scores in others.items():
         scores = np.asarray(scores, dtype=np.float64)
         labels = np.r_[np.ones(len(generated)), np.zeros(len(scores))]
         auc = float(roc_auc_score(labels, np.r_[generated, scores]))
+        theirs = (other_thresholds or {}).get(name, thresholds)
         for fnr, threshold in thresholds.items():
-            gen_ok, other_ok = generated >= threshold, scores >= threshold
+            gen_ok, other_ok = generated >= threshold, scores >= theirs[fnr]
             results.append(
                 PairResult(
                     source=name,

@@ -26,6 +26,7 @@ __all__ = [
     "ItemInfo",
     "is_near_grey",
     "item_info",
+    "webp_is_lossless",
     "estimate_jpeg_quality",
     "pixel_stats",
     "encode_item",
@@ -131,13 +132,21 @@ def is_near_grey(rgb: np.ndarray) -> bool:
 @dataclass(frozen=True)
 class ItemInfo:
     """What an item is, read from its header: ``format`` (``png``, ``jpeg``, ``webp``, ``npy``, ...;
-    empty when unreadable), ``height``/``width`` in pixels (0 when unknown) and, for a JPEG, its
-    estimated ``jpeg_quality`` (NaN otherwise)."""
+    empty when unreadable), ``height``/``width`` in pixels (0 when unknown), for a JPEG its
+    estimated ``jpeg_quality`` (NaN otherwise), and whether the container stores its pixels
+    exactly (``lossless``: PNG, BMP, GIF, PPM, uncompressed or losslessly compressed TIFF,
+    lossless WebP, ``.npy``). A lossless container may still hold pixels that went through a
+    lossy codec before (a PNG of a JPEG): :func:`jpeg_history_quality` looks for that."""
 
     format: str = ""
     height: int = 0
     width: int = 0
     jpeg_quality: float = float("nan")
+    lossless: bool = False
+
+
+LOSSLESS_FORMATS = frozenset({"png", "bmp", "gif", "ppm"})
+LOSSY_TIFF_COMPRESSIONS = frozenset({"jpeg", "tiff_jpeg", "webp"})
 
 
 def item_info(data: bytes) -> ItemInfo:
@@ -146,16 +155,34 @@ def item_info(data: bytes) -> ItemInfo:
         try:
             shape = _npy_header(io.BytesIO(data))[0]
         except (ValueError, SyntaxError, EOFError):
-            return ItemInfo("npy")
-        return ItemInfo("npy", int(shape[-2]), int(shape[-1])) if len(shape) >= 2 else ItemInfo("npy")
+            return ItemInfo("npy", lossless=True)
+        return ItemInfo("npy", int(shape[-2]), int(shape[-1]), lossless=True) if len(shape) >= 2 \
+            else ItemInfo("npy", lossless=True)
     try:
         with Image.open(io.BytesIO(data)) as img:
             kind = (img.format or "").lower()
             quality = estimate_jpeg_quality(img.quantization) if kind == "jpeg" and getattr(img, "quantization", None) \
                 else float("nan")
-            return ItemInfo(kind, img.height, img.width, quality)
+            if kind == "tiff":
+                lossless = str(img.info.get("compression", "raw")).lower() not in LOSSY_TIFF_COMPRESSIONS
+            else:
+                lossless = kind in LOSSLESS_FORMATS or (kind == "webp" and webp_is_lossless(data))
+            return ItemInfo(kind, img.height, img.width, quality, lossless)
     except Exception:
         return ItemInfo()
+
+
+def webp_is_lossless(data: bytes) -> bool:
+    """Whether WebP bytes hold a lossless (``VP8L``) image: walks the RIFF chunks; a lossy
+    ``VP8 `` chunk (alone, or with an alpha or animation chunk) makes it lossy."""
+    offset, lossless = 12, False
+    while offset + 8 <= len(data):
+        fourcc, size = data[offset : offset + 4], struct.unpack("<I", data[offset + 4 : offset + 8])[0]
+        if fourcc == b"VP8 ":
+            return False
+        lossless |= fourcc == b"VP8L"
+        offset += 8 + size + (size & 1)
+    return lossless
 
 
 @lru_cache(maxsize=1)
@@ -216,9 +243,15 @@ def jpeg_history_quality(item: np.ndarray, below: float) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = inner / np.minimum(error[:-4], error[4:])
     ratio[~np.isfinite(ratio)] = np.inf
-    k = int(np.argmin(ratio))
-    found = ratio[k] < GHOST_DEPTH and inner[k] < GHOST_FLOOR and qualities[k + 2] < below
-    return float(qualities[k + 2]) if found else float("nan")
+    # the deepest dip of the lowest run of neighbouring qualities that dip: a JPEG's pixels also come
+    # back almost unchanged at higher qualities whose steps nearly divide its own (a q55 item dips at
+    # 78 and 86 too), never at lower ones; neighbours share most steps (a q70 item dips at 69 too)
+    dips = np.flatnonzero((ratio < GHOST_DEPTH) & (inner < GHOST_FLOOR))
+    if not len(dips):
+        return float("nan")
+    run = dips[: int(np.argmax(np.diff(np.r_[dips, dips[-1] + 2]) > 1)) + 1]
+    quality = float(qualities[run[np.argmin(ratio[run])] + 2])
+    return quality if quality < below else float("nan")
 
 
 NPY_MAGIC = b"\x93NUMPY"
