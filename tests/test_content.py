@@ -126,6 +126,26 @@ def test_a_png_of_a_low_quality_jpeg_is_recognised_by_its_quantisation(fashion_t
     assert reason.startswith("PNG that was a JPEG of estimated quality 55") and "(70)" in reason
 
 
+def test_a_lossless_item_is_searched_for_a_jpeg_trace_at_every_quality(fashion_test):
+    """What decides whether a PNG is judged as lossless: a trace of a JPEG at any quality up to 98,
+    reported as the lowest quality that dips (higher ones whose steps nearly divide its own dip
+    too). Measured in docs/design.md ("Lossless items are judged against the unaltered own items")."""
+    from flows.photos import photo_patches
+
+    grey = fashion_test[60:110]
+    assert all(np.isnan(jpeg_history_quality(x, 99.0)) for x in grey)
+    for quality in (95, 90, 80):
+        found = [jpeg_history_quality(_decoded(_encode(x[0], "JPEG", quality=quality), "L"), 99.0) for x in grey]
+        assert np.mean(np.array(found) == quality) >= 0.95, quality
+    low = [jpeg_history_quality(_decoded(_encode(x[0], "JPEG", quality=55), "L"), 99.0) for x in grey]
+    assert np.mean(np.array(low) < 70) >= 0.85  # still below the calibrated range: undecided
+    photos = photo_patches(64, 40, seed=3, split="test")
+    assert all(np.isnan(jpeg_history_quality(x, 99.0)) for x in photos)
+    found = [jpeg_history_quality(_decoded(_encode(x.transpose(1, 2, 0), "JPEG", quality=90, subsampling=0), "RGB"), 99.0)
+             for x in photos]
+    assert np.mean(~np.isnan(found)) >= 0.9
+
+
 def _tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + k: v.clone().contiguous() for k, v in module.state_dict().items()}
 
