@@ -14,10 +14,15 @@ from .io.data import DataError, ItemInfo, decode_item, item_info, jpeg_history_q
 from .keys import KeySet, best_matches
 from .kinds import diagnostic_columns
 
-__all__ = ["Column", "ItemResult", "VERDICTS", "item_columns", "item_schema", "score_items", "served_columns", "UNSEEN_RESAVE",
-           "undecided_reason"]
+__all__ = ["Column", "ItemResult", "UNSEEN_RESAVE", "VERDICTS", "item_columns", "item_schema", "score_items",
+           "served_columns", "undecided_reason"]
 
 NAN = float("nan")
+# a lossless item whose pixels carry a JPEG's quantisation at a quality up to this was a JPEG
+JPEG_HISTORY_ABOVE = 99.0
+UNSEEN_RESAVE = ("a lossless item with no trace of a JPEG, which the generator reconstructs worse than its unaltered "
+                 "items but within what its re-saved items reach: its own item re-saved without a trace (a PNG of a "
+                 "WebP, say) or another source")
 # the answers a row can give: the item's verdict, or why there is none
 ATTRIBUTED, NOT_ATTRIBUTED, UNDECIDED, ERROR = "attributed", "not attributed", "undecided", "error"
 VERDICTS = (ATTRIBUTED, NOT_ATTRIBUTED, UNDECIDED, ERROR)
@@ -180,13 +185,6 @@ def score_items(detector: Detector, items: Sequence[bytes], keysets: Sequence[Ke
         if keysets:
             _read_keys(detector, members, batch, results, keysets)
     return results  # type: ignore[return-value]
-
-
-# a lossless item whose pixels carry a JPEG's quantisation at a quality up to this was a JPEG
-JPEG_HISTORY_ABOVE = 99.0
-UNSEEN_RESAVE = ("a lossless item with no trace of a JPEG, which the generator reconstructs worse than its unaltered "
-                 "items but within what its re-saved items reach: its own item re-saved without a trace (a PNG of a "
-                 "WebP, say) or another source")
 
 
 def _read_keys(detector: Detector, members: list, batch: np.ndarray, results: list, keysets: Sequence[KeySet]) -> None:

@@ -155,9 +155,9 @@ def item_info(data: bytes) -> ItemInfo:
         try:
             shape = _npy_header(io.BytesIO(data))[0]
         except (ValueError, SyntaxError, EOFError):
-            return ItemInfo("npy", lossless=True)
-        return ItemInfo("npy", int(shape[-2]), int(shape[-1]), lossless=True) if len(shape) >= 2 \
-            else ItemInfo("npy", lossless=True)
+            shape = ()
+        height, width = (int(shape[-2]), int(shape[-1])) if len(shape) >= 2 else (0, 0)
+        return ItemInfo("npy", height, width, lossless=True)
     try:
         with Image.open(io.BytesIO(data)) as img:
             kind = (img.format or "").lower()
