@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from flipad import GeneratorAdapter
 from flipad.generators.architectures import DCGANGenerator, EBGANGenerator, LSGANGenerator, WGANGPGenerator
 from flipad.generators.sampling import generate_samples
 from flipad.generators.training import train_gan
+from flipad.io.files import atomic_write
 from flows.datasets import load_fashion_mnist
 
 FAMILIES = {
@@ -85,12 +86,10 @@ def zoo_generator(family: str, seed: int, size: ZooSize, cache: Path, real: np.n
     start = time.perf_counter()
     module = train_gan(module, real, steps=size.train_steps, seed=seed, device=device, progress=False, **options, **critic)
     seconds = time.perf_counter() - start
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
     record = {"family": family, "seed": seed, "size": asdict(size), "training": {**options, **critic}, "train_s": round(seconds, 1),
               "torch": torch.__version__}
-    path.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    return module
+    atomic_write(path.with_suffix(".json"), json.dumps(record, indent=2).encode())
+    return save_weights(module, path)
 
 
 def write_sample_sets(adapter: GeneratorAdapter, folder: Path, seed: int, counts: dict[str, int]) -> None:
@@ -180,9 +179,13 @@ def _cached_gan(module: nn.Module, path: Path, real, **training) -> nn.Module:
     if path.is_file():
         module.load_state_dict(load_file(str(path)))
         return module.eval()
-    module = train_gan(module, real, progress=False, **training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return save_weights(train_gan(module, real, progress=False, **training), path)
+
+
+def save_weights(module: nn.Module, path: Path) -> nn.Module:
+    """Cache ``module``'s weights at ``path`` atomically (benchmarks run at once may share the
+    cache: a reader sees the whole file or none) and return ``module``."""
+    atomic_write(path, save({k: v.detach().contiguous() for k, v in module.state_dict().items()}))
     return module
 
 

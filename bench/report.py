@@ -8,7 +8,9 @@ options of its small run. The module's docstring says what it measures and how.
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -18,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["BENCHMARKS", "Benchmark", "DOC", "load", "markdown_table", "result_path", "run_benchmark", "write_doc"]
+__all__ = ["BENCHMARKS", "Benchmark", "DOC", "load", "markdown_table", "result_path", "run_benchmark", "summary",
+           "write_doc"]
 
 # the benchmarks in the order the doc shows them
 BENCHMARKS = ("in_the_wild_cli", "content_variants", "keys", "attribute_throughput", "family_cost", "core_bar",
@@ -39,17 +42,23 @@ class Benchmark:
     headline: Callable[[dict], list[str]] = lambda figures: []
     quick: tuple[str, ...] = field(default=())
 
-    @property
-    def summary(self) -> str:
-        """The first line of the module's docstring: what it measures."""
-        return self.doc.strip().splitlines()[0]
+
+def _known(name: str) -> str:
+    if name not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {name!r}; python -m bench --list shows them")
+    return f"bench.{name}"
 
 
 def load(name: str) -> Benchmark:
     """The benchmark ``name`` (one of :data:`BENCHMARKS`)."""
-    if name not in BENCHMARKS:
-        raise SystemExit(f"unknown benchmark {name!r}; python -m bench --list shows them")
-    return importlib.import_module(f"bench.{name}").BENCHMARK
+    return importlib.import_module(_known(name)).BENCHMARK
+
+
+def summary(name: str) -> str:
+    """What the benchmark ``name`` measures: the first line of its module's docstring, read from
+    the source without importing the module (and the libraries it needs)."""
+    source = Path(importlib.util.find_spec(_known(name)).origin).read_text()
+    return ast.get_docstring(ast.parse(source)).strip().splitlines()[0]
 
 
 def result_path(doc: Path, name: str, quick: bool) -> Path:
@@ -57,8 +66,9 @@ def result_path(doc: Path, name: str, quick: bool) -> Path:
     return doc.parent / "benchmarks" / f"{name}{'.quick' if quick else ''}.json"
 
 
-def run_benchmark(name: str, quick: bool, argv: Sequence[str] = (), doc: Path = DOC) -> dict:
-    """Run one benchmark, save its figures and rebuild ``doc``; returns the saved record."""
+def run_benchmark(name: str, quick: bool, argv: Sequence[str] = (), doc: Path = DOC, rebuild: bool = True) -> dict:
+    """Run one benchmark, save its figures beside ``doc`` and rebuild ``doc`` (unless not
+    ``rebuild``); returns the saved record."""
     benchmark = load(name)
     args = [*(benchmark.quick if quick else ()), *argv]
     start = time.perf_counter()
@@ -70,10 +80,11 @@ def run_benchmark(name: str, quick: bool, argv: Sequence[str] = (), doc: Path = 
               "options": args, "seconds": round(time.perf_counter() - start, 1),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "figures": figures}
-    path = result_path(doc, name, quick)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, default=float) + "\n")
-    write_doc(doc)
+    from flipad.io.files import atomic_write  # here: listing the benchmarks imports no library
+
+    atomic_write(result_path(doc, name, quick), (json.dumps(record, indent=1, default=float) + "\n").encode())
+    if rebuild:
+        write_doc(doc)
     return record
 
 
@@ -121,8 +132,9 @@ def write_doc(doc: Path = DOC) -> None:
             lines.append(f"Not run yet: `python -m bench {name}`.")
         else:
             lines += [_measured(record).capitalize(), "", benchmark.render(record["figures"]).rstrip()]
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(lines) + "\n")
+    from flipad.io.files import atomic_write
+
+    atomic_write(doc, ("\n".join(lines) + "\n").encode())
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, formats: dict[str, str] | None = None) -> str:

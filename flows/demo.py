@@ -13,19 +13,19 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from flipad.generators.architectures import DCGANGenerator
 from flipad.generators.sampling import generate_samples
 from flipad.generators.training import train_gan
 from flipad.io.data import DataError, encode_item, read_fashion_mnist
+from flipad.io.files import atomic_write
 from flipad.io.perturb import perturb
 from monitoring.monitors import report_lines
 
@@ -62,19 +62,18 @@ def demo_generator(workdir: Path, seed: int, steps: int, real: np.ndarray, devic
     if retrain:
         path.unlink(missing_ok=True)
     elif not path.is_file() and shipped.name in SHIPPED_SHA256:
-        digest = hashlib.sha256(shipped.read_bytes()).hexdigest()
+        data = shipped.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         if digest != SHIPPED_SHA256[shipped.name]:
             raise DataError(f"{shipped} is not the shipped demo generator (sha256 {digest}); "
                              "restore it from the repository or run the demo with --retrain")
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shipped, path)
+        atomic_write(path, data)
         logger.info("demo generator seed %d: the shipped weights %s", seed, shipped)
     if path.is_file():
         generator.load_state_dict(load_file(str(path)))
         return generator.eval(), path
     generator = train_gan(generator, real, steps=steps, seed=seed, device=device)
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}, str(path))
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}))
     return generator, path
 
 

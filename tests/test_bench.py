@@ -76,6 +76,7 @@ def test_every_benchmark_runs_quick_and_rebuilds_the_doc(tmp_path):
     assert "\n- " not in headline  # quick figures are no headline
     assert all(f"`python -m bench {name}`" in headline for name in report.BENCHMARKS)  # named as not yet run
     for name in report.BENCHMARKS:  # each benchmark's headline lines are built from its record
+        assert report.summary(name) == report.load(name).doc.strip().splitlines()[0]  # what --list shows
         assert isinstance(report.load(name).headline(json.loads(report.result_path(doc, name, True).read_text())
                                                      ["figures"]), list)
     _check_suite(json.loads(report.result_path(doc, "suite", quick=True).read_text())["figures"],
