@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def _auc(own: np.ndarray, other: np.ndarray) -> float:
     return float(roc_auc_score(labels, np.r_[own, other]))
 
 
-def _sd_cost(size: int, items: int, steps: AutoencoderSettings) -> dict:
+def _sd_cost(size: int, items: int, search: AutoencoderSettings) -> dict:
     """Seconds and decoder passes per item of the settled verdict for Stable Diffusion's VAE
     configuration (random weights) at ``size`` pixels, half own items, half random photo patches."""
     from diffusers import AutoencoderKL
@@ -59,9 +60,8 @@ def _sd_cost(size: int, items: int, steps: AutoencoderSettings) -> dict:
     torch.manual_seed(0)
     module = AutoencoderGenerator(AutoencoderKL(**{**SD_AUTOENCODER, "sample_size": size}))
     real = photo_patches(size, 3 * items, seed=5, scale=max(2 * size, 256))
-    detector = AutoencoderDetector(module, n_validation=items, settings=AutoencoderSettings(
-        steps=steps.steps, cg_steps=steps.cg_steps, perturbations=("jpeg q90",), n_perturbed=max(items, 20)),
-        progress=False)
+    detector = AutoencoderDetector(module, n_validation=items, settings=replace(
+        search, perturbations=("jpeg q90",), n_perturbed=max(items, 20)), progress=False)
     start = time.perf_counter()
     detector.fit(real=real[:items])
     fit_s = time.perf_counter() - start
@@ -84,6 +84,9 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--sd-size", type=int, default=128, help="image size of the Stable-Diffusion-config cost run")
     parser.add_argument("--sd-items", type=int, default=2, help="own and other items of that run")
     parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
+    parser.add_argument("--encoder-steps", type=int, default=AutoencoderSettings.encoder_steps,
+                        help="the search's encoder steps (the default's; 0 with --gn-steps 2: the earlier search)")
+    parser.add_argument("--gn-steps", type=int, default=AutoencoderSettings.steps, help="its Gauss-Newton steps")
     args = parser.parse_args(argv)
     if args.sd_items < 2:
         parser.error("--sd-items: at least 2 (the thresholds need two own items)")
@@ -96,7 +99,7 @@ def run(argv: list[str]) -> dict:
     tuned = _finetuned(args.cache / f"{tag}-finetuned-{args.finetune_steps}", owner, train, args.finetune_steps)
     module = load_generator(f"diffusers:{owner}")
 
-    settings = AutoencoderSettings()
+    settings = AutoencoderSettings(encoder_steps=args.encoder_steps, steps=args.gn_steps)
     detector = AutoencoderDetector(module, n_validation=args.validation, settings=settings, progress=False)
     validation = detector.own_samples(args.validation, seed=2, real=test[4 * args.items:])
     start = time.perf_counter()
@@ -163,7 +166,8 @@ def run(argv: list[str]) -> dict:
     print(f"Stable Diffusion's VAE config ({sd['parameters_m']:.1f} M) at {sd['size']}px, random weights: "
           f"{sd['s_per_item']:.2f} s/item, {sd['passes_per_item']:.1f} passes/item (fit {sd['fit_s']:.0f} s)")
     return {"train_steps": args.train_steps, "finetune_steps": args.finetune_steps, "validation": args.validation,
-            "items": n, "fit_s": fit_s, "settings": {"steps": settings.steps, "cg_steps": settings.cg_steps},
+            "items": n, "fit_s": fit_s, "settings": {"encoder_steps": settings.encoder_steps, "steps": settings.steps,
+                                                    "cg_steps": settings.cg_steps},
             "rows": rows, "cost": cost, "sd": sd}
 
 
@@ -172,8 +176,9 @@ def render(figures: dict) -> str:
     return (f"Small autoencoder trained {figures['train_steps']} batches (look-alikes: another seed, the same "
             f"batches; the decoder fine-tuned {figures['finetune_steps']} batches); thresholds on "
             f"{figures['validation']} held-out own items and their re-saves (fit {figures['fit_s']:.0f} s); "
-            f"{figures['items']} items per source. Default search: {figures['settings']['steps']} Gauss-Newton steps of "
-            f"{figures['settings']['cg_steps']} conjugate gradients.\n\n"
+            f"{figures['items']} items per source. Search: {figures['settings'].get('encoder_steps', 0)} encoder steps, "
+            f"then {figures['settings']['steps']} Gauss-Newton steps of {figures['settings']['cg_steps']} conjugate "
+            f"gradients.\n\n"
             + markdown_table(figures["rows"], ["source", "attributed", "undecided", "aedr attributed", "aedr undecided",
                                                "median residual",
                                                "AUC decoder family", "AUC one reconstruction", "AUC AEDR ratio"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import mlflow
@@ -75,17 +76,20 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     own = detector.own_samples(20, seed=7, real=photos["test"])
     real = photos["test"][100:120]
 
-    search = DecoderSearch(module, steps=2, cg_steps=4)
-    trajectories = {"own": search.run(own), "real": search.run(real)}
-    for name, t in trajectories.items():  # the search never makes an item's residual worse
-        assert (t[:, 1:] <= t[:, :-1] + 1e-12).all(), name
-    assert float(trajectories["own"][:, -1].median()) < 0.5 * float(trajectories["real"][:, -1].median())
-    assert float((trajectories["own"][:, -1] / trajectories["own"][:, 0]).median()) < 1.0  # it refines own items
+    for search in (DecoderSearch(module, steps=2, cg_steps=4), DecoderSearch(module, 0, 1, encoder_steps=4),
+                   DecoderSearch(module, 1, 2, encoder_steps=2)):  # Gauss-Newton, encoder steps, both
+        trajectories = {"own": search.run(own), "real": search.run(real)}
+        for name, t in trajectories.items():  # the search never makes an item's residual worse
+            assert t.shape == (20, search.encoder_steps + search.steps + 1)
+            assert (t[:, 1:] <= t[:, :-1] + 1e-12).all(), name
+        assert float(trajectories["own"][:, -1].median()) < 0.5 * float(trajectories["real"][:, -1].median())
+        assert float((trajectories["own"][:, -1] / trajectories["own"][:, 0]).median()) < 1.0  # it refines own items
 
     scores = detector.score(np.concatenate([own, real]))
     assert set(scores.diagnostics) == {"decoder_loss", "decoder_passes"}
     passes = scores.diagnostics["decoder_passes"]
-    assert (passes >= 2).all() and (passes <= 2 + 2 * (4 + 4 * 4)).all()  # an encode, a decode, at most 2 steps
+    # an encode and a decode, then at most every encoder step (2 passes) and Gauss-Newton step
+    assert (passes >= 2).all() and (passes <= 2 + 2 * settings.encoder_steps + settings.steps * (4 + 4 * 4)).all()
 
     # items with no lossy history are judged against the unaltered own items' thresholds, and are
     # undecided between those and the thresholds that cover re-saved own items
@@ -107,6 +111,11 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     reloaded = load_bundle(bundle, device="cpu")
     assert isinstance(reloaded, AutoencoderDetector) and reloaded.thresholds == detector.thresholds
     np.testing.assert_array_equal(reloaded.score(real).score, detector.score(real).score)
+    # a detector saved before the encoder steps existed searches as it did: Gauss-Newton steps alone
+    config = json.loads((bundle / "detector" / "config.json").read_text())
+    del config["settings"]["encoder_steps"]
+    (bundle / "detector" / "config.json").write_text(json.dumps(config))
+    assert load_bundle(bundle, device="cpu").settings.encoder_steps == 0
 
 
 def _jpeg(item: np.ndarray, quality: int) -> bytes:

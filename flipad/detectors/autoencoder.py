@@ -7,10 +7,11 @@ generator from a latent of shape ``(C, H/f, W/f)`` to pixels. This module is the
   downloaded): :class:`AutoencoderGenerator` is the decoder, the latent scaling and the clamp to
   the output range the pipelines apply, as one generator whose fingerprint is the decoder's
   weights (two models sharing a decoder are one generator);
-- the ``autoencoder`` kind, the default for such generators: each item is encoded once (the
-  posterior mean), decoded, and refined by a few matrix-free Gauss-Newton steps on the decoder
-  input (:class:`DecoderSearch`; products with J and J^T by reverse-mode passes, conjugate
-  gradients, J never formed). The score is the residual in JPEG's quantisation steps
+- the ``autoencoder`` kind, the default for such generators: each item is encoded (the posterior
+  mean), decoded, and refined on the decoder input (:class:`DecoderSearch`) by steps that use the
+  encoder as the decoder's approximate inverse (``z += E(x) - E(D(z))``, one encoder and one
+  decoder pass each), optionally followed by matrix-free Gauss-Newton steps (products with J and
+  J^T by reverse-mode passes, conjugate gradients, J never formed). The score is the residual in JPEG's quantisation steps
   (:mod:`flipad.inversion.metrics`), calibrated on the owner's held-out decoded items, pristine and
   re-saved, with early exits that settle an item once its verdict cannot change;
 - the ``aedr`` kind: the training-free double-reconstruction ratio of AEDR (Wang et al., AAAI 2026),
@@ -157,8 +158,11 @@ class DecoderSearch:
     """The ``autoencoder`` family's stage: per item, the residual after each step of a search on
     the decoder input, started from the encoder's posterior mean.
 
-    Step 0 is ``D(E(x))`` (one encoder and one decoder pass). Each further step is a Gauss-Newton
-    step for the pixel residual, ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
+    Step 0 is ``D(E(x))`` (one encoder and one decoder pass). The next ``encoder_steps`` use the
+    encoder as the decoder's approximate inverse: ``z += a (E(x) - E(D(z)))``, a fixed point where
+    the decoded item encodes as the item does, which an item this decoder made reaches at its own
+    latent (one encoder and one decoder pass; ``a`` starts at 1 and halves where a step does not
+    lower the loss). Each of the last ``steps`` is a Gauss-Newton step for the pixel residual, ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
     gradients with J products from reverse-mode passes (``J v`` as the derivative of a vector-Jacobian
     product), so its cost does not grow with the latent size; a step is kept only where the loss
     falls (Levenberg-Marquardt damping). Losses are reported in ``metric``. ``exits`` stop an item
@@ -168,11 +172,13 @@ class DecoderSearch:
 
     name = "decoder-search"
 
-    def __init__(self, module: AutoencoderGenerator, steps: int, cg_steps: int, exits: Exits = Exits()):
+    def __init__(self, module: AutoencoderGenerator, steps: int, cg_steps: int, exits: Exits = Exits(),
+                 encoder_steps: int = 0):
         self.module = module
         self.steps = steps
         self.cg_steps = cg_steps
         self.exits = exits
+        self.encoder_steps = encoder_steps
         self.metric = ResidualMetric("jpeg", module.image_shape, OUTPUT_RANGE)
 
     @property
@@ -181,19 +187,19 @@ class DecoderSearch:
 
     def with_exits(self, exits: Exits) -> DecoderSearch:
         """The same search, stopping each item where ``exits`` settle its verdict."""
-        return DecoderSearch(self.module, self.steps, self.cg_steps, exits)
+        return DecoderSearch(self.module, self.steps, self.cg_steps, exits, self.encoder_steps)
 
     def fingerprint(self) -> str:
         parts = {"generator": weights_fingerprint(self.module), "device": self.device, "steps": self.steps,
-                 "cg_steps": self.cg_steps, "exits": asdict(self.exits)}
+                 "cg_steps": self.cg_steps, "exits": asdict(self.exits), "encoder_steps": self.encoder_steps}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Per item, the loss after each step ``(n, steps + 1)``; once an item exits, its later
-        entries repeat the loss it stopped at."""
+        """Per item, the loss after each step ``(n, encoder_steps + steps + 1)``; once an item
+        exits, its later entries repeat the loss it stopped at."""
         check_sample_shape(samples, self.module.image_shape)
         targets = to_output_range(samples, *OUTPUT_RANGE)
-        out = torch.empty(len(targets), self.steps + 1, dtype=torch.float64)
+        out = torch.empty(len(targets), self.encoder_steps + self.steps + 1, dtype=torch.float64)
         passes = torch.zeros(len(targets))
         for part in self.module.batches(len(targets)):
             out[part], passes[part] = self._search(targets[part].to(next(self.module.parameters()).device))
@@ -206,27 +212,40 @@ class DecoderSearch:
     def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         module, n = self.module, len(x)
         with torch.no_grad():
-            z = module.encode(x)
+            encoded = module.encode(x)
+            z = encoded.clone()
             decoded = module(z)
         loss = self._loss(decoded, x)
-        trajectory = torch.empty(n, self.steps + 1, dtype=torch.float64)
+        trajectory = torch.empty(n, self.encoder_steps + self.steps + 1, dtype=torch.float64)
         trajectory[:, 0] = loss
         passes = torch.full((n,), 2.0)  # an encoder pass costs about a decoder pass
+        rate = torch.ones(n)  # the encoder steps' size
         damping = torch.full((n,), 1e-3)
         active = torch.ones(n, dtype=torch.bool)
-        for step in range(1, self.steps + 1):
+        for step in range(1, self.encoder_steps + self.steps + 1):
             active &= ~self._settled(loss, step - 1)
             idx = active.nonzero().flatten()
             if len(idx):
-                z_new, out_new, cost = self._gauss_newton(z[idx], decoded[idx], x[idx], damping[idx])
+                if step <= self.encoder_steps:
+                    z_new, out_new, cost = self._encoder_step(z[idx], decoded[idx], encoded[idx], rate[idx])
+                else:
+                    z_new, out_new, cost = self._gauss_newton(z[idx], decoded[idx], x[idx], damping[idx])
                 new = self._loss(out_new, x[idx])
                 better = new < loss[idx]
                 keep = idx[better]
                 z[keep], decoded[keep], loss[keep] = z_new[better], out_new[better], new[better]
+                rate[idx] = torch.where(better, rate[idx], rate[idx] / 2)
                 damping[idx] = torch.where(better, damping[idx] / 3, damping[idx] * 5)
                 passes[idx] += cost
             trajectory[:, step] = loss
         return trajectory, passes
+
+    @torch.no_grad()
+    def _encoder_step(self, z: torch.Tensor, decoded: torch.Tensor, encoded: torch.Tensor,
+                      rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``z + rate (E(x) - E(D(z)))`` per item, its decoding and its cost in decoder passes."""
+        moved = z + rate.to(z).view(-1, *([1] * (z.dim() - 1))) * (encoded - self.module.encode(decoded))
+        return moved, self.module(moved), 2.0
 
     def _settled(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         settled = loss <= self.exits.accept
@@ -294,12 +313,14 @@ class AedrSettings:
 class AutoencoderSettings(AedrSettings):
     """The ``autoencoder`` family's options (``--set autoencoder.KEY=VALUE``)."""
 
-    steps: int = field(default=2, metadata={
-        "help": "Gauss-Newton steps on the decoder input after D(E(x)), each stopped early once the verdict is settled"})
+    encoder_steps: int = field(default=8, metadata={
+        "help": "steps z += E(x) - E(D(z)) after D(E(x)) (two passes each), each stopped early once the verdict is settled"})
+    steps: int = field(default=0, metadata={
+        "help": "Gauss-Newton steps on the decoder input after the encoder steps (4 * cg_steps + 4 passes each)"})
     cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
 
     def _lower_bounds(self) -> tuple[tuple[str, int], ...]:
-        return (*super()._lower_bounds(), ("steps", 0), ("cg_steps", 1))
+        return (*super()._lower_bounds(), ("encoder_steps", 0), ("steps", 0), ("cg_steps", 1))
 
 
 class _AutoencoderFamily(Detector):
@@ -307,6 +328,7 @@ class _AutoencoderFamily(Detector):
     held-out own items pristine and re-saved, persistence."""
 
     Settings: Any = AedrSettings
+    SAVED_BEFORE: dict[str, Any] = {}  # settings added later, as the detectors saved before them ran
 
     def __init__(self, module: nn.Module, fnr: Sequence[float] = (0.005,), n_validation: int = 1000,
                  settings: AedrSettings | None = None, device: str = "auto", seed: int = 0,
@@ -437,7 +459,7 @@ class _AutoencoderFamily(Detector):
     def load(cls, path: str | Path, module: nn.Module, device: str = "auto", latent_shape: Sequence[int] | None = None):
         """The detector saved by :meth:`save` for the same decoder (checked by weight hash)."""
         config, tensors = read_saved(path, cls.kind)
-        saved = config["settings"]
+        saved = {**cls.SAVED_BEFORE, **config["settings"]}
         settings = cls.Settings(**{**saved, "perturbations": tuple(saved["perturbations"])})
         det = cls(module, config["fnr"], config["n_validation"], settings, device, config["seed"], progress=False)
         check_generator(path, config["generator_sha256"], weights_fingerprint(det._module))
@@ -492,13 +514,15 @@ class AutoencoderDetector(_AutoencoderFamily):
 
     kind = "autoencoder"
     Settings = AutoencoderSettings
+    SAVED_BEFORE = {"encoder_steps": 0}  # the search was Gauss-Newton steps alone
     description = "decoder-input search from the encoder's posterior mean (diffusers AutoencoderKL decoders)"
     diagnostics = {"decoder_loss": "the residual the decoder search reached (in JPEG's quantisation steps)",
                    "decoder_passes": "decoder-pass equivalents the decoder search spent on the item (an encoder pass "
                                      "counts as one)"}
 
     def _search(self) -> DecoderSearch:
-        return DecoderSearch(self._module, self.settings.steps, self.settings.cg_steps)
+        return DecoderSearch(self._module, self.settings.steps, self.settings.cg_steps,
+                             encoder_steps=self.settings.encoder_steps)
 
     def fit(self, generated: np.ndarray | None = None, real: np.ndarray | None = None,
             negatives: Sequence[np.ndarray] | np.ndarray | None = None, validation: np.ndarray | None = None,
