@@ -183,8 +183,8 @@ def _cached_gan(module: nn.Module, path: Path, real, **training) -> nn.Module:
 
 
 def save_weights(module: nn.Module, path: Path) -> nn.Module:
-    """Cache ``module``'s weights at ``path`` atomically (benchmarks run at once may share the
-    cache: a reader sees the whole file or none) and return ``module``."""
+    """Cache ``module``'s weights at ``path`` atomically (a run killed while writing leaves no
+    truncated file for the next one to load) and return ``module``."""
     atomic_write(path, save({k: v.detach().contiguous() for k, v in module.state_dict().items()}))
     return module
 

@@ -11,9 +11,9 @@ generator from a latent of shape ``(C, H/f, W/f)`` to pixels. This module is the
   posterior mean), decoded, and refined by a few matrix-free Gauss-Newton steps on the decoder
   input (:class:`DecoderSearch`; products with J and J^T by reverse-mode passes, conjugate
   gradients, J never formed), optionally after cheaper steps that use the encoder as the
-  decoder's approximate inverse (``z += E(x) - E(D(z))``). The score is the residual in JPEG's quantisation steps
-  (:mod:`flipad.inversion.metrics`), calibrated on the owner's held-out decoded items, pristine and
-  re-saved, with early exits that settle an item once its verdict cannot change;
+  decoder's approximate inverse (``z += E(x) - E(D(z))``). The score is the residual in JPEG's
+  quantisation steps (:mod:`flipad.inversion.metrics`), calibrated on the owner's held-out decoded
+  items, pristine and re-saved, with early exits that settle an item once its verdict cannot change;
 - the ``aedr`` kind: the training-free double-reconstruction ratio of AEDR (Wang et al., AAAI 2026),
   ``MSE(x, x1) / MSE(x1, x2)`` with ``x1 = D(E(x))`` and ``x2 = D(E(x1))``, thresholds set on
   held-out own items (not on the items it then scores): the cheap screen to compare against;
@@ -162,7 +162,8 @@ class DecoderSearch:
     encoder as the decoder's approximate inverse: ``z += a (E(x) - E(D(z)))``, a fixed point where
     the decoded item encodes as the item does, which an item this decoder made reaches at its own
     latent (one encoder and one decoder pass; ``a`` starts at 1 and halves where a step does not
-    lower the loss). Each of the last ``steps`` is a Gauss-Newton step for the pixel residual, ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
+    lower the loss). Each of the last ``steps`` is a Gauss-Newton step for the pixel residual,
+    ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
     gradients with J products from reverse-mode passes (``J v`` as the derivative of a vector-Jacobian
     product), so its cost does not grow with the latent size; a step is kept only where the loss
     falls (Levenberg-Marquardt damping). Losses are reported in ``metric``. ``exits`` stop an item
@@ -226,7 +227,8 @@ class DecoderSearch:
             active &= ~self._settled(loss, step - 1)
             idx = active.nonzero().flatten()
             if len(idx):
-                if step <= self.encoder_steps:
+                by_encoder = step <= self.encoder_steps
+                if by_encoder:
                     z_new, out_new, cost = self._encoder_step(z[idx], decoded[idx], encoded[idx], rate[idx])
                 else:
                     z_new, out_new, cost = self._gauss_newton(z[idx], decoded[idx], x[idx], damping[idx])
@@ -234,8 +236,10 @@ class DecoderSearch:
                 better = new < loss[idx]
                 keep = idx[better]
                 z[keep], decoded[keep], loss[keep] = z_new[better], out_new[better], new[better]
-                rate[idx] = torch.where(better, rate[idx], rate[idx] / 2)
-                damping[idx] = torch.where(better, damping[idx] / 3, damping[idx] * 5)
+                if by_encoder:  # each kind of step adapts its own size
+                    rate[idx] = torch.where(better, rate[idx], rate[idx] / 2)
+                else:
+                    damping[idx] = torch.where(better, damping[idx] / 3, damping[idx] * 5)
                 passes[idx] += cost
             trajectory[:, step] = loss
         return trajectory, passes
