@@ -58,7 +58,21 @@ def test_the_doc_shows_a_full_run_before_a_quick_one(tmp_path):
     assert text.count("Not run yet") == len(report.BENCHMARKS) - 1
 
 
-@pytest.mark.slow
+def test_one_benchmark_runs_quick_and_its_record_rebuilds_the_doc(tmp_path):
+    """What every benchmark shares, in the default suite: ``python -m bench NAME --quick`` writes its
+    record beside the doc and rebuilds the doc from it (every benchmark: ``-m benchmarks`` below)."""
+    doc = tmp_path / "docs" / "benchmarks.md"
+    done = subprocess.run([sys.executable, "-m", "bench", "inversion_speed", "--quick", "--doc", str(doc)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    record = json.loads(report.result_path(doc, "inversion_speed", quick=True).read_text())
+    assert record["quick"] and record["figures"] and record["seconds"] > 0
+    text = doc.read_text()
+    assert "`python -m bench inversion_speed --quick`" in text
+    assert text.count("Not run yet") == len(report.BENCHMARKS) - 1
+
+
+@pytest.mark.benchmarks
 def test_every_benchmark_runs_quick_and_rebuilds_the_doc(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == list(report.BENCHMARKS)
