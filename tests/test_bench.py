@@ -1,6 +1,6 @@
-"""The benchmarks: the zoo, ``python -m bench all --quick`` running every benchmark and rebuilding
-the doc, and the suite's records at their smoke size (the tables' structure and ranges, not their
-values)."""
+"""The benchmarks: the zoo, one benchmark's quick run rebuilding the doc, and (``-m benchmarks``)
+``python -m bench all --quick`` running every benchmark and rebuilding the doc, with the suite's
+records at their smoke size (the tables' structure and ranges, not their values)."""
 
 from __future__ import annotations
 
