@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from flipad.io.data import DataError, read_fashion_mnist
-from flipad.io.files import atomic_write
+from flipad.io.files import fill_once
 
 __all__ = ["ensure_fashion_mnist", "fashion_mnist_cache", "fashion_mnist_candidates", "find_fashion_mnist",
            "load_fashion_mnist"]
@@ -63,16 +63,18 @@ def _from_debian(cache: Path) -> None:
         (deb,) = Path(tmp).glob("*.deb")
         subprocess.run(["dpkg", "-x", str(deb), str(Path(tmp) / "root")], check=True, capture_output=True, timeout=600)
         found = next((Path(tmp) / "root").rglob("train-images-idx3-ubyte.gz")).parent
-        cache.mkdir(parents=True, exist_ok=True)
         for name in FILES:
             shutil.copyfile(found / name, cache / name)
 
 
 def _from_public(cache: Path) -> None:
-    cache.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         with urllib.request.urlopen(PUBLIC_URL + name, timeout=60) as response:
-            atomic_write(cache / name, response.read())
+            (cache / name).write_bytes(response.read())
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in FILES)
 
 
 def ensure_fashion_mnist() -> Path:
@@ -89,8 +91,8 @@ def ensure_fashion_mnist() -> Path:
     for what, fetch in fetchers:
         logger.warning("Fashion-MNIST not found locally; trying %s", what)
         try:
-            fetch(cache)
-            return find_fashion_mnist(cache)
+            if fill_once(cache, _complete, fetch):  # one fetch at a time into the cache, never a partial set
+                return cache
         except (OSError, subprocess.SubprocessError, StopIteration, ValueError, DataError) as exc:
             tried.append(f"{what}: {exc}")
     raise DataError("Fashion-MNIST is not available; " + "; ".join(tried) + ". Set FLIPAD_DATA to a folder with its IDX files")

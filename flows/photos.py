@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from flipad.io.data import DataError
+from flipad.io.files import fill_once
 
 __all__ = ["ensure_photos", "photo_patches", "photos_cache"]
 
@@ -52,7 +53,6 @@ def _from_debian(cache: Path) -> None:
         nature = [p for p in (Path(tmp) / "root").rglob("*.jpg") if p.parent.name == "nature"]
         if not nature:
             raise DataError(f"{deb.name} holds no nature photos")
-        cache.mkdir(parents=True, exist_ok=True)
         for path in nature:
             shutil.copyfile(path, cache / path.name)
 
@@ -63,7 +63,6 @@ def _from_pypi(cache: Path) -> None:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
                         "scikit-image", "-d", tmp], check=True, capture_output=True, timeout=600)
         (wheel,) = Path(tmp).glob("*.whl")
-        cache.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as archive:
             for name in SKIMAGE_PHOTOS:
                 (cache / name).write_bytes(archive.read(f"skimage/data/{name}"))
@@ -81,8 +80,7 @@ def ensure_photos() -> list[Path]:
     for what, fetch in fetchers:
         logger.warning("no photos in %s; trying %s", cache, what)
         try:
-            fetch(cache)
-            if _found(cache):
+            if fill_once(cache, lambda folder: bool(_found(folder)), fetch):  # one fetch at a time, never a partial set
                 return _found(cache)
         except (OSError, subprocess.SubprocessError, ValueError, KeyError, DataError) as exc:
             tried.append(f"{what}: {exc}")

@@ -15,25 +15,45 @@ import torch
 from helpers import GENERATOR_CODE, VectorLatentGenerator
 from torch import nn
 
+from flipad.cpu import usable_cpus
 from flipad.generators.architectures import DCGANGenerator
 from flipad.io.data import encode_item
 from flows.datasets import load_fashion_mnist
 from flipad.generators.training import train_gan
 
 
+# session fixtures that cost minutes: the tests using one run on one worker, so it is built once
+SHARED_FIXTURES = ("demo_onboarded", "trained_generator")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (the suite's default): one worker per CPU this process may use (affinity and
+    cgroup quota, as flipad sizes its threads), at most 4: each worker runs its own MLflow and
+    Prefect servers and holds up to 5 GB of fixtures (measured on the two-core machine)."""
+    return min(usable_cpus(), 4)
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    """Skip GPU tests without CUDA; for ``--dist loadgroup``, put each test in the group of the
+    costly shared fixture it uses, else of its module, and send the groups holding a slow test
+    first (with ``--no-loadscope-reorder``, in this order): the longest work starts earliest."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
+    groups = {}
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        group = next((f for f in SHARED_FIXTURES if f in item.fixturenames), item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
+        groups[item.nodeid] = group
+    slow = {groups[item.nodeid] for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: groups[item.nodeid] not in slow)  # stable: the order within is kept
 
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Seed torch; give it this worker's share of the CPUs (all of them without xdist)."""
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(max(1, usable_cpus() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session")

@@ -150,9 +150,9 @@ def test_onboard_attribute_and_serve_an_autoencoder(tracking, vae_folder, photos
         (real_folder / f"{i:04d}.png").write_bytes(encode_item(item))
     runner = CliRunner()
     onboarded = runner.invoke(app, [
-        "onboard", MODEL, "--generator", f"diffusers:{vae_folder}", "--real", str(real_folder), "--num-samples", "300",
-        "--num-validation", "80", "--num-test", "30", "--challenger-steps", "10",
-        "--set", "autoencoder.n_perturbed=40", "--set", "autoencoder.perturbations=jpeg q90,jpeg q80"])
+        "onboard", MODEL, "--generator", f"diffusers:{vae_folder}", "--real", str(real_folder), "--num-samples", "200",
+        "--num-validation", "40", "--num-test", "20", "--challenger-steps", "10",
+        "--set", "autoencoder.n_perturbed=20", "--set", "autoencoder.perturbations=jpeg q90,jpeg q80"])
     assert onboarded.exit_code == 0, onboarded.output
     assert f"registered {MODEL} version 1" in onboarded.output
     run = mlflow.get_run(mlflow.MlflowClient().get_model_version(MODEL, "1").run_id)
@@ -168,8 +168,8 @@ def test_onboard_attribute_and_serve_an_autoencoder(tracking, vae_folder, photos
     from registry.versions import load_detector
 
     detector, _ = load_detector(MODEL)
-    own = detector.own_samples(30, seed=99, real=photos["test"][:150])
-    real = photos["test"][150:180]
+    own = detector.own_samples(20, seed=99, real=photos["test"][:150])
+    real = photos["test"][150:170]
     stream = tmp_path / "stream"
     stream.mkdir()
     for name, items in {"own": own, "own-q90": perturb(own, "jpeg q90"), "real": real}.items():

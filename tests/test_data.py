@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +16,7 @@ from flipad.io.data import (
     load_table,
     read_fashion_mnist,
 )
+from flipad.io.files import fill_once
 from flows.datasets import ensure_fashion_mnist, load_fashion_mnist
 
 
@@ -92,3 +96,30 @@ def test_fashion_mnist_idx():
     resized = read_fashion_mnist(ensure_fashion_mnist(), "test", size=32, limit=10)
     assert resized.shape == (10, 1, 32, 32)
     assert (images == 0).mean() > 0.3  # Fashion-MNIST backgrounds are black
+
+
+def test_a_cache_is_fetched_once_by_concurrent_callers_and_never_left_partial(tmp_path):
+    fills = []
+
+    def fill(folder):
+        fills.append(folder)
+        (folder / "a").write_text("1")
+        time.sleep(0.3)  # the others wait at the lock meanwhile
+        (folder / "b").write_text("2")
+
+    def complete(folder):
+        return (folder / "a").is_file() and (folder / "b").is_file()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(lambda _: fill_once(tmp_path / "cache", complete, fill), range(4)))
+    assert len(fills) == 1 and sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["a", "b"]
+
+    def broken(folder):  # a download that fails half-way
+        (folder / "a").write_text("1")
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        fill_once(tmp_path / "other", complete, broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lock", ".other.lock", "cache"]
+    (tmp_path / "named").mkdir()  # a folder the user named and created: filled in place
+    assert fill_once(tmp_path / "named", complete, fill) and complete(tmp_path / "named")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "fill_once"]
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
@@ -27,3 +32,38 @@ def atomic_write(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Pat
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fill_once(folder: Path, is_filled: Callable[[Path], bool], fill: Callable[[Path], None]) -> bool:
+    """Fill ``folder`` by ``fill`` unless ``is_filled(folder)``; returns whether it is filled after.
+
+    Processes filling one folder at once (test workers, flows on a fresh machine) take turns under
+    a lock beside it (``.NAME.lock``), so the second finds the first one's files. ``fill`` writes
+    into an empty temporary folder whose files are then moved in, so a fill that fails or is
+    killed leaves no partial set behind for a later call to take as complete."""
+    with _locked(folder.with_name(f".{folder.name}.lock")):
+        if is_filled(folder):
+            return True
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            fill(staging)
+            if folder.exists():  # a folder the caller named: the files move in one by one
+                for path in sorted(staging.iterdir()):
+                    path.replace(folder / path.name)
+            else:  # whole, in one rename: a reader that takes no lock never sees a part
+                staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return is_filled(folder)
