@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 # Prefect's temporary servers (in this process and in the commands the tests start) get 120 s
 # to start, as the flipad command gives them: 20 s, Prefect's default, is exceeded on a busy
@@ -22,8 +24,16 @@ from flows.datasets import load_fashion_mnist
 from flipad.generators.training import train_gan
 
 
-# session fixtures that cost minutes: the tests using one run on one worker, so it is built once
+# session fixtures that cost minutes: the test modules naming one run on one worker, so it is built once
 SHARED_FIXTURES = ("demo_onboarded", "trained_generator")
+
+
+@functools.cache
+def _group(module: Path) -> str:
+    """The xdist work unit of a test module: the first costly shared fixture the module's text
+    names (as a test's or a fixture's argument), else the module itself."""
+    text = module.read_text()
+    return next((name for name in SHARED_FIXTURES if name in text), str(module))
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
@@ -33,20 +43,28 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return min(usable_cpus(), 4)
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """Whole work units of :func:`_group` per worker, in collection order. (xdist's own
+    ``loadgroup`` marks do not reach its scheduler under pytest 9.2, whose node ids are no longer
+    the ``_nodeid`` it rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(config.rootpath / nodeid.split("::")[0])
+
+    return SharedFixtureScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip GPU tests without CUDA; for ``--dist loadgroup``, put each test in the group of the
-    costly shared fixture it uses, else of its module, and send the groups holding a slow test
-    first (with ``--no-loadscope-reorder``, in this order): the longest work starts earliest."""
+    """Skip GPU tests without CUDA; put the work units holding a slow test first (xdist keeps the
+    collection order with ``--no-loadscope-reorder``), so the longest work starts earliest."""
     skip = pytest.mark.skip(reason="needs a CUDA device")
-    groups = {}
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
-        group = next((f for f in SHARED_FIXTURES if f in item.fixturenames), item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
-        groups[item.nodeid] = group
-    slow = {groups[item.nodeid] for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: groups[item.nodeid] not in slow)  # stable: the order within is kept
+    slow = {_group(item.path) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: _group(item.path) not in slow)  # stable: the order within is kept
 
 
 @pytest.fixture(autouse=True)
