@@ -39,11 +39,8 @@ def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if needed) for the block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def fill_once(folder: Path, is_filled: Callable[[Path], bool], fill: Callable[[Path], None]) -> bool:
@@ -51,8 +48,8 @@ def fill_once(folder: Path, is_filled: Callable[[Path], bool], fill: Callable[[P
 
     Processes filling one folder at once (test workers, flows on a fresh machine) take turns under
     a lock beside it (``.NAME.lock``), so the second finds the first one's files. ``fill`` writes
-    into an empty temporary folder whose files are then moved in, so a fill that fails or is
-    killed leaves no partial set behind for a later call to take as complete."""
+    into an empty staging folder that becomes ``folder`` in one rename (or whose files move into
+    a ``folder`` that exists), so a fill that fails or is killed leaves no partial set behind."""
     with _locked(folder.with_name(f".{folder.name}.lock")):
         if is_filled(folder):
             return True
