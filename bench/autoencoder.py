@@ -87,6 +87,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--encoder-steps", type=int, default=AutoencoderSettings.encoder_steps,
                         help="the search's encoder steps (the default's; 0 with --gn-steps 2: the earlier search)")
     parser.add_argument("--gn-steps", type=int, default=AutoencoderSettings.steps, help="its Gauss-Newton steps")
+    parser.add_argument("--switch", action=argparse.BooleanOptionalAction, default=AutoencoderSettings.switch,
+                        help="each item leaves the encoder steps at its first failed one")
     args = parser.parse_args(argv)
     if args.sd_items < 2:
         parser.error("--sd-items: at least 2 (the thresholds need two own items)")
@@ -99,7 +101,7 @@ def run(argv: list[str]) -> dict:
     tuned = _finetuned(args.cache / f"{tag}-finetuned-{args.finetune_steps}", owner, train, args.finetune_steps)
     module = load_generator(f"diffusers:{owner}")
 
-    settings = AutoencoderSettings(encoder_steps=args.encoder_steps, steps=args.gn_steps)
+    settings = AutoencoderSettings(encoder_steps=args.encoder_steps, steps=args.gn_steps, switch=args.switch)
     detector = AutoencoderDetector(module, n_validation=args.validation, settings=settings, progress=False)
     validation = detector.own_samples(args.validation, seed=2, real=test[4 * args.items:])
     start = time.perf_counter()
@@ -167,7 +169,7 @@ def run(argv: list[str]) -> dict:
           f"{sd['s_per_item']:.2f} s/item, {sd['passes_per_item']:.1f} passes/item (fit {sd['fit_s']:.0f} s)")
     return {"train_steps": args.train_steps, "finetune_steps": args.finetune_steps, "validation": args.validation,
             "items": n, "fit_s": fit_s, "settings": {"encoder_steps": settings.encoder_steps, "steps": settings.steps,
-                                                    "cg_steps": settings.cg_steps},
+                                                    "cg_steps": settings.cg_steps, "switch": settings.switch},
             "rows": rows, "cost": cost, "sd": sd}
 
 
@@ -176,7 +178,8 @@ def render(figures: dict) -> str:
     return (f"Small autoencoder trained {figures['train_steps']} batches (look-alikes: another seed, the same "
             f"batches; the decoder fine-tuned {figures['finetune_steps']} batches); thresholds on "
             f"{figures['validation']} held-out own items and their re-saves (fit {figures['fit_s']:.0f} s); "
-            f"{figures['items']} items per source. Search: {figures['settings'].get('encoder_steps', 0)} encoder steps, "
+            f"{figures['items']} items per source. Search: {figures['settings'].get('encoder_steps', 0)} encoder steps"
+            f"{' (each item to its first failed one)' if figures['settings'].get('switch') else ''}, "
             f"then {figures['settings']['steps']} Gauss-Newton steps of {figures['settings']['cg_steps']} conjugate "
             f"gradients.\n\n"
             + markdown_table(figures["rows"], ["source", "attributed", "undecided", "aedr attributed", "aedr undecided",

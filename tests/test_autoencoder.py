@@ -85,6 +85,19 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
         assert float(trajectories["own"][:, -1].median()) < 0.5 * float(trajectories["real"][:, -1].median())
         assert float((trajectories["own"][:, -1] / trajectories["own"][:, 0]).median()) < 1.0  # it refines own items
 
+    # with the switch, an item leaves the encoder steps at its first failed one (its residual
+    # unchanged) and then takes every Gauss-Newton step: 2 + 2 k + 12 passes after k encoder steps
+    switched = DecoderSearch(module, 1, 2, encoder_steps=4, switch=True)
+    for items in (own, real):
+        t = switched.run(items)
+        taken = (switched.passes_ - 2 - (4 + 4 * 2)) / 2
+        assert set(taken.tolist()) <= {1.0, 2.0, 3.0, 4.0} and (t[:, 1:] <= t[:, :-1] + 1e-12).all()
+        early = taken < 4
+        k = taken[early].long()
+        assert torch.equal(t[early.nonzero().flatten(), k], t[early.nonzero().flatten(), k - 1])  # the failed step
+        assert (t[early.nonzero().flatten(), -1] <= t[early.nonzero().flatten(), k]).all()
+    assert switched.fingerprint() != DecoderSearch(module, 1, 2, encoder_steps=4).fingerprint()
+
     scores = detector.score(np.concatenate([own, real]))
     assert set(scores.diagnostics) == {"decoder_loss", "decoder_passes"}
     passes = scores.diagnostics["decoder_passes"]
@@ -113,9 +126,10 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     np.testing.assert_array_equal(reloaded.score(real).score, detector.score(real).score)
     # a detector saved before the encoder steps existed searches as it did: Gauss-Newton steps alone
     config = json.loads((bundle / "detector" / "config.json").read_text())
-    del config["settings"]["encoder_steps"]
+    del config["settings"]["encoder_steps"], config["settings"]["switch"]
     (bundle / "detector" / "config.json").write_text(json.dumps(config))
-    assert load_bundle(bundle, device="cpu").settings.encoder_steps == 0
+    earlier = load_bundle(bundle, device="cpu").settings
+    assert (earlier.encoder_steps, earlier.switch) == (0, False)
 
 
 def _jpeg(item: np.ndarray, quality: int) -> bytes:

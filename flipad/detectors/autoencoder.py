@@ -162,7 +162,9 @@ class DecoderSearch:
     encoder as the decoder's approximate inverse: ``z += a (E(x) - E(D(z)))``, a fixed point where
     the decoded item encodes as the item does, which an item this decoder made reaches at its own
     latent (one encoder and one decoder pass; ``a`` starts at 1 and halves where a step does not
-    lower the loss). Each of the last ``steps`` is a Gauss-Newton step for the pixel residual,
+    lower the loss). With ``switch``, an item instead leaves the encoder steps at its first one
+    that does not lower the loss and takes the Gauss-Newton steps from the next step on, so it
+    finishes early. Each of the last ``steps`` is a Gauss-Newton step for the pixel residual,
     ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
     gradients with J products from reverse-mode passes (``J v`` as the derivative of a vector-Jacobian
     product), so its cost does not grow with the latent size; a step is kept only where the loss
@@ -174,12 +176,13 @@ class DecoderSearch:
     name = "decoder-search"
 
     def __init__(self, module: AutoencoderGenerator, steps: int, cg_steps: int, exits: Exits = Exits(),
-                 encoder_steps: int = 0):
+                 encoder_steps: int = 0, switch: bool = False):
         self.module = module
         self.steps = steps
         self.cg_steps = cg_steps
         self.exits = exits
         self.encoder_steps = encoder_steps
+        self.switch = switch
         self.metric = ResidualMetric("jpeg", module.image_shape, OUTPUT_RANGE)
 
     @property
@@ -188,11 +191,12 @@ class DecoderSearch:
 
     def with_exits(self, exits: Exits) -> DecoderSearch:
         """The same search, stopping each item where ``exits`` settle its verdict."""
-        return DecoderSearch(self.module, self.steps, self.cg_steps, exits, self.encoder_steps)
+        return DecoderSearch(self.module, self.steps, self.cg_steps, exits, self.encoder_steps, self.switch)
 
     def fingerprint(self) -> str:
         parts = {"generator": weights_fingerprint(self.module), "device": self.device, "steps": self.steps,
-                 "cg_steps": self.cg_steps, "exits": asdict(self.exits), "encoder_steps": self.encoder_steps}
+                 "cg_steps": self.cg_steps, "exits": asdict(self.exits), "encoder_steps": self.encoder_steps,
+                 "switch": self.switch}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -222,27 +226,39 @@ class DecoderSearch:
         passes = torch.full((n,), 2.0)  # an encoder pass costs about a decoder pass
         rate = torch.ones(n)  # the encoder steps' size
         damping = torch.full((n,), 1e-3)
+        encoder_left = torch.full((n,), self.encoder_steps)  # per item: encoder steps, then Gauss-Newton steps
+        newton_left = torch.full((n,), self.steps)
         active = torch.ones(n, dtype=torch.bool)
         for step in range(1, self.encoder_steps + self.steps + 1):
-            active &= ~self._settled(loss, step - 1)
-            idx = active.nonzero().flatten()
-            if len(idx):
-                by_encoder = step <= self.encoder_steps
-                if by_encoder:
-                    z_new, out_new, cost = self._encoder_step(z[idx], decoded[idx], encoded[idx], rate[idx])
-                else:
-                    z_new, out_new, cost = self._gauss_newton(z[idx], decoded[idx], x[idx], damping[idx])
-                new = self._loss(out_new, x[idx])
-                better = new < loss[idx]
-                keep = idx[better]
-                z[keep], decoded[keep], loss[keep] = z_new[better], out_new[better], new[better]
-                if by_encoder:  # each kind of step adapts its own size
-                    rate[idx] = torch.where(better, rate[idx], rate[idx] / 2)
-                else:
-                    damping[idx] = torch.where(better, damping[idx] / 3, damping[idx] * 5)
-                passes[idx] += cost
+            active &= ~self._settled(loss, step - 1) & (encoder_left + newton_left > 0)
+            by_encoder = (active & (encoder_left > 0)).nonzero().flatten()
+            by_newton = (active & (encoder_left == 0)).nonzero().flatten()
+            if len(by_encoder):
+                better = self._take(by_encoder, *self._encoder_step(z[by_encoder], decoded[by_encoder],
+                                                                    encoded[by_encoder], rate[by_encoder]),
+                                    x, z, decoded, loss, passes)
+                rate[by_encoder] = torch.where(better, rate[by_encoder], rate[by_encoder] / 2)
+                encoder_left[by_encoder] -= 1
+                if self.switch:
+                    encoder_left[by_encoder[~better]] = 0
+            if len(by_newton):
+                better = self._take(by_newton, *self._gauss_newton(z[by_newton], decoded[by_newton], x[by_newton],
+                                                                   damping[by_newton]), x, z, decoded, loss, passes)
+                damping[by_newton] = torch.where(better, damping[by_newton] / 3, damping[by_newton] * 5)
+                newton_left[by_newton] -= 1
             trajectory[:, step] = loss
         return trajectory, passes
+
+    def _take(self, idx: torch.Tensor, z_new: torch.Tensor, out_new: torch.Tensor, cost: float, x: torch.Tensor,
+              z: torch.Tensor, decoded: torch.Tensor, loss: torch.Tensor, passes: torch.Tensor) -> torch.Tensor:
+        """Keep the step of items ``idx`` where it lowers their loss (in place) and count its cost;
+        whether it did, per item."""
+        new = self._loss(out_new, x[idx])
+        better = new < loss[idx]
+        keep = idx[better]
+        z[keep], decoded[keep], loss[keep] = z_new[better], out_new[better], new[better]
+        passes[idx] += cost
+        return better
 
     @torch.no_grad()
     def _encoder_step(self, z: torch.Tensor, decoded: torch.Tensor, encoded: torch.Tensor,
@@ -324,6 +340,10 @@ class AutoencoderSettings(AedrSettings):
     steps: int = field(default=2, metadata={
         "help": "Gauss-Newton steps on the decoder input after the encoder steps (4 * cg_steps + 4 passes each)"})
     cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
+    switch: bool = field(default=False, metadata={
+        "help": "an item leaves the encoder steps at its first one that does not lower its residual and takes the "
+                "Gauss-Newton steps from the next (off: every item takes every encoder step, halving its size where "
+                "one fails)"})
 
     def _lower_bounds(self) -> tuple[tuple[str, int], ...]:
         return (*super()._lower_bounds(), ("encoder_steps", 0), ("steps", 0), ("cg_steps", 1))
@@ -520,7 +540,7 @@ class AutoencoderDetector(_AutoencoderFamily):
 
     kind = "autoencoder"
     Settings = AutoencoderSettings
-    SAVED_BEFORE = {"encoder_steps": 0}  # the search was Gauss-Newton steps alone
+    SAVED_BEFORE = {"encoder_steps": 0, "switch": False}  # the search was Gauss-Newton steps alone
     description = "decoder-input search from the encoder's posterior mean (diffusers AutoencoderKL decoders)"
     diagnostics = {"decoder_loss": "the residual the decoder search reached (in JPEG's quantisation steps)",
                    "decoder_passes": "decoder-pass equivalents the decoder search spent on the item (an encoder pass "
@@ -528,7 +548,7 @@ class AutoencoderDetector(_AutoencoderFamily):
 
     def _search(self) -> DecoderSearch:
         return DecoderSearch(self._module, self.settings.steps, self.settings.cg_steps,
-                             encoder_steps=self.settings.encoder_steps)
+                             encoder_steps=self.settings.encoder_steps, switch=self.settings.switch)
 
     def fit(self, generated: np.ndarray | None = None, real: np.ndarray | None = None,
             negatives: Sequence[np.ndarray] | np.ndarray | None = None, validation: np.ndarray | None = None,
