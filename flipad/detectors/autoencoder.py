@@ -51,7 +51,7 @@ from ..io.data import check_sample_shape, quantize, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
 from ..progress import report, stage
 from .base import INLINE, ROBUST_PERTURBATIONS, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
-from .calibration import check_fnr
+from .calibration import check_fnr, search_resaves
 from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["AedrDetector", "AedrSettings", "AutoencoderDetector", "AutoencoderGenerator", "AutoencoderSettings", "DecoderSearch",
@@ -333,14 +333,14 @@ class AedrSettings:
 class AutoencoderSettings(AedrSettings):
     """The ``autoencoder`` family's options (``--set autoencoder.KEY=VALUE``)."""
 
-    # the encoder steps are cheap but leave a wide tail of own items, which loosens the thresholds
-    # (docs/design.md, "Encoder steps"): off by default
-    encoder_steps: int = field(default=0, metadata={
+    # the encoder steps are cheap but stall on a few own items; switching those to a Gauss-Newton
+    # step at their first failed encoder step closes that tail (docs/design.md, "Encoder steps")
+    encoder_steps: int = field(default=8, metadata={
         "help": "steps z += E(x) - E(D(z)) after D(E(x)) (two passes each), each stopped early once the verdict is settled"})
     steps: int = field(default=2, metadata={
         "help": "Gauss-Newton steps on the decoder input after the encoder steps (4 * cg_steps + 4 passes each)"})
     cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
-    switch: bool = field(default=False, metadata={
+    switch: bool = field(default=True, metadata={
         "help": "an item leaves the encoder steps at its first one that does not lower its residual and takes the "
                 "Gauss-Newton steps from the next (off: every item takes every encoder step, halving its size where "
                 "one fails)"})
@@ -555,13 +555,21 @@ class AutoencoderDetector(_AutoencoderFamily):
             stages: Stages = INLINE) -> AutoencoderDetector:
         """Set the thresholds and the early exits from held-out own items (``validation``, else the
         owner's ``generated`` images, else decoded ``real`` images), pristine and after each
-        re-save of the settings. Returns self."""
+        re-save of the settings. Returns self.
+
+        The pristine items are searched to their ends (their quantiles are the unaltered items'
+        thresholds); a re-saved item stops once its residual is within the largest quantile found
+        so far (:func:`~flipad.detectors.calibration.search_resaves`), which sets every threshold
+        as searching it to its end would."""
         self._prepare()
         validation = self._validation(generated, real, validation)
         search = self._search()
         pristine = stages.run(search, validation, "own (validation)")
-        conditions = {name: stages.run(search, items, f"own (validation, {name})")
-                      for name, items in self._conditions(validation).items()}
+        conditions, _, _ = search_resaves(
+            lambda name, items, level: stages.run(search.with_exits(Exits(accept=level)), items,
+                                                  f"own (validation, {name})"),
+            validation[: self.settings.n_perturbed], self.settings.perturbations, self.fnr,
+            accept=min(float(torch.quantile(pristine[:, -1].double(), 1 - f)) for f in self.fnr))
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         thresholds = self.thresholds_.values()
         self.exits_ = Exits.calibrated(torch.cat([pristine, *conditions.values()]), threshold=max(thresholds),

@@ -11,14 +11,16 @@ Everything public is in one convention, the score: higher = more typical, attrib
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.stats
 import torch
 
-__all__ = ["CalibratedDetector", "NotFittedError", "empirical_p_values", "fnr_upper_bound"]
+from ..io.perturb import PERTURBATIONS, perturb
+
+__all__ = ["CalibratedDetector", "NotFittedError", "empirical_p_values", "fnr_upper_bound", "search_resaves", "search_settled"]
 
 
 class NotFittedError(RuntimeError):
@@ -37,6 +39,59 @@ def fnr_upper_bound(exceedances: int, n: int, confidence: float = 0.95) -> float
     if exceedances >= n:
         return 1.0
     return float(scipy.stats.beta.ppf(confidence, exceedances + 1, n - exceedances))
+
+
+def _searched_first(name: str) -> tuple[bool, float]:
+    """The order calibration searches re-saves in: JPEG from the lowest quality (the loosest
+    quantiles, usually), then the others as given (a stable sort)."""
+    kind, strength, _ = PERTURBATIONS[name]
+    return kind != "jpeg", strength if kind == "jpeg" else 0.0
+
+
+def search_settled(search: Callable[[np.ndarray, float], torch.Tensor], items: np.ndarray, level: float,
+                   fnr: Sequence[float]) -> torch.Tensor:
+    """The trajectories of ``search(items, level)``, which stops each item once its loss is at or
+    below ``level``, such that each (1 - FNR) quantile of their final losses is the one searching
+    every item to its end gives, wherever that quantile lies above ``level``.
+
+    A stopped item's loss is an upper bound at or below ``level``, so a quantile whose two
+    bracketing order statistics lie above ``level`` is exact. Where the lower one is a stopped
+    item's and the quantile still lies above ``level``, the items at or below ``level`` are
+    searched again to their ends (``search(items, 0.0)``)."""
+    trajectories = search(items, level)
+    final = trajectories[:, -1].double()
+    low = final <= level
+    if level <= 0 or not low.any():
+        return trajectories
+    n = len(final)
+    inexact = any(int(low.sum()) > int(np.floor((n - 1) * (1 - f))) and float(torch.quantile(final, 1 - f)) > level
+                  for f in fnr)
+    if inexact:
+        trajectories = trajectories.clone()
+        trajectories[low] = search(items[low.numpy()], 0.0).to(trajectories)
+    return trajectories
+
+
+def search_resaves(search: Callable[[str, np.ndarray, float], torch.Tensor], items: np.ndarray,
+                   names: Sequence[str], fnr: Sequence[float],
+                   accept: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, float], float]:
+    """The own calibration items' search trajectories after each re-save ``names``, searched so
+    that every threshold is what searching each item to its end would set.
+
+    ``search(name, resaved, level)`` runs the search on the re-saved items, stopping each once its
+    loss is at or below ``level``. The lowest JPEG quality goes first, down to ``accept`` (0: to
+    its end). Every threshold is at least the largest quantile found so far, so an item of a later
+    re-save whose loss is already below it is settled: stopping it there leaves every threshold
+    as it was (:func:`search_settled`; only the screens, which can only loosen). Returns the
+    trajectories (in ``names``' order), the level each re-save was searched down to, and the
+    largest quantile found (where a later set may stop)."""
+    trajectories, searched_until = {}, {}
+    for name in sorted(names, key=_searched_first):
+        trajectories[name] = search_settled(lambda x, level, name=name: search(name, x, level), perturb(items, name),
+                                            accept, fnr)
+        searched_until[name] = accept
+        accept = max(accept, min(float(torch.quantile(trajectories[name][:, -1].double(), 1 - f)) for f in fnr))
+    return {name: trajectories[name] for name in names}, searched_until, accept
 
 
 def check_fnr(fnr: Sequence[float]) -> tuple[float, ...]:

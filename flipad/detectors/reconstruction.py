@@ -41,7 +41,7 @@ from ..inversion.amortised import (
 from ..inversion.latent import SEARCH_METHODS, ReconstructionConfig, reconstruction_trajectories
 from ..inversion.tangents import search_jacobian
 from ..io.data import check_sample_shape, to_output_range
-from ..io.perturb import PERTURBATIONS, perturb
+from ..io.perturb import PERTURBATIONS
 from ..progress import stage
 from .base import (
     INLINE,
@@ -53,7 +53,7 @@ from .base import (
     Stages,
     register_kind,
 )
-from .calibration import check_fnr
+from .calibration import check_fnr, search_resaves, search_settled
 from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["LatentSearch", "ReconstructionConfig", "ReconstructionLossDetector", "ReconstructionSettings"]
@@ -213,13 +213,6 @@ class ReconstructionSettings:
                                     encoder_tflop=self.encoder_tflop, sketch=self.sketch)
 
 
-def _searched_first(name: str) -> tuple[bool, float]:
-    """The order calibration searches re-saves in: JPEG from the lowest quality (the loosest
-    quantiles, usually), then the others as given (a stable sort)."""
-    kind, strength, _ = PERTURBATIONS[name]
-    return kind != "jpeg", strength if kind == "jpeg" else 0.0
-
-
 @register_kind
 class ReconstructionLossDetector(Detector):
     """Attribution by the best reconstruction loss of a full-generator latent search.
@@ -322,21 +315,14 @@ class ReconstructionLossDetector(Detector):
             validation = self.generate(self.n_validation, seed=Seeds(self.seed).validation)
         conditions, stopped_at, accept = {}, {}, 0.0
         if self.perturbations and validation.ndim == 4 and validation.dtype == np.uint8:
-            subset = validation[: self.n_perturbed or len(validation)]
-            # The lowest JPEG quality first, each item searched to its end. Every threshold is at
-            # least the largest quantile found so far, so an item of a later condition (the milder
-            # re-saves, then the pristine items) whose loss is already below it is settled:
-            # stopping it there raises no quantile past it and changes no threshold (only the
-            # screens, which can only loosen). Most such items stop at their start.
-            for name in sorted(self.perturbations, key=_searched_first):
-                search = self.search_.with_exits(Exits(accept=accept))
-                conditions[name] = stages.run(search.trajectories_stage(), perturb(subset, name),
-                                              f"generated (validation, {name})")
-                stopped_at[name] = accept
-                accept = max(accept, min(float(torch.quantile(conditions[name][:, -1].double(), 1 - f)) for f in self.fnr))
-            conditions = {name: conditions[name] for name in self.perturbations}
-        pristine = stages.run(self.search_.with_exits(Exits(accept=accept)).trajectories_stage(), validation,
-                              "generated (validation)")
+            # then the pristine items too stop once below the largest quantile (most at their start)
+            conditions, stopped_at, accept = search_resaves(
+                lambda name, items, level: stages.run(self.search_.with_exits(Exits(accept=level)).trajectories_stage(),
+                                                      items, f"generated (validation, {name})"),
+                validation[: self.n_perturbed or len(validation)], self.perturbations, self.fnr)
+        pristine = search_settled(lambda items, level: stages.run(
+            self.search_.with_exits(Exits(accept=level)).trajectories_stage(), items, "generated (validation)"),
+            validation, accept, self.fnr)
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         self._set_exits(torch.cat([pristine, *conditions.values()]))
         self.fit_info_ = {"n_validation": len(validation), "searched_until": accept,
