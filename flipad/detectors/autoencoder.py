@@ -51,7 +51,7 @@ from ..io.data import check_sample_shape, quantize, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
 from ..progress import report, stage
 from .base import INLINE, ROBUST_PERTURBATIONS, Detector, DetectorSettings, Scores, Seeds, Stages, register_kind
-from .calibration import check_fnr, search_resaves
+from .calibration import check_fnr, lowest_quantile, search_resaves
 from .persist import check_generator, read_saved, write_saved
 
 __all__ = ["AedrDetector", "AedrSettings", "AutoencoderDetector", "AutoencoderGenerator", "AutoencoderSettings", "DecoderSearch",
@@ -569,7 +569,7 @@ class AutoencoderDetector(_AutoencoderFamily):
             lambda name, items, level: stages.run(search.with_exits(Exits(accept=level)), items,
                                                   f"own (validation, {name})"),
             validation[: self.settings.n_perturbed], self.settings.perturbations, self.fnr,
-            accept=min(float(torch.quantile(pristine[:, -1].double(), 1 - f)) for f in self.fnr))
+            accept=lowest_quantile(pristine[:, -1], self.fnr))
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         thresholds = self.thresholds_.values()
         self.exits_ = Exits.calibrated(torch.cat([pristine, *conditions.values()]), threshold=max(thresholds),

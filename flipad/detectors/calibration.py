@@ -20,7 +20,8 @@ import torch
 
 from ..io.perturb import PERTURBATIONS, perturb
 
-__all__ = ["CalibratedDetector", "NotFittedError", "empirical_p_values", "fnr_upper_bound", "search_resaves", "search_settled"]
+__all__ = ["CalibratedDetector", "NotFittedError", "empirical_p_values", "fnr_upper_bound", "lowest_quantile", "search_resaves",
+           "search_settled"]
 
 
 class NotFittedError(RuntimeError):
@@ -46,6 +47,11 @@ def _searched_first(name: str) -> tuple[bool, float]:
     quantiles, usually), then the others as given (a stable sort)."""
     kind, strength, _ = PERTURBATIONS[name]
     return kind != "jpeg", strength if kind == "jpeg" else 0.0
+
+
+def lowest_quantile(losses: torch.Tensor, fnr: Sequence[float]) -> float:
+    """The smallest of the (1 - FNR) quantiles of ``losses`` over the FNR targets."""
+    return min(float(torch.quantile(losses.double(), 1 - f)) for f in fnr)
 
 
 def search_settled(search: Callable[[np.ndarray, float], torch.Tensor], items: np.ndarray, level: float,
@@ -90,7 +96,7 @@ def search_resaves(search: Callable[[str, np.ndarray, float], torch.Tensor], ite
         trajectories[name] = search_settled(lambda x, level, name=name: search(name, x, level), perturb(items, name),
                                             accept, fnr)
         searched_until[name] = accept
-        accept = max(accept, min(float(torch.quantile(trajectories[name][:, -1].double(), 1 - f)) for f in fnr))
+        accept = max(accept, lowest_quantile(trajectories[name][:, -1], fnr))
     return {name: trajectories[name] for name in names}, searched_until, accept
 
 
