@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -22,6 +23,7 @@ from flipad import AutoencoderDetector, GeneratorSource, load_bundle, save_bundl
 from flipad.detectors.autoencoder import AutoencoderGenerator, AutoencoderSettings, DecoderSearch
 from flipad.detectors.base import Seeds
 from flipad.detectors.calibration import CalibratedDetector
+from flipad.inversion.amortised import Exits
 from flipad.generators import weights_fingerprint
 from flipad.generators.loading import GeneratorLoadError, load_generator
 from flipad.io.data import encode_item
@@ -81,7 +83,7 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     for search in (DecoderSearch(module, steps=2, cg_steps=4), DecoderSearch(module, 0, 1, encoder_steps=4)):
         trajectories = {"own": search.run(own[:10]), "real": search.run(real[:10])}
         for name, t in trajectories.items():  # the search never makes an item's residual worse
-            assert t.shape == (10, search.encoder_steps + search.steps + 1)
+            assert t.shape == (10, search.encoder_steps + search.steps + 1) and not t.isnan().any()
             assert (t[:, 1:] <= t[:, :-1] + 1e-12).all(), name
         assert float(trajectories["own"][:, -1].median()) < 0.5 * float(trajectories["real"][:, -1].median())
         assert float((trajectories["own"][:, -1] / trajectories["own"][:, 0]).median()) < 1.0  # it refines own items
@@ -92,7 +94,7 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     validation = detector.own_samples(40, Seeds(0).validation, photos["train"])
     exhaustive = detector._search()
     pristine = exhaustive.run(validation)
-    taken = (exhaustive.passes_ - 2 - 2 * (4 + 4 * 4)) / 2  # encoder steps per item, if it switched as below
+    taken, decoder_passes = exhaustive.encoder_passes_ - 1, exhaustive.passes_  # encoder steps per item
     reference = CalibratedDetector()
     reference.fnr = detector.fnr
     resaved = {name: exhaustive.run(perturb(validation[:20], name))[:, -1] for name in settings.perturbations}
@@ -104,20 +106,33 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
         assert (detector.condition_scores_[name] >= exact * (1 - 1e-4)).all(), name
 
     # the default search switches: an item leaves the encoder steps at its first failed one (its
-    # residual unchanged), then takes every Gauss-Newton step: 2 + 2 k + 40 passes after k steps
+    # residual unchanged; the encoder steps' later columns NaN, as it never was there), then takes
+    # every Gauss-Newton step: 1 + k decoder passes and 40 decoder-pass equivalents after k steps
     assert (exhaustive.switch, exhaustive.steps, exhaustive.cg_steps) == (True, 2, 4)
+    assert torch.equal(decoder_passes, 1 + taken + 2 * (4 + 4 * 4))
     assert set(taken.tolist()) <= set(map(float, range(1, exhaustive.encoder_steps + 1)))
     early = (taken < exhaustive.encoder_steps).nonzero().flatten()
     k = taken[early].long()
     assert len(early) and torch.equal(pristine[early, k], pristine[early, k - 1])  # the failed step
-    assert (pristine[:, 1:] <= pristine[:, :-1] + 1e-12).all()
+    skipped = torch.arange(pristine.shape[1]) > k[:, None]
+    skipped[:, exhaustive.encoder_steps + 1:] = False
+    assert torch.equal(pristine[early].isnan(), skipped)
+    visited = pristine.nan_to_num(nan=math.inf).cummin(1).values  # each column's latest visited loss
+    assert (pristine.isnan() | (pristine == visited)).all()  # the search never makes a residual worse
+    # a screen applies where an item is: the one of a column an item skipped does not cut it
+    settled = exhaustive.with_exits(Exits(screen=tuple(
+        -1.0 if c in range(int(k.min()) + 1, exhaustive.encoder_steps + 1) else math.inf
+        for c in range(pristine.shape[1] - 1))))
+    first = early[k == k.min()]
+    torch.testing.assert_close(settled.run(validation[first.numpy()]), pristine[first], rtol=1e-4, atol=0,
+                               equal_nan=True)
     assert exhaustive.fingerprint() != DecoderSearch(module, 2, 4, encoder_steps=8).fingerprint()
 
     scores = detector.score(np.concatenate([own, real]))
-    assert set(scores.diagnostics) == {"decoder_loss", "decoder_passes"}
+    assert set(scores.diagnostics) == {"decoder_loss", "decoder_passes", "encoder_passes"}
     passes = scores.diagnostics["decoder_passes"]
-    # an encode and a decode, then at most every encoder step (2 passes) and Gauss-Newton step
-    assert (passes >= 2).all() and (passes <= 2 + 2 * settings.encoder_steps + settings.steps * (4 + 4 * 4)).all()
+    # an encode and a decode, then at most every encoder step and Gauss-Newton step
+    assert (passes >= 1).all() and (passes <= 1 + settings.encoder_steps + settings.steps * (4 + 4 * 4)).all()
 
     # items with no lossy history are judged against the unaltered own items' thresholds, and are
     # undecided between those and the thresholds that cover re-saved own items
@@ -143,8 +158,14 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     config = json.loads((bundle / "detector" / "config.json").read_text())
     del config["settings"]["encoder_steps"], config["settings"]["switch"]
     (bundle / "detector" / "config.json").write_text(json.dumps(config))
-    earlier = load_bundle(bundle, device="cpu").settings
-    assert (earlier.encoder_steps, earlier.switch) == (0, False)
+    earlier = load_bundle(bundle, device="cpu")
+    assert (earlier.settings.encoder_steps, earlier.settings.switch) == (0, False)
+    assert earlier.exits_ == detector.exits_
+    # one saved with the switch before the screens were set by phase keeps its accept level only
+    config["settings"] |= {"encoder_steps": detector.settings.encoder_steps, "switch": True}
+    del config["exits"]["columns"]
+    (bundle / "detector" / "config.json").write_text(json.dumps(config))
+    assert detector.exits_.screen and load_bundle(bundle, device="cpu").exits_ == Exits(detector.exits_.accept)
 
 
 def _jpeg(item: np.ndarray, quality: int) -> bytes:
@@ -217,8 +238,10 @@ def test_onboard_attribute_and_serve_an_autoencoder(tracking, vae_folder, photos
     assert share["real"] <= 0.6, share
     small = rows.loc[rows.index.str.endswith("small.png")].iloc[0]
     assert small["verdict"] != "attributed" and "64" in str(small["error"]) + str(small.get("reason", ""))
-    most = 2 + 2 * detector.settings.encoder_steps + detector.settings.steps * (4 + 4 * detector.settings.cg_steps)
-    assert rows["decoder_passes"].dropna().between(2, most).all()
+    settings = detector.settings
+    most = 1 + settings.encoder_steps + settings.steps * (4 + 4 * settings.cg_steps)
+    assert rows["decoder_passes"].dropna().between(1, most).all()
+    assert rows["encoder_passes"].dropna().between(1, 1 + settings.encoder_steps).all()
 
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}/1")
     answer = served.predict(pd.DataFrame({"image": [base64.b64encode(encode_item(x)).decode() for x in own[:4]]}))

@@ -32,6 +32,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -62,6 +63,9 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 OUTPUT_RANGE = (-1.0, 1.0)  # what the decoder makes; the pipelines map it to [0, 1] and clamp
+# the layout of DecoderSearch's trajectories its screens are set on: an item that switched early
+# skips the encoder steps' later columns (detectors saved before it existed had one column per step)
+SCREEN_COLUMNS = "by phase"
 PIXELS_PER_BATCH = 2**17  # items per batch = this / pixels per item: memory scales with the image, not the count
 
 
@@ -169,8 +173,11 @@ class DecoderSearch:
     gradients with J products from reverse-mode passes (``J v`` as the derivative of a vector-Jacobian
     product), so its cost does not grow with the latent size; a step is kept only where the loss
     falls (Levenberg-Marquardt damping). Losses are reported in ``metric``. ``exits`` stop an item
-    once its verdict is settled. ``passes_`` counts decoder-pass equivalents per item of the last
-    run (a forward 1, a vector-Jacobian product 2, a Jacobian-vector product 2).
+    once its verdict is settled, each screen applying to the items at its column of :meth:`run`'s
+    trajectories (so an item that switched early meets the Gauss-Newton steps' screens, not those
+    of the encoder steps it skipped). Of the last run, per item: ``encoder_passes_``, and
+    ``passes_`` in decoder-pass equivalents (a forward 1, a vector-Jacobian product 2, a
+    Jacobian-vector product 2).
     """
 
     name = "decoder-search"
@@ -196,41 +203,47 @@ class DecoderSearch:
     def fingerprint(self) -> str:
         parts = {"generator": weights_fingerprint(self.module), "device": self.device, "steps": self.steps,
                  "cg_steps": self.cg_steps, "exits": asdict(self.exits), "encoder_steps": self.encoder_steps,
-                 "switch": self.switch}
+                 "switch": self.switch, "columns": SCREEN_COLUMNS}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Per item, the loss after each step ``(n, encoder_steps + steps + 1)``; once an item
-        exits, its later entries repeat the loss it stopped at."""
+        """Per item, the loss after each step ``(n, encoder_steps + steps + 1)``: column ``k <=
+        encoder_steps`` after ``k`` encoder steps, column ``encoder_steps + j`` after ``j``
+        Gauss-Newton steps. An item that left the encoder steps after its ``k``-th (the failed one,
+        its loss unchanged) has NaN in columns ``k + 1 .. encoder_steps``: it never was there, so
+        those columns' screens do not apply to it. Once an item exits, its later entries repeat the
+        loss it stopped at."""
         check_sample_shape(samples, self.module.image_shape)
         targets = to_output_range(samples, *OUTPUT_RANGE)
         out = torch.empty(len(targets), self.encoder_steps + self.steps + 1, dtype=torch.float64)
-        passes = torch.zeros(len(targets))
+        passes = torch.zeros(len(targets), 2)
         for part in self.module.batches(len(targets)):
             out[part], passes[part] = self._search(targets[part].to(next(self.module.parameters()).device))
-        self.passes_ = passes
+        self.encoder_passes_, self.passes_ = passes[:, 0], passes[:, 1]
         return out
 
     def _loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.metric((outputs - targets).double()).cpu()
 
     def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        module, n = self.module, len(x)
+        module, n, columns = self.module, len(x), self.encoder_steps + self.steps + 1
         with torch.no_grad():
             encoded = module.encode(x)
             z = encoded.clone()
             decoded = module(z)
         loss = self._loss(decoded, x)
-        trajectory = torch.empty(n, self.encoder_steps + self.steps + 1, dtype=torch.float64)
+        trajectory = torch.full((n, columns), math.nan, dtype=torch.float64)
         trajectory[:, 0] = loss
-        passes = torch.full((n,), 2.0)  # an encoder pass costs about a decoder pass
+        at = torch.zeros(n, dtype=torch.long)  # per item, the column of its current loss
+        passes = torch.ones(n, 2)  # per item: encoder passes, decoder-pass equivalents
         rate = torch.ones(n)  # the encoder steps' size
         damping = torch.full((n,), 1e-3)
         encoder_left = torch.full((n,), self.encoder_steps)  # per item: encoder steps, then Gauss-Newton steps
         newton_left = torch.full((n,), self.steps)
         active = torch.ones(n, dtype=torch.bool)
-        for step in range(1, self.encoder_steps + self.steps + 1):
-            active &= ~self._settled(loss, step - 1) & (encoder_left + newton_left > 0)
+        screen = torch.tensor([*self.exits.screen, *[math.inf] * columns][:columns], dtype=torch.float64)
+        for _ in range(columns - 1):
+            active &= (loss > self.exits.accept) & (loss <= screen[at]) & (encoder_left + newton_left > 0)
             by_encoder = (active & (encoder_left > 0)).nonzero().flatten()
             by_newton = (active & (encoder_left == 0)).nonzero().flatten()
             if len(by_encoder):
@@ -239,6 +252,7 @@ class DecoderSearch:
                                     x, z, decoded, loss, passes)
                 rate[by_encoder] = torch.where(better, rate[by_encoder], rate[by_encoder] / 2)
                 encoder_left[by_encoder] -= 1
+                at[by_encoder] += 1
                 if self.switch:
                     encoder_left[by_encoder[~better]] = 0
             if len(by_newton):
@@ -246,36 +260,37 @@ class DecoderSearch:
                                                                    damping[by_newton]), x, z, decoded, loss, passes)
                 damping[by_newton] = torch.where(better, damping[by_newton] / 3, damping[by_newton] * 5)
                 newton_left[by_newton] -= 1
-            trajectory[:, step] = loss
+                at[by_newton] = at[by_newton].clamp_min(self.encoder_steps) + 1
+            stepped = active.nonzero().flatten()
+            trajectory[stepped, at[stepped]] = loss[stepped]
+        later = torch.arange(columns) > at[:, None]
+        trajectory[later] = loss[:, None].expand(n, columns)[later]
         return trajectory, passes
 
-    def _take(self, idx: torch.Tensor, z_new: torch.Tensor, out_new: torch.Tensor, cost: float, x: torch.Tensor,
-              z: torch.Tensor, decoded: torch.Tensor, loss: torch.Tensor, passes: torch.Tensor) -> torch.Tensor:
-        """Keep the step of items ``idx`` where it lowers their loss (in place) and count its cost;
-        whether it did, per item."""
+    def _take(self, idx: torch.Tensor, z_new: torch.Tensor, out_new: torch.Tensor, cost: tuple[float, float],
+              x: torch.Tensor, z: torch.Tensor, decoded: torch.Tensor, loss: torch.Tensor,
+              passes: torch.Tensor) -> torch.Tensor:
+        """Keep the step of items ``idx`` where it lowers their loss (in place) and count its cost
+        (encoder passes, decoder-pass equivalents); whether it did, per item."""
         new = self._loss(out_new, x[idx])
         better = new < loss[idx]
         keep = idx[better]
         z[keep], decoded[keep], loss[keep] = z_new[better], out_new[better], new[better]
-        passes[idx] += cost
+        passes[idx] += torch.tensor(cost)
         return better
 
     @torch.no_grad()
     def _encoder_step(self, z: torch.Tensor, decoded: torch.Tensor, encoded: torch.Tensor,
-                      rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``z + rate (E(x) - E(D(z)))`` per item, its decoding and its cost in decoder passes."""
+                      rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        """``z + rate (E(x) - E(D(z)))`` per item, its decoding and its cost (one encoder pass, one
+        decoder pass)."""
         moved = z + rate.to(z).view(-1, *([1] * (z.dim() - 1))) * (encoded - self.module.encode(decoded))
-        return moved, self.module(moved), 2.0
-
-    def _settled(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        settled = loss <= self.exits.accept
-        if step < len(self.exits.screen):
-            settled |= loss > self.exits.screen[step]
-        return settled
+        return moved, self.module(moved), (1.0, 1.0)
 
     def _gauss_newton(self, z: torch.Tensor, decoded: torch.Tensor, x: torch.Tensor,
-                      damping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One damped Gauss-Newton step per item by conjugate gradients; its cost in decoder passes."""
+                      damping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+        """One damped Gauss-Newton step per item by conjugate gradients; its cost (no encoder pass,
+        its decoder-pass equivalents)."""
         def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return (a * b).flatten(1).sum(1)
 
@@ -304,7 +319,7 @@ class DecoderSearch:
                 norm = new_norm
         with torch.no_grad():
             moved = z + step.detach()
-            return moved, self.module(moved), 3.0 + 4.0 * self.cg_steps + 1.0
+            return moved, self.module(moved), (0.0, 3.0 + 4.0 * self.cg_steps + 1.0)
 
 
 @dataclass(frozen=True)
@@ -543,8 +558,8 @@ class AutoencoderDetector(_AutoencoderFamily):
     SAVED_BEFORE = {"encoder_steps": 0, "switch": False}  # the search was Gauss-Newton steps alone
     description = "decoder-input search from the encoder's posterior mean (diffusers AutoencoderKL decoders)"
     diagnostics = {"decoder_loss": "the residual the decoder search reached (in JPEG's quantisation steps)",
-                   "decoder_passes": "decoder-pass equivalents the decoder search spent on the item (an encoder pass "
-                                     "counts as one)"}
+                   "decoder_passes": "decoder-pass equivalents the decoder search spent on the item",
+                   "encoder_passes": "encoder passes the decoder search spent on the item"}
 
     def _search(self) -> DecoderSearch:
         return DecoderSearch(self._module, self.settings.steps, self.settings.cg_steps,
@@ -599,21 +614,28 @@ class AutoencoderDetector(_AutoencoderFamily):
     def _scores(self, samples: np.ndarray | torch.Tensor, stages: Stages, exhaustive: bool, exits: Exits) -> Scores:
         search = self._search() if exhaustive else self._search().with_exits(exits)
         trajectories = stages.run(search, samples, "score")
-        passes = getattr(search, "passes_", torch.full((len(trajectories),), float("nan")))  # unknown when cached
+        unknown = torch.full((len(trajectories),), math.nan)  # the passes of a cached stage
+        passes = {"decoder_passes": getattr(search, "passes_", unknown),
+                  "encoder_passes": getattr(search, "encoder_passes_", unknown)}
         scores = self._loss_scores(trajectories[:, -1], passes)
         if exhaustive:
             scores = replace(scores, attributed=self._loss_scores(exits.settle(trajectories), passes))
         return scores
 
-    def _loss_scores(self, losses: torch.Tensor, passes: torch.Tensor) -> Scores:
+    def _loss_scores(self, losses: torch.Tensor, passes: dict[str, torch.Tensor]) -> Scores:
         return self._verdict_scores(losses, {"decoder_loss": losses.double().numpy(),
-                                             "decoder_passes": passes.double().numpy()})
+                                             **{name: p.double().numpy() for name, p in passes.items()}})
 
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "exits": asdict(self.exits_)}
+        return {**super()._config(), "exits": {**asdict(self.exits_), "columns": SCREEN_COLUMNS}}
 
     def _restore(self, config: dict[str, Any]) -> None:
-        self.exits_ = Exits(config["exits"]["accept"], tuple(config["exits"]["screen"]))
+        """The early exits; a detector saved with the switch before its screens were set by phase
+        keeps its accept level and loses its screens (set on another layout, they could cut an
+        own item; they only saved time)."""
+        exits = config["exits"]
+        kept = exits.get("columns") == SCREEN_COLUMNS or not self.settings.switch
+        self.exits_ = Exits(exits["accept"], tuple(exits["screen"]) if kept else ())
 
 
 class AedrRatio:

@@ -165,15 +165,18 @@ class Exits:
     def calibrated(cls, trajectories: torch.Tensor, threshold: float, accept: float, margin: float = SCREEN_MARGIN) -> Exits:
         """The exits of a fitted detector: ``trajectories`` (n, K+1) of own calibration items
         (every condition); ``screen[k]`` is ``margin`` times the largest loss after ``k`` Jacobians
-        of those whose final loss is within ``threshold`` (the loosest), so none of them is cut."""
+        of those whose final loss is within ``threshold`` (the loosest), so none of them is cut. A
+        NaN marks a column an item never was at; a column none of them was at screens nothing."""
         kept = trajectories[trajectories[:, -1] <= threshold]
         if not len(kept):
             return cls(accept=accept)
-        return cls(accept=accept, screen=tuple(float(v) * margin for v in kept[:, :-1].max(0).values))
+        largest = kept[:, :-1].nan_to_num(nan=-math.inf).max(0).values
+        return cls(accept=accept, screen=tuple(float(v) * margin if v > -math.inf else math.inf for v in largest))
 
     def settle(self, trajectories: torch.Tensor) -> torch.Tensor:
         """The loss each item stops at under these exits, from its exhaustive ``trajectories``
-        (what :func:`lm_trajectories` with these exits returns in its last column)."""
+        (what :func:`lm_trajectories` with these exits returns in its last column); a NaN column
+        (never visited) stops nothing."""
         n, columns = trajectories.shape
         stop = trajectories <= self.accept
         screen = torch.tensor(self.screen[: columns - 1], dtype=trajectories.dtype)
