@@ -12,9 +12,9 @@ verdict's cost on a half-own, half-other stream, per item: encoder passes, decod
 equivalents (a vector-Jacobian or Jacobian-vector product counts as two), their total in
 decoder-pass equivalents with an encoder pass at its cost measured in the same run (the issue's
 bar, one encoder pass and ten decoder passes, in that unit), and seconds, also over a decoder
-pass's seconds (what the counts leave out: smaller batches, the products' overhead). Then the same cost for an autoencoder of Stable
-Diffusion's configuration (83.65 M parameters, random weights built from the config) at
-``--sd-size`` pixels on the CPU.
+pass's seconds (what the counts leave out: smaller batches, the products' overhead). Then the
+same cost for an autoencoder of Stable Diffusion's configuration (83.65 M parameters, random
+weights built from the config) at ``--sd-size`` pixels (the issue's 256) on the CPU.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--finetune-steps", type=int, default=200, help="batches of the fine-tuned decoder")
     parser.add_argument("--validation", type=int, default=300, help="held-out own items that set the thresholds")
     parser.add_argument("--items", type=int, default=100, help="held-out items per source")
-    parser.add_argument("--sd-size", type=int, default=128, help="image size of the Stable-Diffusion-config cost run")
+    parser.add_argument("--sd-size", type=int, default=256, help="image size of the Stable-Diffusion-config cost run")
     parser.add_argument("--sd-items", type=int, default=2, help="own and other items of that run")
     parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
     parser.add_argument("--encoder-steps", type=int, default=AutoencoderSettings.encoder_steps,

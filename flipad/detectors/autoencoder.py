@@ -300,9 +300,10 @@ class DecoderSearch:
         with torch.enable_grad():
             point = z.detach().requires_grad_(True)
             output = self.module(point)
-            dual = torch.zeros_like(output, requires_grad=True)
-            (pulled,) = torch.autograd.grad(output, point, dual, create_graph=True)  # J^T u, linear in u
-            (gradient,) = torch.autograd.grad(output, point, (decoded - x).detach(), retain_graph=True)
+            dual = (decoded - x).detach().requires_grad_(True)
+            # J^T u at u = r, the gradient, as a function linear in u: its derivative along v is J v
+            (pulled,) = torch.autograd.grad(output, point, dual, create_graph=True)
+            gradient = pulled.detach()
             shift = damping.to(z)
             residual, direction = -gradient, -gradient
             step = torch.zeros_like(z)
