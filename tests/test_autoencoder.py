@@ -124,7 +124,9 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
         -1.0 if c in range(int(k.min()) + 1, exhaustive.encoder_steps + 1) else math.inf
         for c in range(pristine.shape[1] - 1))))
     first = early[k == k.min()]
-    torch.testing.assert_close(settled.run(validation[first.numpy()]), pristine[first], rtol=1e-4, atol=0,
+    # (searched apart from the batch, an item's Gauss-Newton steps differ in float32 rounding; a
+    # screen that cut it would leave it at its switch, orders of magnitude higher)
+    torch.testing.assert_close(settled.run(validation[first.numpy()]), pristine[first], rtol=1e-2, atol=1e-5,
                                equal_nan=True)
     assert exhaustive.fingerprint() != DecoderSearch(module, 2, 4, encoder_steps=8).fingerprint()
 
