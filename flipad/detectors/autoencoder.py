@@ -352,7 +352,8 @@ class AutoencoderSettings(AedrSettings):
     # the encoder steps are cheap but stall on a few own items; switching those to a Gauss-Newton
     # step at their first failed encoder step closes that tail (docs/design.md, "Encoder steps")
     encoder_steps: int = field(default=8, metadata={
-        "help": "steps z += E(x) - E(D(z)) after D(E(x)) (two passes each), each stopped early once the verdict is settled"})
+        "help": "steps z += E(x) - E(D(z)) after D(E(x)) (an encoder and a decoder pass each), each stopped early "
+                "once the verdict is settled"})
     steps: int = field(default=2, metadata={
         "help": "Gauss-Newton steps on the decoder input after the encoder steps (4 * cg_steps + 4 passes each)"})
     cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
