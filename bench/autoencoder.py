@@ -129,6 +129,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--gn-steps", type=int, default=AutoencoderSettings.steps, help="its Gauss-Newton steps")
     parser.add_argument("--switch", action=argparse.BooleanOptionalAction, default=AutoencoderSettings.switch,
                         help="each item leaves the encoder steps at its first failed one")
+    parser.add_argument("--anderson", action=argparse.BooleanOptionalAction, default=AutoencoderSettings.anderson,
+                        help="the encoder steps after an item's first are Anderson-accelerated")
     args = parser.parse_args(argv)
     if args.sd_items < 2:
         parser.error("--sd-items: at least 2 (the thresholds need two own items)")
@@ -141,7 +143,8 @@ def run(argv: list[str]) -> dict:
     tuned = _finetuned(args.cache / f"{tag}-finetuned-{args.finetune_steps}", owner, train, args.finetune_steps)
     module = load_generator(f"diffusers:{owner}")
 
-    settings = AutoencoderSettings(encoder_steps=args.encoder_steps, steps=args.gn_steps, switch=args.switch)
+    settings = AutoencoderSettings(encoder_steps=args.encoder_steps, steps=args.gn_steps, switch=args.switch,
+                                   anderson=args.anderson)
     detector = AutoencoderDetector(module, n_validation=args.validation, settings=settings, progress=False)
     validation = detector.own_samples(args.validation, seed=2, real=test[4 * args.items:])
     start = time.perf_counter()
@@ -208,7 +211,8 @@ def run(argv: list[str]) -> dict:
           f"{_cost_line(sd)} (fit {sd['fit_s']:.0f} s)")
     return {"train_steps": args.train_steps, "finetune_steps": args.finetune_steps, "validation": args.validation,
             "items": n, "fit_s": fit_s, "settings": {"encoder_steps": settings.encoder_steps, "steps": settings.steps,
-                                                    "cg_steps": settings.cg_steps, "switch": settings.switch},
+                                                    "cg_steps": settings.cg_steps, "switch": settings.switch,
+                                                    "anderson": settings.anderson},
             "rows": rows, "cost": cost, "sd": sd}
 
 
@@ -226,6 +230,7 @@ def render(figures: dict) -> str:
             f"batches; the decoder fine-tuned {figures['finetune_steps']} batches); thresholds on "
             f"{figures['validation']} held-out own items and their re-saves (fit {figures['fit_s']:.0f} s); "
             f"{figures['items']} items per source. Search: {figures['settings'].get('encoder_steps', 0)} encoder steps"
+            f"{', Anderson-accelerated' if figures['settings'].get('anderson') else ''}"
             f"{' (each item to its first failed one)' if figures['settings'].get('switch') else ''}, "
             f"then {figures['settings']['steps']} Gauss-Newton steps of {figures['settings']['cg_steps']} conjugate "
             f"gradients.\n\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -126,6 +128,25 @@ def test_exits_settle_where_the_trajectory_first_crosses_an_exit():
     torch.testing.assert_close(Exits().settle(trajectories), trajectories[:, -1])
 
 
+def test_screens_are_checked_on_the_half_of_the_items_they_were_not_set_on():
+    pristine = torch.tensor([
+        [2.0, 0.5, 0.1],  # item 0 (fold 0)
+        [5.0, 0.5, 0.5],  # item 1 (fold 1): attributed, but far above fold 0's first screen (2 x 1.5)
+        [1.0, 0.4, 0.2],  # item 2 (fold 0)
+        [1.0, 1.0, 3.0],  # item 3 (fold 1): not attributed, so neither sets nor meets a screen
+    ])
+    resaved = torch.tensor([
+        [2.0, 0.9, 0.3],
+        [4.0, math.nan, 0.6],  # item 1 re-saved: above fold 0's first screen too; NaN: never there
+        [1.0, 0.8, 0.4],
+        [1.0, 0.6, 0.2],  # item 3 re-saved: attributed, within fold 0's screens
+    ])
+    # fold 1 sets its first screen from items 1 and 3 (5 x 1.5): nothing of fold 0 is cut; fold 0's
+    # (2 x 1.5) cuts item 1 pristine and re-saved, but not item 3 re-saved: 2 of 7 attributed items
+    assert Exits.held_out_cuts([pristine, resaved], threshold=1.0, accept=0.05) == pytest.approx(2 / 7)
+    assert Exits.held_out_cuts([pristine, resaved], threshold=1.0, accept=0.05, margin=3.0) == 0.0  # 2 x 3 > 5
+
+
 def test_a_search_with_exits_stops_where_its_exhaustive_trajectory_settles():
     torch.manual_seed(0)
     skip = SkipToOutput().eval()
@@ -234,6 +255,8 @@ def test_calibration_stops_milder_conditions_early_and_sets_the_thresholds_an_ex
     assert all(info[name]["searched_until"] > 0 for name in ("jpeg q95", "jpeg q90", "jpeg q80"))
     assert det.fit_info_["searched_until"] >= info["jpeg q80"]["searched_until"]  # the pristine set last
     assert det.fit_summary()["validation_settled_early"] > 0.5
+    # the screens' two-fold check: the share of own calibration items cut by the other half's screens
+    assert 0.0 <= det.fit_summary()["screens_cut_held_out"] <= 0.05
     # every search to its end: the same thresholds, and looser (or equal) screens
     exhaustive = {name: det.search_.trajectories(perturb(validation[:80], name)) for name in info}
     reference = CalibratedDetector()

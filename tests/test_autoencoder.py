@@ -80,13 +80,20 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     own = detector.own_samples(20, seed=7, real=photos["test"])
     real = photos["test"][100:120]
 
-    for search in (DecoderSearch(module, steps=2, cg_steps=4), DecoderSearch(module, 0, 1, encoder_steps=4)):
+    reached = {}
+    for search in (DecoderSearch(module, steps=2, cg_steps=4), DecoderSearch(module, 0, 1, encoder_steps=4),
+                   DecoderSearch(module, 0, 1, encoder_steps=4, anderson=True)):
         trajectories = {"own": search.run(own[:10]), "real": search.run(real[:10])}
         for name, t in trajectories.items():  # the search never makes an item's residual worse
             assert t.shape == (10, search.encoder_steps + search.steps + 1) and not t.isnan().any()
             assert (t[:, 1:] <= t[:, :-1] + 1e-12).all(), name
         assert float(trajectories["own"][:, -1].median()) < 0.5 * float(trajectories["real"][:, -1].median())
         assert float((trajectories["own"][:, -1] / trajectories["own"][:, 0]).median()) < 1.0  # it refines own items
+        if search.encoder_steps:
+            reached[search.anderson] = trajectories["own"]
+    # Anderson's first step is the plain one (no history yet); its later steps reach lower residuals
+    torch.testing.assert_close(reached[True][:, :2], reached[False][:, :2], rtol=1e-4, atol=0.0)
+    assert float(reached[True][:, -1].median()) < float(reached[False][:, -1].median())
 
     # calibration stops a re-saved item once within the largest quantile found so far, and sets
     # the thresholds searching every item to its end would (on this briefly trained autoencoder the
@@ -155,19 +162,29 @@ def test_search_reaches_lower_residuals_on_own_items_and_its_bundle_reloads(vae_
     assert (bundle / "code" / "vae" / "config.json").is_file()  # the config travels; the weights are the bundle's
     reloaded = load_bundle(bundle, device="cpu")
     assert isinstance(reloaded, AutoencoderDetector) and reloaded.thresholds == detector.thresholds
+    # the screens' two-fold check travels with the detector
+    cuts = detector.fit_summary()["autoencoder_screens_cut_held_out"]
+    assert 0.0 <= cuts <= 0.05 and reloaded.fit_summary()["autoencoder_screens_cut_held_out"] == cuts
     np.testing.assert_array_equal(reloaded.score(real).score, detector.score(real).score)
     # a detector saved before the encoder steps existed searches as it did: Gauss-Newton steps alone
     config = json.loads((bundle / "detector" / "config.json").read_text())
-    del config["settings"]["encoder_steps"], config["settings"]["switch"]
+    assert detector.settings.anderson and config["settings"]["anderson"]
+    del config["settings"]["encoder_steps"], config["settings"]["switch"], config["settings"]["anderson"]
     (bundle / "detector" / "config.json").write_text(json.dumps(config))
     earlier = load_bundle(bundle, device="cpu")
-    assert (earlier.settings.encoder_steps, earlier.settings.switch) == (0, False)
+    assert (earlier.settings.encoder_steps, earlier.settings.switch, earlier.settings.anderson) == (0, False, False)
     assert earlier.exits_ == detector.exits_
-    # one saved with the switch before the screens were set by phase keeps its accept level only
+    # one saved before Anderson's steps keeps its plain steps, on which its screens were set
     config["settings"] |= {"encoder_steps": detector.settings.encoder_steps, "switch": True}
+    (bundle / "detector" / "config.json").write_text(json.dumps(config))
+    plain = load_bundle(bundle, device="cpu")
+    assert not plain._search().anderson and plain.exits_ == detector.exits_
+    # one saved with the switch before the screens were set by phase keeps its accept level only
     del config["exits"]["columns"]
     (bundle / "detector" / "config.json").write_text(json.dumps(config))
-    assert detector.exits_.screen and load_bundle(bundle, device="cpu").exits_ == Exits(detector.exits_.accept)
+    stop_46 = load_bundle(bundle, device="cpu")
+    assert detector.exits_.screen and stop_46.exits_ == Exits(detector.exits_.accept)
+    assert "autoencoder_screens_cut_held_out" not in stop_46.fit_summary()
 
 
 def _jpeg(item: np.ndarray, quality: int) -> bytes:

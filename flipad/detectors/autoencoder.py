@@ -166,7 +166,8 @@ class DecoderSearch:
     encoder as the decoder's approximate inverse: ``z += a (E(x) - E(D(z)))``, a fixed point where
     the decoded item encodes as the item does, which an item this decoder made reaches at its own
     latent (one encoder and one decoder pass; ``a`` starts at 1 and halves where a step does not
-    lower the loss). With ``switch``, an item instead leaves the encoder steps at its first one
+    lower the loss; with ``anderson``, an item's steps after its first are Anderson-accelerated).
+    With ``switch``, an item instead leaves the encoder steps at its first one
     that does not lower the loss and takes the Gauss-Newton steps from the next step on, so it
     finishes early. Each of the last ``steps`` is a Gauss-Newton step for the pixel residual,
     ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
@@ -183,13 +184,14 @@ class DecoderSearch:
     name = "decoder-search"
 
     def __init__(self, module: AutoencoderGenerator, steps: int, cg_steps: int, exits: Exits = Exits(),
-                 encoder_steps: int = 0, switch: bool = False):
+                 encoder_steps: int = 0, switch: bool = False, anderson: bool = False):
         self.module = module
         self.steps = steps
         self.cg_steps = cg_steps
         self.exits = exits
         self.encoder_steps = encoder_steps
         self.switch = switch
+        self.anderson = anderson
         self.metric = ResidualMetric("jpeg", module.image_shape, OUTPUT_RANGE)
 
     @property
@@ -198,12 +200,12 @@ class DecoderSearch:
 
     def with_exits(self, exits: Exits) -> DecoderSearch:
         """The same search, stopping each item where ``exits`` settle its verdict."""
-        return DecoderSearch(self.module, self.steps, self.cg_steps, exits, self.encoder_steps, self.switch)
+        return DecoderSearch(self.module, self.steps, self.cg_steps, exits, self.encoder_steps, self.switch, self.anderson)
 
     def fingerprint(self) -> str:
         parts = {"generator": weights_fingerprint(self.module), "device": self.device, "steps": self.steps,
                  "cg_steps": self.cg_steps, "exits": asdict(self.exits), "encoder_steps": self.encoder_steps,
-                 "switch": self.switch, "columns": SCREEN_COLUMNS}
+                 "switch": self.switch, "anderson": self.anderson, "columns": SCREEN_COLUMNS}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -237,6 +239,8 @@ class DecoderSearch:
         at = torch.zeros(n, dtype=torch.long)  # per item, the column of its current loss
         passes = torch.ones(n, 2)  # per item: encoder passes, decoder-pass equivalents
         rate = torch.ones(n)  # the encoder steps' size
+        history = torch.zeros(2, *z.shape, dtype=z.dtype, device=z.device)  # per item: the last step's z and E(x) - E(D(z))
+        has_history = torch.zeros(n, dtype=torch.bool)
         damping = torch.full((n,), 1e-3)
         encoder_left = torch.full((n,), self.encoder_steps)  # per item: encoder steps, then Gauss-Newton steps
         newton_left = torch.full((n,), self.steps)
@@ -247,9 +251,12 @@ class DecoderSearch:
             by_encoder = (active & (encoder_left > 0)).nonzero().flatten()
             by_newton = (active & (encoder_left == 0)).nonzero().flatten()
             if len(by_encoder):
-                better = self._take(by_encoder, *self._encoder_step(z[by_encoder], decoded[by_encoder],
-                                                                    encoded[by_encoder], rate[by_encoder]),
-                                    x, z, decoded, loss, passes)
+                moved, out, cost, pulled = self._encoder_step(z[by_encoder], decoded[by_encoder], encoded[by_encoder],
+                                                              rate[by_encoder], history[:, by_encoder],
+                                                              has_history[by_encoder])
+                history[0, by_encoder], history[1, by_encoder] = z[by_encoder], pulled
+                has_history[by_encoder] = self.anderson
+                better = self._take(by_encoder, moved, out, cost, x, z, decoded, loss, passes)
                 rate[by_encoder] = torch.where(better, rate[by_encoder], rate[by_encoder] / 2)
                 encoder_left[by_encoder] -= 1
                 at[by_encoder] += 1
@@ -280,12 +287,25 @@ class DecoderSearch:
         return better
 
     @torch.no_grad()
-    def _encoder_step(self, z: torch.Tensor, decoded: torch.Tensor, encoded: torch.Tensor,
-                      rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
-        """``z + rate (E(x) - E(D(z)))`` per item, its decoding and its cost (one encoder pass, one
-        decoder pass)."""
-        moved = z + rate.to(z).view(-1, *([1] * (z.dim() - 1))) * (encoded - self.module.encode(decoded))
-        return moved, self.module(moved), (1.0, 1.0)
+    def _encoder_step(self, z: torch.Tensor, decoded: torch.Tensor, encoded: torch.Tensor, rate: torch.Tensor,
+                      history: torch.Tensor, has_history: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float], torch.Tensor]:
+        """The fixed-point step ``z + rate f`` with ``f = E(x) - E(D(z))`` per item, its decoding,
+        its cost (one encoder pass, one decoder pass) and ``f``. With ``anderson``, an item with a
+        previous step (``history``: its ``z`` and ``f``) takes the Anderson-accelerated step of
+        memory 1 instead: ``z - g dz + rate (f - g df)``, ``g`` the least-squares fit of ``f`` by
+        ``df`` (the secant through the two points), at no extra pass."""
+        pulled = encoded - self.module.encode(decoded)
+        base, towards = z, pulled
+        if has_history.any():
+            dz, df = (z - history[0]).flatten(1), (pulled - history[1]).flatten(1)
+            norm = (df * df).sum(1)
+            fitted = has_history & (norm > 0)
+            gamma = torch.where(fitted, (df * pulled.flatten(1)).sum(1) / norm.clamp_min(1e-30), 0.0)
+            base = z - (gamma[:, None] * dz).view_as(z)
+            towards = pulled - (gamma[:, None] * df).view_as(z)
+        moved = base + rate.to(z).view(-1, *([1] * (z.dim() - 1))) * towards
+        return moved, self.module(moved), (1.0, 1.0), pulled
 
     def _gauss_newton(self, z: torch.Tensor, decoded: torch.Tensor, x: torch.Tensor,
                       damping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
@@ -361,6 +381,9 @@ class AutoencoderSettings(AedrSettings):
         "help": "an item leaves the encoder steps at its first one that does not lower its residual and takes the "
                 "Gauss-Newton steps from the next (off: every item takes every encoder step, halving its size where "
                 "one fails)"})
+    anderson: bool = field(default=True, metadata={
+        "help": "each encoder step after an item's first is Anderson-accelerated (memory 1: the secant through its "
+                "last two steps), at no extra pass"})
 
     def _lower_bounds(self) -> tuple[tuple[str, int], ...]:
         return (*super()._lower_bounds(), ("encoder_steps", 0), ("steps", 0), ("cg_steps", 1))
@@ -557,7 +580,8 @@ class AutoencoderDetector(_AutoencoderFamily):
 
     kind = "autoencoder"
     Settings = AutoencoderSettings
-    SAVED_BEFORE = {"encoder_steps": 0, "switch": False}  # the search was Gauss-Newton steps alone
+    # the search was Gauss-Newton steps alone, then plain encoder steps
+    SAVED_BEFORE = {"encoder_steps": 0, "switch": False, "anderson": False}
     description = "decoder-input search from the encoder's posterior mean (diffusers AutoencoderKL decoders)"
     diagnostics = {"decoder_loss": "the residual the decoder search reached (in JPEG's quantisation steps)",
                    "decoder_passes": "decoder-pass equivalents the decoder search spent on the item",
@@ -565,7 +589,8 @@ class AutoencoderDetector(_AutoencoderFamily):
 
     def _search(self) -> DecoderSearch:
         return DecoderSearch(self._module, self.settings.steps, self.settings.cg_steps,
-                             encoder_steps=self.settings.encoder_steps, switch=self.settings.switch)
+                             encoder_steps=self.settings.encoder_steps, switch=self.settings.switch,
+                             anderson=self.settings.anderson)
 
     def fit(self, generated: np.ndarray | None = None, real: np.ndarray | None = None,
             negatives: Sequence[np.ndarray] | np.ndarray | None = None, validation: np.ndarray | None = None,
@@ -591,6 +616,8 @@ class AutoencoderDetector(_AutoencoderFamily):
         thresholds = self.thresholds_.values()
         self.exits_ = Exits.calibrated(torch.cat([pristine, *conditions.values()]), threshold=max(thresholds),
                                        accept=min(thresholds))
+        self.screens_cut_held_out_ = Exits.held_out_cuts([pristine, *conditions.values()], max(thresholds),
+                                                         min(thresholds))
         return self
 
     def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -628,8 +655,16 @@ class AutoencoderDetector(_AutoencoderFamily):
         return self._verdict_scores(losses, {"decoder_loss": losses.double().numpy(),
                                              **{name: p.double().numpy() for name, p in passes.items()}})
 
+    def fit_summary(self) -> dict[str, float]:
+        """With the thresholds: the share of own calibration items the early exits' screens cut
+        when set on the other half of them (:meth:`Exits.held_out_cuts`; absent for detectors
+        saved before it was measured)."""
+        cuts = getattr(self, "screens_cut_held_out_", None)
+        return {**super().fit_summary(), **({} if cuts is None else {f"{self.kind}_screens_cut_held_out": cuts})}
+
     def _config(self) -> dict[str, Any]:
-        return {**super()._config(), "exits": {**asdict(self.exits_), "columns": SCREEN_COLUMNS}}
+        return {**super()._config(), "exits": {**asdict(self.exits_), "columns": SCREEN_COLUMNS},
+                "screens_cut_held_out": self.screens_cut_held_out_}
 
     def _restore(self, config: dict[str, Any]) -> None:
         """The early exits; a detector saved with the switch before its screens were set by phase
@@ -638,6 +673,7 @@ class AutoencoderDetector(_AutoencoderFamily):
         exits = config["exits"]
         kept = exits.get("columns") == SCREEN_COLUMNS or not self.settings.switch
         self.exits_ = Exits(exits["accept"], tuple(exits["screen"]) if kept else ())
+        self.screens_cut_held_out_ = config.get("screens_cut_held_out") if kept else None
 
 
 class AedrRatio:

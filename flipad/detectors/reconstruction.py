@@ -324,8 +324,8 @@ class ReconstructionLossDetector(Detector):
             self.search_.with_exits(Exits(accept=level)).trajectories_stage(), items, "generated (validation)"),
             validation, accept, self.fnr)
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
-        self._set_exits(torch.cat([pristine, *conditions.values()]))
-        self.fit_info_ = {"n_validation": len(validation), "searched_until": accept,
+        screens_cut = self._set_exits([pristine, *conditions.values()])
+        self.fit_info_ = {"n_validation": len(validation), "searched_until": accept, "screens_cut_held_out": screens_cut,
                           "validation_settled_early": float((pristine[:, -1] <= accept).double().mean()),
                           "encoder_steps": encoder_steps,
                           "perturbations": {name: {"n": len(t), "loss_median": float(t[:, -1].median()),
@@ -347,14 +347,16 @@ class ReconstructionLossDetector(Detector):
         qualities = [PERTURBATIONS[name][1] for name in self.condition_scores_ if PERTURBATIONS[name][0] == "jpeg"]
         return float(min(qualities)) if qualities else None
 
-    def _set_exits(self, trajectories: torch.Tensor) -> None:
+    def _set_exits(self, parts: list[torch.Tensor]) -> float | None:
         """The search's early exits (``encoder-lm``): accept at the strictest threshold, screen from
-        the own calibration ``trajectories`` (every condition) against the loosest."""
+        the own calibration trajectories (``parts``: one per condition) against the loosest; the
+        share of those items the screens cut when set on the other half (:meth:`Exits.held_out_cuts`)."""
         if self.config.method != "encoder-lm":
             self.exits_ = Exits()
-            return
+            return None
         thresholds = self.thresholds_.values()
-        self.exits_ = Exits.calibrated(trajectories, threshold=max(thresholds), accept=min(thresholds))
+        self.exits_ = Exits.calibrated(torch.cat(parts), threshold=max(thresholds), accept=min(thresholds))
+        return Exits.held_out_cuts(parts, max(thresholds), min(thresholds))
 
     def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
         """Scores (the negated loss) with the loss itself as a diagnostic.
@@ -373,10 +375,14 @@ class ReconstructionLossDetector(Detector):
         return self._verdict_scores(losses, {"latent_loss": losses.double().numpy()})
 
     def fit_summary(self) -> dict[str, float]:
-        """The level calibration searched the milder conditions down to, and the share of pristine
-        validation items within it at their first stop (their losses are upper bounds there)."""
+        """The level calibration searched the milder conditions down to, the share of pristine
+        validation items within it at their first stop (their losses are upper bounds there), and
+        (``encoder-lm``) the share of own calibration items the screens cut when set on the other
+        half of them."""
+        cuts = self.fit_info_.get("screens_cut_held_out")
         return {"calibration_searched_until": float(self.fit_info_.get("searched_until", 0.0)),
-                "validation_settled_early": float(self.fit_info_.get("validation_settled_early", 0.0))}
+                "validation_settled_early": float(self.fit_info_.get("validation_settled_early", 0.0)),
+                **({} if cuts is None else {"screens_cut_held_out": float(cuts)})}
 
     def generator_info(self) -> dict[str, Any]:
         return {"latent_shape": list(self.latent_shape_)}

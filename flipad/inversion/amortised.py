@@ -173,6 +173,24 @@ class Exits:
         largest = kept[:, :-1].nan_to_num(nan=-math.inf).max(0).values
         return cls(accept=accept, screen=tuple(float(v) * margin if v > -math.inf else math.inf for v in largest))
 
+    @classmethod
+    def held_out_cuts(cls, parts: Sequence[torch.Tensor], threshold: float, accept: float,
+                      margin: float = SCREEN_MARGIN) -> float:
+        """A two-fold check of :meth:`calibrated`'s screens: the share of own calibration items an
+        exhaustive search attributes (final loss within ``threshold``) that screens set on the other
+        half of the items would reject. ``parts``: the trajectories of each condition, row ``i`` of
+        each the same held-out item (so an item's re-saves stay in its fold). Screens set on half
+        the items sit lower than those set on all of them, so this overstates what they cut."""
+        cut = kept = 0
+        for fold in (0, 1):
+            halves = [[part[(torch.arange(len(part)) % 2) == side] for part in parts] for side in (fold, 1 - fold)]
+            exits = cls.calibrated(torch.cat(halves[0]), threshold, accept, margin)
+            held = torch.cat(halves[1])
+            held = held[held[:, -1] <= threshold]
+            cut += int((exits.settle(held) > threshold).sum())
+            kept += len(held)
+        return cut / kept if kept else math.nan
+
     def settle(self, trajectories: torch.Tensor) -> torch.Tensor:
         """The loss each item stops at under these exits, from its exhaustive ``trajectories``
         (what :func:`lm_trajectories` with these exits returns in its last column); a NaN column
