@@ -26,7 +26,7 @@ __all__ = ["BENCHMARKS", "Benchmark", "DOC", "load", "markdown_table", "result_p
 # the benchmarks in the order the doc shows them
 BENCHMARKS = ("in_the_wild_cli", "content_variants", "keys", "attribute_throughput", "family_cost", "core_bar",
               "suite", "known_sources", "inversion_speed", "stream_faults", "autoencoder", "shared_cores", "generator_sizes",
-              "onboard_defaults")
+              "onboard_defaults", "autoencoder_onboard")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
