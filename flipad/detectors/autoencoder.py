@@ -614,10 +614,8 @@ class AutoencoderDetector(_AutoencoderFamily):
             accept=lowest_quantile(pristine[:, -1], self.fnr))
         self._calibrate(pristine[:, -1], {name: t[:, -1] for name, t in conditions.items()})
         thresholds = self.thresholds_.values()
-        self.exits_ = Exits.calibrated(torch.cat([pristine, *conditions.values()]), threshold=max(thresholds),
-                                       accept=min(thresholds))
-        self.screens_cut_held_out_ = Exits.held_out_cuts([pristine, *conditions.values()], max(thresholds),
-                                                         min(thresholds))
+        self.exits_, self.screens_cut_held_out_ = Exits.checked([pristine, *conditions.values()],
+                                                                threshold=max(thresholds), accept=min(thresholds))
         return self
 
     def _anomaly(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -355,8 +355,8 @@ class ReconstructionLossDetector(Detector):
             self.exits_ = Exits()
             return None
         thresholds = self.thresholds_.values()
-        self.exits_ = Exits.calibrated(torch.cat(parts), threshold=max(thresholds), accept=min(thresholds))
-        return Exits.held_out_cuts(parts, max(thresholds), min(thresholds))
+        self.exits_, cuts = Exits.checked(parts, threshold=max(thresholds), accept=min(thresholds))
+        return cuts
 
     def score(self, samples: np.ndarray | torch.Tensor, stages: Stages = INLINE, exhaustive: bool = False) -> Scores:
         """Scores (the negated loss) with the loss itself as a diagnostic.

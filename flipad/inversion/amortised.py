@@ -174,6 +174,12 @@ class Exits:
         return cls(accept=accept, screen=tuple(float(v) * margin if v > -math.inf else math.inf for v in largest))
 
     @classmethod
+    def checked(cls, parts: Sequence[torch.Tensor], threshold: float, accept: float) -> tuple[Exits, float]:
+        """:meth:`calibrated` on the trajectories of every condition in ``parts``, with
+        :meth:`held_out_cuts`' two-fold check of its screens."""
+        return cls.calibrated(torch.cat(list(parts)), threshold, accept), cls.held_out_cuts(parts, threshold, accept)
+
+    @classmethod
     def held_out_cuts(cls, parts: Sequence[torch.Tensor], threshold: float, accept: float,
                       margin: float = SCREEN_MARGIN) -> float:
         """A two-fold check of :meth:`calibrated`'s screens: the share of own calibration items an
