@@ -77,7 +77,8 @@ def demo_generator(workdir: Path, seed: int, steps: int, real: np.ndarray, devic
     return generator, path
 
 
-def _jpeg(image: np.ndarray, quality: int) -> bytes:
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """One uint8 (C, H, W) image as a JPEG of ``quality`` (PIL's default chroma subsampling: 4:2:0 for colour)."""
     buffer = io.BytesIO()
     Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
@@ -92,7 +93,7 @@ def write_stream(folder: Path, sources: dict[str, np.ndarray], jpeg_sources: dic
     for name, (images, quality) in jpeg_sources.items():
         (folder / name).mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
-            (folder / name / f"{i:05d}.jpg").write_bytes(_jpeg(image, quality))
+            (folder / name / f"{i:05d}.jpg").write_bytes(encode_jpeg(image, quality))
     (folder / "broken").mkdir(parents=True, exist_ok=True)
     (folder / "broken" / "truncated.png").write_bytes(encode_item(sources["real"][0])[:40])
 
