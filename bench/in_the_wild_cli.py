@@ -21,10 +21,8 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ from flows.demo import source_table, write_stream
 
 from .common import TARGETS, samples, trained
 from .report import Benchmark, markdown_table
-from .wild import BAR, TEST_SEED, bar_met, read_rows, worst_figures, write_variants
+from .wild import BAR, TEST_SEED, bar_met, read_rows, run_command, worst_figures, write_variants
 
 OTHER_SEED = "convT+tanh other seed"
 GENERATORS = (*TARGETS, OTHER_SEED)
@@ -49,14 +47,6 @@ def slug(name: str) -> str:
 
 def architecture(name: str) -> str:
     return "convT+tanh" if name == OTHER_SEED else name
-
-
-def run_command(command: list[str], cwd: Path, env: dict) -> float:
-    """Run one CLI command; its output goes to the bench's; fails the bench when it fails."""
-    print("$ " + shlex.join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=cwd, env=env, check=True)
-    return time.perf_counter() - start
 
 
 def run(argv: list[str]) -> dict:
@@ -112,8 +102,9 @@ def run(argv: list[str]) -> dict:
     met_all = True
     generators, tables = [], {}
     for name in modules:
-        table = source_table(rows[rows["model"] == slug(name)], stream)["attributed_fraction"]
-        worst = worst_figures(rows, stream, slug(name), slug(name), [slug(o) for o in modules if o != name], ["real"])
+        mine = rows[rows["model"] == slug(name)]
+        table = source_table(mine, stream)["attributed_fraction"]
+        worst = worst_figures(table, mine, slug(name), [slug(o) for o in modules if o != name], ["real"])
         met = bar_met(worst) and onboard_s[name] <= ONBOARD_S
         met_all &= met
         print(f"\n{name}: onboarded in {onboard_s[name]:.0f} s (bar <= {ONBOARD_S:.0f}); own worst variant {worst['own']:.3f} (bar >= {BAR['own']}), "

@@ -21,24 +21,22 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 from flipad.generators.sampling import generate_samples
 from flipad.io.data import encode_item
-from flows.demo import source_table
+from flows.demo import source_table, write_broken
 from flows.photos import photo_patches
 
 from .common import rgb_dcgan
 from .generator_sizes import TRAIN_STEPS, WIDTHS
 from .report import Benchmark, markdown_table
 from .shared_cores import onboard
-from .wild import BAR, TEST_SEED, VARIANTS, bar_met, read_rows, worst_figures, write_variants
+from .wild import BAR, TEST_SEED, VARIANTS, bar_met, read_rows, run_command, worst_figures, write_variants
 
 BUDGET_S = {32: 5 * 60, 64: 20 * 60}  # issue 32's onboarding budgets on two cores (32 px: for grey generators)
 
@@ -94,19 +92,14 @@ def attribute(work: Path, env: dict, model: str, generators: dict, real) -> dict
     for source, module in generators.items():
         write_variants(stream, source, generate_samples(module, (100, 1, 1), len(real), TEST_SEED, (-1.0, 1.0)))
     write_variants(stream, "real", real)
-    (stream / "broken").mkdir()
-    (stream / "broken" / "truncated.png").write_bytes(encode_item(real[0])[:40])  # must become one error row
+    write_broken(stream, real[0])  # must become one error row
     results = work / "results.csv"
-    command = [sys.executable, "-m", "flows.cli", "attribute", "--model", model, "--input", str(stream),
-               "--output", str(results)]
-    print("$ " + shlex.join(command), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=work, env=env, check=True)
-    seconds = time.perf_counter() - start
+    seconds = run_command([sys.executable, "-m", "flows.cli", "attribute", "--model", model, "--input", str(stream),
+                           "--output", str(results)], work, env)
     rows = read_rows(results)
     table = source_table(rows, stream)
     print(table.to_string())
-    worst = worst_figures(rows, stream, model, "own", [s for s in generators if s != "own"],
+    worst = worst_figures(table["attributed_fraction"], rows, "own", [s for s in generators if s != "own"],
                           [f"real--{v}" for v in VARIANTS])
     met = bar_met(worst)
     print(f"own worst variant {worst['own']:.3f} (bar >= {BAR['own']}), own q60 not generated "

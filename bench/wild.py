@@ -4,6 +4,9 @@ and issue 32's verdict bar read from ``flipad attribute``'s rows."""
 from __future__ import annotations
 
 import io
+import shlex
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from PIL import Image
 
 from flipad.io.data import encode_item
 from flipad.io.perturb import perturb
-from flows.demo import encode_jpeg, source_table
+from flows.demo import encode_jpeg
 
 VARIANTS = ("png", "jpeg-q90", "jpeg-q80", "png-of-jpeg-q80", "webp-q80")  # own items must be attributed in each
 Q60 = "jpeg-q60"  # below the calibrated qualities: attributed or undecided, not "not generated"
@@ -50,18 +53,25 @@ def read_rows(results: Path) -> pd.DataFrame:
     return rows
 
 
-def worst_figures(rows: pd.DataFrame, stream: Path, model: str, own: str, others: list[str],
+def run_command(command: list[str], cwd: Path, env: dict) -> float:
+    """Run one CLI command, its output going to the bench's; its seconds. Fails the bench when it fails."""
+    print("$ " + shlex.join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, env=env, check=True)
+    return time.perf_counter() - start
+
+
+def worst_figures(attributed: pd.Series, rows: pd.DataFrame, own: str, others: list[str],
                   real: list[str]) -> dict[str, float]:
-    """The bar's figures for detector ``model`` from ``flipad attribute``'s ``rows`` over ``stream``:
-    its own source's worst variant, the share of own JPEG q60 items called not generated, the
-    worst variant of any ``others`` source and the worst of the ``real`` folders."""
-    mine = rows[rows["model"] == model]
-    table = source_table(mine, stream)["attributed_fraction"]
-    q60 = mine[mine["uri"].str.contains(f"/{own}--{Q60}/", regex=False)]
-    return {"own": min(table[f"{own}--{v}"] for v in VARIANTS),
+    """The bar's figures for one detector: ``attributed``, its share attributed per folder
+    (``flows.demo.source_table``), and ``rows``, its rows of ``flipad attribute``. Its own source's
+    worst variant, the share of own JPEG q60 items called not generated, the worst variant of any
+    ``others`` source and the worst of the ``real`` folders."""
+    q60 = rows[rows["uri"].str.contains(f"/{own}--{Q60}/", regex=False)]
+    return {"own": min(attributed[f"{own}--{v}"] for v in VARIANTS),
             "own q60 not generated": float((q60["is_generated"] == False).mean()),  # noqa: E712 (None: undecided)
-            "other": max((table[f"{o}--{v}"] for o in others for v in VARIANTS), default=0.0),
-            "real": max(table[r] for r in real)}
+            "other": max((attributed[f"{o}--{v}"] for o in others for v in VARIANTS), default=0.0),
+            "real": max(attributed[r] for r in real)}
 
 
 def bar_met(worst: dict[str, float]) -> bool:

@@ -94,8 +94,13 @@ def write_stream(folder: Path, sources: dict[str, np.ndarray], jpeg_sources: dic
         (folder / name).mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             (folder / name / f"{i:05d}.jpg").write_bytes(encode_jpeg(image, quality))
+    write_broken(folder, sources["real"][0])
+
+
+def write_broken(folder: Path, item: np.ndarray) -> None:
+    """``folder/broken/truncated.png``: the first 40 bytes of ``item``'s PNG, a file no decoder reads."""
     (folder / "broken").mkdir(parents=True, exist_ok=True)
-    (folder / "broken" / "truncated.png").write_bytes(encode_item(sources["real"][0])[:40])
+    (folder / "broken" / "truncated.png").write_bytes(encode_item(item)[:40])
 
 
 def source_table(rows: pd.DataFrame, stream: Path) -> pd.DataFrame:
