@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from helpers import SkipToOutput
 from torch import nn
 
+from flipad.device import native_bfloat16
 from flipad.inversion.amortised import jacobian
 from flipad.inversion.tangents import (
     ForwardDifferences,
     TangentJacobian,
     UnsupportedOperation,
-    _native_bfloat16,
     search_jacobian,
 )
 
@@ -131,6 +131,6 @@ def test_training_mode_batch_norm_is_refused_at_construction():
 
 def test_search_picks_tangents_where_bfloat16_is_native(trained_generator):
     chosen = search_jacobian(trained_generator, (64, 1, 1))
-    assert chosen.name == ("tangents-bf16" if _native_bfloat16(torch.device("cpu")) else "forward-differences")
+    assert chosen.name == ("tangents-bf16" if native_bfloat16(torch.device("cpu")) else "forward-differences")
     z = torch.randn(3, 64, 1, 1, generator=torch.Generator().manual_seed(4))
     assert (chosen(z) - jacobian(trained_generator, z)).norm() / jacobian(trained_generator, z).norm() < 0.05

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..device import native_bfloat16
 from .amortised import Differentiate, jacobian
 
 __all__ = ["ForwardDifferences", "TangentJacobian", "UnsupportedOperation", "search_jacobian"]
@@ -255,17 +256,13 @@ def _attribute(root: nn.Module, target: str) -> Any:
     return root
 
 
-def _native_bfloat16(device: torch.device) -> bool:
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def search_jacobian(module: nn.Module, latent_shape: Sequence[int]) -> Differentiate:
     """How the latent search should take ``module``'s Jacobian: a :class:`TangentJacobian` on a
     CPU with native bfloat16 when the generator traces, every operation has a tangent rule, and its
     Jacobian is within ``PROBE_TOLERANCE`` of forward differences at four random latents; else
     :class:`ForwardDifferences`. Either has a ``name`` (what the search's fingerprint records)."""
     parameter = next(module.parameters(), None)
-    if parameter is None or parameter.dtype != torch.float32 or not _native_bfloat16(parameter.device):
+    if parameter is None or parameter.dtype != torch.float32 or parameter.device.type != "cpu" or not native_bfloat16(parameter.device):
         return ForwardDifferences(module)
     probe = torch.randn(4, *latent_shape, generator=torch.Generator().manual_seed(0))
     try:
