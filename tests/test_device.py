@@ -14,7 +14,14 @@ from torch import nn
 
 from flipad import ReconstructionLossDetector
 from flipad.cpu import usable_cpus
-from flipad.device import FALLBACK_BYTES, _available_cpu_memory, search_layout, working_memory
+from flipad.device import (
+    FALLBACK_BYTES,
+    _available_cpu_memory,
+    native_bfloat16,
+    search_layout,
+    training_precision,
+    working_memory,
+)
 from flipad.generators.adapter import weights_fingerprint
 from flipad.inversion.latent import ReconstructionConfig
 
@@ -108,3 +115,16 @@ def test_the_working_memory_is_a_share_of_what_the_host_and_its_cgroup_leave(tmp
     assert _available_cpu_memory(tmp_path / "absent", (tmp_path / "absent", current)) is None
     budget = working_memory("cpu")
     assert 0 < budget and (budget == FALLBACK_BYTES or budget <= _available_cpu_memory())
+
+
+def test_training_runs_its_products_in_bfloat16_only_where_the_device_has_it_natively():
+    conv, x = nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    cpu = torch.device("cpu")
+    with training_precision(cpu):
+        out = conv(x)
+        loss = out.float().square().mean()
+    loss.backward()
+    # the weights and their gradients stay float32 either way; the product is bfloat16 only natively
+    assert conv.weight.dtype == conv.weight.grad.dtype == torch.float32
+    assert out.dtype == (torch.bfloat16 if native_bfloat16(cpu) else torch.float32)
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the block
