@@ -46,9 +46,9 @@ def native_bfloat16(device: torch.device) -> bool:
 def training_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """The precision a training loop on ``device`` runs its forward pass in: bfloat16 autocast where
     the device has it natively (the weights, their gradients and the optimiser stay float32;
-    normalisations and losses run in float32 under autocast's rules), float32 elsewhere. Training
-    the latent search's encoder at 64x64 RGB this way took 128 s instead of 297 s on two cores
-    with AMX, and the encoder's starts were as close (docs/design.md)."""
+    normalisations and losses run in float32 under autocast's rules), float32 elsewhere. The
+    look-alike challengers' GAN steps at 64x64 RGB ran 1.4x faster this way on two cores with AMX
+    (docs/design.md)."""
     if native_bfloat16(device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

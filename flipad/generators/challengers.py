@@ -68,7 +68,7 @@ def build_challengers(
     """The challenger generators of ``kinds`` (eval mode, on the CPU). Training needs 8-bit
     images (``real`` uint8 (N, C, H, W) with a power-of-two size); for other outputs only
     ``perturbed`` is built. They train in the device's :func:`~flipad.device.training_precision`
-    (1.7x faster per GAN step at 64x64 RGB on two cores with AMX). Deterministic for a seed on the
+    (1.4x faster per GAN step at 64x64 RGB on two cores with AMX). Deterministic for a seed on the
     CPU."""
     out: dict[str, nn.Module] = {}
     trainable = real.ndim == 4 and real.dtype == np.uint8 and real.shape[-1] >= 8 and real.shape[-1] & (real.shape[-1] - 1) == 0
