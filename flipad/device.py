@@ -40,7 +40,8 @@ def native_bfloat16(device: torch.device) -> bool:
     (AVX512-BF16 or AMX), or a CUDA device that supports it."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def training_precision(device: torch.device) -> contextlib.AbstractContextManager:

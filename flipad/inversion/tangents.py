@@ -262,7 +262,8 @@ def search_jacobian(module: nn.Module, latent_shape: Sequence[int]) -> Different
     Jacobian is within ``PROBE_TOLERANCE`` of forward differences at four random latents; else
     :class:`ForwardDifferences`. Either has a ``name`` (what the search's fingerprint records)."""
     parameter = next(module.parameters(), None)
-    if parameter is None or parameter.dtype != torch.float32 or parameter.device.type != "cpu" or not native_bfloat16(parameter.device):
+    on_cpu = parameter is not None and parameter.device.type == "cpu"  # CUDA keeps forward differences
+    if not on_cpu or parameter.dtype != torch.float32 or not native_bfloat16(parameter.device):
         return ForwardDifferences(module)
     probe = torch.randn(4, *latent_shape, generator=torch.Generator().manual_seed(0))
     try:
