@@ -14,6 +14,8 @@ from flipad import ReconstructionLossDetector
 from flipad.generators.sampling import generate_samples
 from flipad.inversion.amortised import (
     Exits,
+    encoder_lm_trajectories,
+    fixed_point_trajectories,
     jacobian,
     levenberg_marquardt,
     lm_trajectories,
@@ -169,6 +171,31 @@ def test_a_search_with_exits_stops_where_its_exhaustive_trajectory_settles():
     assert (stopped[24:] > threshold).all()
     assert (stopped[24:] > full[24:, -1]).all()  # each rejected item stopped before its search's end
 
+
+def test_fixed_point_steps_bring_own_items_closer_and_a_search_with_them_stops_where_its_trajectory_settles():
+    torch.manual_seed(0)
+    skip = SkipToOutput().eval()
+    encoder = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=30, seed=0)
+    floor = quantisation_floor(RANGE)
+    own = to_output_range(generate_samples(skip, skip.latent_shape, 24, 7, RANGE), *RANGE)
+    noise = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    targets = torch.cat([own, noise])
+    z, steps, settled = fixed_point_trajectories(skip, encoder, targets, 4, floor)
+    assert steps.shape == (48, 5) and not settled[24:].any()  # no exits: only the floor settles an item
+    assert (steps.diff(dim=1) <= 0).all()
+    assert steps[:24, -1].median() < steps[:24, 0].median() / 4, steps[:24].median(0).values
+    with torch.no_grad():  # the latents returned are those of the lowest loss reached
+        torch.testing.assert_close(((skip(z) - targets) ** 2).flatten(1).mean(1), steps[:, -1])
+    full = encoder_lm_trajectories(skip, encoder, targets, 4, 6, floor)
+    assert full.shape == (48, 11) and (full.diff(dim=1) <= 0).all()
+    torch.testing.assert_close(full[:, :5], steps)
+    threshold = float(full[:24, -1].quantile(0.9))
+    exits = Exits.calibrated(full[:24], threshold=threshold, accept=threshold)
+    assert len(exits.screen) == 10
+    stopped = encoder_lm_trajectories(skip, encoder, targets, 4, 6, floor, exits)[:, -1]
+    torch.testing.assert_close(stopped, exits.settle(full), rtol=1e-4, atol=1e-7)
+    assert torch.equal(stopped <= threshold, full[:, -1] <= threshold)
+    assert (stopped[24:] > full[24:, -1]).all()  # each rejected item stopped before its search's end
 
 
 class FewDirections(nn.Module):

@@ -94,6 +94,8 @@ def test_searches_saved_before_screening_load_unscreened():
     old = {"steps": 300, "lr": 0.05, "starts": 3, "tol": 1e-3, "patience": 50, "batch_size": 128, "seed": 0}
     config = ReconstructionConfig.from_dict(old)
     assert config.candidates == 3 and config.steps == 300
+    # nor do they take the fixed-point steps their thresholds were not set with
+    assert config.fixed_point_steps == 0 and ReconstructionConfig().fixed_point_steps > 0
     assert ReconstructionConfig.from_dict(asdict(ReconstructionConfig())) == ReconstructionConfig()
 
 

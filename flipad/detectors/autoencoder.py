@@ -46,7 +46,7 @@ from torch import nn
 from ..device import resolve_device
 from ..generators.adapter import weights_fingerprint
 from ..generators.loading import GeneratorLoadError, register_generator_scheme
-from ..inversion.amortised import Exits
+from ..inversion.amortised import Exits, anderson_step
 from ..inversion.metrics import ResidualMetric
 from ..io.data import check_sample_shape, quantize, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
@@ -296,14 +296,7 @@ class DecoderSearch:
         memory 1 instead: ``z - g dz + rate (f - g df)``, ``g`` the least-squares fit of ``f`` by
         ``df`` (the secant through the two points), at no extra pass."""
         pulled = encoded - self.module.encode(decoded)
-        base, towards = z, pulled
-        if has_history.any():
-            dz, df = (z - history[0]).flatten(1), (pulled - history[1]).flatten(1)
-            norm = (df * df).sum(1)
-            fitted = has_history & (norm > 0)
-            gamma = torch.where(fitted, (df * pulled.flatten(1)).sum(1) / norm.clamp_min(1e-30), 0.0)
-            base = z - (gamma[:, None] * dz).view_as(z)
-            towards = pulled - (gamma[:, None] * df).view_as(z)
+        base, towards = anderson_step(z, pulled, (history[0], history[1]), has_history)
         moved = base + rate.to(z).view(-1, *([1] * (z.dim() - 1))) * towards
         return moved, self.module(moved), (1.0, 1.0), pulled
 

@@ -188,6 +188,9 @@ class ReconstructionSettings:
     sketch: int = field(default=ReconstructionConfig.sketch, metadata={
         "help": "encoder-lm: at most this many latent directions the first step works in (a sketched Jacobian); "
                 "0 takes every Jacobian in full"})
+    fixed_point_steps: int = field(default=ReconstructionConfig.fixed_point_steps, metadata={
+        "help": "encoder-lm: fixed-point steps z + E(x) - E(G(z)) that refine the encoder's start before any "
+                "Jacobian (one encoder and one generator pass each); 0 takes none"})
     steps: int = field(default=ReconstructionConfig.steps, metadata={"help": "adam: steps of the search per item"})
     starts: int = field(default=ReconstructionConfig.starts, metadata={"help": "adam: starts of the search per item"})
     perturbations: tuple[str, ...] = field(default=ROBUST_PERTURBATIONS, metadata={
@@ -201,7 +204,7 @@ class ReconstructionSettings:
         for name in self.perturbations:
             if name not in PERTURBATIONS:
                 raise ValueError(f"reconstruction.perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
-        for name, low in (("encoder_steps", 1), ("encoder_tflop", 0), ("sketch", 0), ("steps", 10), ("starts", 1), ("n_perturbed", 20)):
+        for name, low in (("encoder_steps", 1), ("encoder_tflop", 0), ("sketch", 0), ("fixed_point_steps", 0), ("steps", 10), ("starts", 1), ("n_perturbed", 20)):
             if getattr(self, name) < low:
                 raise ValueError(f"reconstruction.{name} {getattr(self, name)}: use at least {low}")
 
@@ -210,7 +213,8 @@ class ReconstructionSettings:
         return ReconstructionConfig(steps=self.steps, starts=self.starts, seed=seed,
                                     candidates=max(ReconstructionConfig.candidates, self.starts),
                                     method=self.method, encoder_steps=self.encoder_steps,
-                                    encoder_tflop=self.encoder_tflop, sketch=self.sketch)
+                                    encoder_tflop=self.encoder_tflop, sketch=self.sketch,
+                                    fixed_point_steps=self.fixed_point_steps)
 
 
 @register_kind

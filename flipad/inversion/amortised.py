@@ -28,8 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..device import working_memory
 from ..progress import report
 
-__all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "encoder_steps_within", "jacobian", "levenberg_marquardt",
-           "lm_trajectories", "mse", "quantisation_floor", "sketch_basis", "train_encoder"]
+__all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "anderson_step", "encoder_lm_trajectories",
+           "encoder_steps_within", "fixed_point_trajectories", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse",
+           "quantisation_floor", "sketch_basis", "train_encoder"]
 
 # float32 copies of a chunk's Jacobians held while they are taken, kept and multiplied (about 7
 # measured: a 13.5 GB peak with 1.8 GB of Jacobians per chunk at 128x128 RGB, bench generator_sizes)
@@ -233,7 +234,8 @@ def levenberg_marquardt(module: nn.Module, targets: torch.Tensor, z: torch.Tenso
 
 def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
                     exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse,
-                    differentiate: Differentiate | None = None, basis: torch.Tensor | None = None) -> torch.Tensor:
+                    differentiate: Differentiate | None = None, basis: torch.Tensor | None = None,
+                    reached: torch.Tensor | None = None) -> torch.Tensor:
     """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place) with at most
     ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's loss in ``metric``
     (of the flattened residuals) after the steps taken with its ``k``-th Jacobian, the lowest among
@@ -247,7 +249,9 @@ def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, i
     forward differences of ``module`` (:func:`jacobian`) by default. With a ``basis`` (``(dim, k)``,
     :func:`sketch_basis`) the first Jacobian is sketched: its product with the basis (``k`` tangents
     instead of ``dim``) serves ``SKETCH_STEPS`` steps within the basis's span, which settle most
-    items' verdicts at a fraction of a full Jacobian's cost; the later Jacobians are full."""
+    items' verdicts at a fraction of a full Jacobian's cost; the later Jacobians are full.
+    ``reached``: per item, the lowest loss in ``metric`` an earlier search reached (column 0 takes it
+    where it is below the start's)."""
     if chord_steps < 1:
         raise ValueError(f"chord_steps must be at least 1, got {chord_steps}")
     latent_shape = z.shape[1:]
@@ -255,9 +259,93 @@ def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, i
     chunk = max(1, working_memory(targets.device) // (JACOBIAN_COPIES * 4 * dim * out_dim))
     differentiate = differentiate or partial(jacobian, module)
     parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits, chord_steps, metric,
-                       differentiate, basis)
+                       differentiate, basis, None if reached is None else reached[i : i + chunk])
              for i in range(0, len(targets), chunk)]
     return torch.cat(parts) if parts else torch.empty(0, iterations + 1, device=targets.device)
+
+
+def anderson_step(z: torch.Tensor, f: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor] | None,
+                  has_history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed-point iteration ``z + f(z)``, Anderson-accelerated with memory 1, as ``(base,
+    towards)`` with the new point ``base + towards`` (``base + a * towards`` for a step size ``a``).
+    An item with a previous point (``history``: its ``z`` and ``f``, where ``has_history``) takes the
+    secant through the two: ``z - g dz + (f - g df)``, ``g = <df, f> / <df, df>`` (``dz``, ``df``:
+    the changes since that point), at no extra pass; the others (and ``df = 0``) the plain step."""
+    if history is None or not has_history.any():
+        return z, f
+    dz, df = (z - history[0]).flatten(1), (f - history[1]).flatten(1)
+    norm = (df * df).sum(1)
+    fitted = has_history & (norm > 0)
+    gamma = torch.where(fitted, (df * f.flatten(1)).sum(1) / norm.clamp_min(1e-30), 0.0)
+    return z - (gamma[:, None] * dz).view_as(z), f - (gamma[:, None] * df).view_as(f)
+
+
+@torch.no_grad()
+def fixed_point_trajectories(module: nn.Module, encoder: nn.Module, targets: torch.Tensor, steps: int, floor: float,
+                             exits: Exits = Exits(), metric: Metric = mse
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The encoder's start refined by ``steps`` fixed-point steps ``z <- z + E(x) - E(G(z))``.
+
+    An item ``module`` made is a fixed point at its own latent whatever the encoder, and the steps
+    converge to it where ``E`` inverts ``G`` roughly; each costs one encoder and one generator pass,
+    whatever the latent size. Steps after an item's first are Anderson-accelerated
+    (:func:`anderson_step`); an item leaves the steps at the first that does not lower its MSE,
+    at the quantisation floor (``2 * floor``), or where ``exits`` settle it (``exits.screen[k]``
+    after ``k`` steps). Returns the latents (the lowest MSE reached), ``(n, steps + 1)``
+    trajectories (column ``k``: the lowest loss in ``metric`` after ``k`` steps; column 0 the
+    start), and which items ``exits`` or the floor settled (the others go on searching)."""
+    n = len(targets)
+    flat = targets.flatten(1)
+    encoded = encoder(targets)
+    z = encoded.clone()
+    outputs = module(z)
+    residual = outputs.flatten(1) - flat
+    loss, score = (residual**2).mean(1), metric(residual)
+    trajectory = score[:, None].repeat(1, steps + 1)
+    screen = torch.tensor([*exits.screen, *[math.inf] * (steps + 1)][: steps + 1], device=z.device, dtype=score.dtype)
+    history = torch.zeros(2, *z.shape, dtype=z.dtype, device=z.device)  # per item: its last point's z and f
+    has_history = torch.zeros(n, dtype=torch.bool, device=z.device)
+    stepping = torch.ones(n, dtype=torch.bool, device=z.device)
+    settled = torch.zeros(n, dtype=torch.bool, device=z.device)
+    for k in range(steps):
+        settled |= (score <= exits.accept) | (score > screen[k]) | (loss <= 2 * floor)
+        stepping &= ~settled
+        if not (idx := stepping.nonzero().squeeze(1)).numel():
+            break
+        f = encoded[idx] - encoder(outputs[idx])
+        base, towards = anderson_step(z[idx], f, (history[0, idx], history[1, idx]), has_history[idx])
+        history[0, idx], history[1, idx], has_history[idx] = z[idx], f, True
+        moved = base + towards
+        new_outputs = module(moved)
+        new_residual = new_outputs.flatten(1) - flat[idx]
+        new = (new_residual**2).mean(1)
+        better = new < loss[idx]
+        went = idx[better]
+        z[went], outputs[went], residual[went], loss[went] = moved[better], new_outputs[better], new_residual[better], new[better]
+        score[went] = torch.minimum(score[went], metric(new_residual[better]))
+        stepping[idx[~better]] = False
+        trajectory[idx, k + 1 :] = score[idx, None]
+    settled |= (score <= exits.accept) | (score > screen[steps]) | (loss <= 2 * floor)
+    return z, trajectory, settled
+
+
+def encoder_lm_trajectories(module: nn.Module, encoder: nn.Module, targets: torch.Tensor, fixed_point_steps: int,
+                            iterations: int, floor: float, exits: Exits = Exits(), metric: Metric = mse,
+                            differentiate: Differentiate | None = None,
+                            basis: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``encoder-lm`` search of ``targets``: the encoder's start, ``fixed_point_steps``
+    (:func:`fixed_point_trajectories`), then :func:`lm_trajectories` with ``iterations`` Jacobians
+    for the items not yet settled. ``(n, fixed_point_steps + iterations + 1)``: column ``k <=
+    fixed_point_steps`` the loss after ``k`` fixed-point steps, column ``fixed_point_steps + j``
+    after ``j`` Jacobians; ``exits.screen`` counts columns the same way."""
+    z, steps, settled = fixed_point_trajectories(module, encoder, targets, fixed_point_steps, floor, exits, metric)
+    trajectory = torch.cat([steps, steps[:, -1:].repeat(1, iterations)], 1)
+    if (idx := (~settled).nonzero().squeeze(1)).numel():
+        later = Exits(exits.accept, tuple(exits.screen[fixed_point_steps:]))
+        trajectory[idx, fixed_point_steps:] = lm_trajectories(module, targets[idx], z[idx], iterations, floor, later,
+                                                              metric=metric, differentiate=differentiate, basis=basis,
+                                                              reached=steps[idx, -1])
+    return trajectory
 
 
 @torch.no_grad()
@@ -350,7 +438,7 @@ def _sketched_steps(module: nn.Module, latent_shape: Sequence[int], flat: torch.
 
 def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
               exits: Exits, chord_steps: int, metric: Metric, differentiate: Differentiate,
-              basis: torch.Tensor | None = None) -> torch.Tensor:
+              basis: torch.Tensor | None = None, reached: torch.Tensor | None = None) -> torch.Tensor:
     latent_shape = z.shape[1:]
     flat = targets.flatten(1)
     zf = z.view(len(z), -1)
@@ -361,6 +449,8 @@ def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterati
         residual = module(z).flatten(1) - flat
     loss = (residual**2).mean(1)
     score = metric(residual)  # the lowest loss in the metric so far: what the trajectory and exits hold
+    if reached is not None:
+        score = torch.minimum(score, reached)
     trajectory = score[:, None].repeat(1, iterations + 1)
     screen = torch.tensor([*exits.screen[:iterations], *[math.inf] * (iterations + 1 - len(exits.screen[:iterations]))],
                           device=device, dtype=loss.dtype)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..progress import report
 
-from .amortised import Differentiate, Exits, LatentEncoder, lm_trajectories, quantisation_floor
+from .amortised import Differentiate, Exits, LatentEncoder, encoder_lm_trajectories, quantisation_floor
 from .metrics import METRICS, ResidualMetric
 
 __all__ = ["SEARCH_METHODS", "ReconstructionConfig", "reconstruction_losses", "reconstruction_trajectories"]
@@ -41,8 +41,10 @@ class ReconstructionConfig:
     ``method="encoder-lm"``: an encoder trained for at most ``encoder_steps`` batches of the
     generator's own pairs at fit time, fewer where they would cost more than ``encoder_tflop``
     TFLOP (0: no budget; :func:`~flipad.inversion.amortised.encoder_steps_within`), gives each
-    item's start, then ``lm_iterations`` Levenberg-Marquardt
-    steps (an item stops at twice the quantisation floor). ``seed`` seeds the encoder's training.
+    item's start, which ``fixed_point_steps`` steps ``z + E(x) - E(G(z))`` refine at one encoder
+    and one generator pass each (:func:`~flipad.inversion.amortised.fixed_point_trajectories`), then
+    at most ``lm_iterations`` Levenberg-Marquardt Jacobians (an item stops at twice the
+    quantisation floor). ``seed`` seeds the encoder's training.
     ``sketch``: at most this many latent directions (those that move the output most) the first
     step works in, a cheap sketched Jacobian (:func:`~flipad.inversion.amortised.sketch_basis`);
     0 takes every Jacobian in full.
@@ -63,6 +65,7 @@ class ReconstructionConfig:
     method: str = "adam"
     encoder_steps: int = 600
     encoder_tflop: float = 48.0
+    fixed_point_steps: int = 8
     lm_iterations: int = 10
     metric: str = "jpeg"
     sketch: int = 16
@@ -77,10 +80,12 @@ class ReconstructionConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> ReconstructionConfig:
-        """The config of a saved detector; searches saved before screening, metrics, the sketch or
-        the encoder's budget existed keep their unscreened random starts, the MSE, full Jacobians
-        and the batches they trained (their thresholds were set with them)."""
-        return cls(**{"candidates": saved["starts"], "metric": "mse", "sketch": 0, "encoder_tflop": 0.0, **saved})
+        """The config of a saved detector; searches saved before screening, metrics, the sketch, the
+        encoder's budget or the fixed-point steps existed keep their unscreened random starts, the
+        MSE, full Jacobians, the batches they trained and the encoder's start as it was (their
+        thresholds were set with them)."""
+        return cls(**{"candidates": saved["starts"], "metric": "mse", "sketch": 0, "encoder_tflop": 0.0,
+                      "fixed_point_steps": 0, **saved})
 
 
 def reconstruction_losses(module: nn.Module, latent_shape: Sequence[int], targets: torch.Tensor,
@@ -105,23 +110,22 @@ def reconstruction_trajectories(
     """Per item, the loss in ``config.metric`` after each stage of the search, ``(n, stages)``; the
     last column is the result. ``targets`` lie in ``output_range`` (it sets the metric's 8-bit step
     and the quantisation floor an LM item stops at). ``encoder-lm`` needs the ``encoder`` trained
-    for ``module``: the start and the loss after each Jacobian (:func:`lm_trajectories`, stopping at
-    ``exits``, taking Jacobians with ``differentiate``, the first sketched along ``basis`` where
-    given); ``adam``: the result alone."""
+    for ``module``: the start, the loss after each fixed-point step and after each Jacobian
+    (:func:`~flipad.inversion.amortised.encoder_lm_trajectories`, stopping at ``exits``, taking
+    Jacobians with ``differentiate``, the first sketched along ``basis`` where given); ``adam``:
+    the result alone."""
     if config.method == "encoder-lm" and encoder is None:
         raise ValueError("the encoder-lm search needs the generator's trained encoder")
     metric = ResidualMetric(config.metric, targets.shape[1:], output_range)
     floor = quantisation_floor(output_range)
     device = next(module.parameters()).device
-    columns = config.lm_iterations + 1 if config.method == "encoder-lm" else 1
+    columns = config.fixed_point_steps + config.lm_iterations + 1 if config.method == "encoder-lm" else 1
     out = []
     for start in tqdm(range(0, len(targets), config.batch_size), desc="latent search", disable=not progress):
         batch = targets[start : start + config.batch_size].to(device)
         if config.method == "encoder-lm":
-            with torch.no_grad():
-                z = encoder(batch)
-            out.append(lm_trajectories(module, batch, z, config.lm_iterations, floor, exits, metric=metric,
-                                       differentiate=differentiate, basis=basis).cpu())
+            out.append(encoder_lm_trajectories(module, encoder, batch, config.fixed_point_steps, config.lm_iterations,
+                                               floor, exits, metric, differentiate, basis).cpu())
         else:
             out.append(_search(module, latent_shape, batch, config, config.seed + start, metric).cpu()[:, None])
         report(len(batch))
