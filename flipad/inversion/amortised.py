@@ -321,7 +321,8 @@ def fixed_point_trajectories(module: nn.Module, encoder: nn.Module, targets: tor
         new = (new_residual**2).mean(1)
         better = new < loss[idx]
         went = idx[better]
-        z[went], outputs[went], residual[went], loss[went] = moved[better], new_outputs[better], new_residual[better], new[better]
+        z[went], outputs[went] = moved[better], new_outputs[better]
+        residual[went], loss[went] = new_residual[better], new[better]
         score[went] = torch.minimum(score[went], metric(new_residual[better]))
         stepping[idx[~better]] = False
         trajectory[idx, k + 1 :] = score[idx, None]
