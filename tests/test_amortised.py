@@ -149,14 +149,19 @@ def test_screens_are_checked_on_the_half_of_the_items_they_were_not_set_on():
     assert Exits.held_out_cuts([pristine, resaved], threshold=1.0, accept=0.05, margin=3.0) == 0.0  # 2 x 3 > 5
 
 
-def test_a_search_with_exits_stops_where_its_exhaustive_trajectory_settles():
+def _own_and_noise() -> tuple[nn.Module, nn.Module, float, torch.Tensor]:
+    """A tiny generator, its briefly trained encoder, the quantisation floor, and 48 targets: 24
+    of its own 8-bit samples, then 24 noise images."""
     torch.manual_seed(0)
     skip = SkipToOutput().eval()
     encoder = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=30, seed=0)
-    floor = quantisation_floor(RANGE)
     own = to_output_range(generate_samples(skip, skip.latent_shape, 24, 7, RANGE), *RANGE)
     noise = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    targets = torch.cat([own, noise])
+    return skip, encoder, quantisation_floor(RANGE), torch.cat([own, noise])
+
+
+def test_a_search_with_exits_stops_where_its_exhaustive_trajectory_settles():
+    skip, encoder, floor, targets = _own_and_noise()
     with torch.no_grad():
         start = encoder(targets)
     full = lm_trajectories(skip, targets, start.clone(), 6, floor)
@@ -173,13 +178,7 @@ def test_a_search_with_exits_stops_where_its_exhaustive_trajectory_settles():
 
 
 def test_fixed_point_steps_bring_own_items_closer_and_a_search_with_them_stops_where_its_trajectory_settles():
-    torch.manual_seed(0)
-    skip = SkipToOutput().eval()
-    encoder = train_encoder(skip, skip.latent_shape, (1, 8, 8), RANGE, steps=30, seed=0)
-    floor = quantisation_floor(RANGE)
-    own = to_output_range(generate_samples(skip, skip.latent_shape, 24, 7, RANGE), *RANGE)
-    noise = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    targets = torch.cat([own, noise])
+    skip, encoder, floor, targets = _own_and_noise()
     z, steps, settled = fixed_point_trajectories(skip, encoder, targets, 4, floor)
     assert steps.shape == (48, 5) and not settled[24:].any()  # no exits: only the floor settles an item
     assert (steps.diff(dim=1) <= 0).all()

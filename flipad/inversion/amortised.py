@@ -264,14 +264,14 @@ def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, i
     return torch.cat(parts) if parts else torch.empty(0, iterations + 1, device=targets.device)
 
 
-def anderson_step(z: torch.Tensor, f: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor] | None,
+def anderson_step(z: torch.Tensor, f: torch.Tensor, history: tuple[torch.Tensor, torch.Tensor],
                   has_history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed-point iteration ``z + f(z)``, Anderson-accelerated with memory 1, as ``(base,
     towards)`` with the new point ``base + towards`` (``base + a * towards`` for a step size ``a``).
     An item with a previous point (``history``: its ``z`` and ``f``, where ``has_history``) takes the
     secant through the two: ``z - g dz + (f - g df)``, ``g = <df, f> / <df, df>`` (``dz``, ``df``:
     the changes since that point), at no extra pass; the others (and ``df = 0``) the plain step."""
-    if history is None or not has_history.any():
+    if not has_history.any():
         return z, f
     dz, df = (z - history[0]).flatten(1), (f - history[1]).flatten(1)
     norm = (df * df).sum(1)
