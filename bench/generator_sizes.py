@@ -67,7 +67,8 @@ def measure(size: int, width: int, args: argparse.Namespace) -> dict:
     own_gan = rgb_dcgan(size, width, steps, 0, real)
     other_gan = rgb_dcgan(size, width, steps, 1, real)
     settings = DetectorSettings(n_validation=args.validation, progress=True, families={
-        "reconstruction": ReconstructionSettings(encoder_steps=args.encoder_steps, n_perturbed=args.perturbed)})
+        "reconstruction": ReconstructionSettings(encoder_steps=args.encoder_steps, n_perturbed=args.perturbed,
+                                                 objective=args.objective)})
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     progress = logging.getLogger("flipad.progress")
@@ -115,6 +116,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--perturbed", type=int, default=50, help="of them, re-saved per perturbation")
     parser.add_argument("--encoder-steps", type=int, default=300)
     parser.add_argument("--items", type=int, default=20, help="own items per variant (as many other items in all)")
+    parser.add_argument("--objective", default="mse", choices=("mse", "metric"),
+                        help="what the search's Levenberg-Marquardt steps minimise (reconstruction.objective)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     widths = {int(k): int(v) for k, v in args.widths.items()}

@@ -38,7 +38,7 @@ from ..inversion.amortised import (
     sketch_basis,
     train_encoder,
 )
-from ..inversion.latent import SEARCH_METHODS, ReconstructionConfig, reconstruction_trajectories
+from ..inversion.latent import OBJECTIVES, SEARCH_METHODS, ReconstructionConfig, reconstruction_trajectories
 from ..inversion.tangents import search_jacobian
 from ..io.data import check_sample_shape, to_output_range
 from ..io.perturb import PERTURBATIONS
@@ -191,6 +191,9 @@ class ReconstructionSettings:
     fixed_point_steps: int = field(default=ReconstructionConfig.fixed_point_steps, metadata={
         "help": "encoder-lm: fixed-point steps z + E(x) - E(G(z)) that refine the encoder's start before any "
                 "Jacobian (one encoder and one generator pass each); 0 takes none"})
+    objective: str = field(default=ReconstructionConfig.objective, metadata={
+        "help": "encoder-lm: what the Levenberg-Marquardt steps minimise: mse (the pixel MSE) or metric (the "
+                "reconstruction metric itself, which the thresholds are set in)"})
     steps: int = field(default=ReconstructionConfig.steps, metadata={"help": "adam: steps of the search per item"})
     starts: int = field(default=ReconstructionConfig.starts, metadata={"help": "adam: starts of the search per item"})
     perturbations: tuple[str, ...] = field(default=ROBUST_PERTURBATIONS, metadata={
@@ -201,6 +204,8 @@ class ReconstructionSettings:
     def __post_init__(self) -> None:
         if self.method not in SEARCH_METHODS:
             raise ValueError(f"reconstruction.method {self.method!r}: use one of {', '.join(SEARCH_METHODS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"reconstruction.objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
         for name in self.perturbations:
             if name not in PERTURBATIONS:
                 raise ValueError(f"reconstruction.perturbations: unknown {name!r}; use any of {', '.join(PERTURBATIONS)}")
@@ -214,7 +219,7 @@ class ReconstructionSettings:
                                     candidates=max(ReconstructionConfig.candidates, self.starts),
                                     method=self.method, encoder_steps=self.encoder_steps,
                                     encoder_tflop=self.encoder_tflop, sketch=self.sketch,
-                                    fixed_point_steps=self.fixed_point_steps)
+                                    fixed_point_steps=self.fixed_point_steps, objective=self.objective)
 
 
 @register_kind

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..device import working_memory
 from ..progress import report
+from .metrics import ResidualMetric
 
 __all__ = ["Differentiate", "Exits", "LatentEncoder", "Metric", "anderson_step", "encoder_lm_trajectories",
            "encoder_steps_within", "fixed_point_trajectories", "jacobian", "levenberg_marquardt", "lm_trajectories", "mse",
@@ -235,7 +236,7 @@ def levenberg_marquardt(module: nn.Module, targets: torch.Tensor, z: torch.Tenso
 def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,
                     exits: Exits = Exits(), chord_steps: int = CHORD_STEPS, metric: Metric = mse,
                     differentiate: Differentiate | None = None, basis: torch.Tensor | None = None,
-                    reached: torch.Tensor | None = None) -> torch.Tensor:
+                    reached: torch.Tensor | None = None, whitened: ResidualMetric | None = None) -> torch.Tensor:
     """Per-item LM on ``mean((module(z) - target)^2)`` from ``z`` (changed in place) with at most
     ``iterations`` Jacobians; ``(n, iterations + 1)``: column ``k`` is an item's loss in ``metric``
     (of the flattened residuals) after the steps taken with its ``k``-th Jacobian, the lowest among
@@ -251,13 +252,18 @@ def lm_trajectories(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, i
     instead of ``dim``) serves ``SKETCH_STEPS`` steps within the basis's span, which settle most
     items' verdicts at a fraction of a full Jacobian's cost; the later Jacobians are full.
     ``reached``: per item, the lowest loss in ``metric`` an earlier search reached (column 0 takes it
-    where it is below the start's)."""
+    where it is below the start's). With ``whitened``, the least squares are those of
+    ``whitened.whiten(module(z) - target)`` (:meth:`ResidualMetric.whiten`): the steps minimise that
+    metric itself, which is then the loss the trajectories and exits hold (``metric`` is not used),
+    and ``floor`` is in its units."""
     if chord_steps < 1:
         raise ValueError(f"chord_steps must be at least 1, got {chord_steps}")
+    differentiate = differentiate or partial(jacobian, module)
+    if whitened is not None:
+        module, differentiate, targets, metric = _whitened_problem(module, differentiate, targets, whitened)
     latent_shape = z.shape[1:]
     dim, out_dim = math.prod(latent_shape), targets[0].numel()
     chunk = max(1, working_memory(targets.device) // (JACOBIAN_COPIES * 4 * dim * out_dim))
-    differentiate = differentiate or partial(jacobian, module)
     parts = [_lm_chunk(module, targets[i : i + chunk], z[i : i + chunk], iterations, floor, exits, chord_steps, metric,
                        differentiate, basis, None if reached is None else reached[i : i + chunk])
              for i in range(0, len(targets), chunk)]
@@ -333,19 +339,21 @@ def fixed_point_trajectories(module: nn.Module, encoder: nn.Module, targets: tor
 def encoder_lm_trajectories(module: nn.Module, encoder: nn.Module, targets: torch.Tensor, fixed_point_steps: int,
                             iterations: int, floor: float, exits: Exits = Exits(), metric: Metric = mse,
                             differentiate: Differentiate | None = None,
-                            basis: torch.Tensor | None = None) -> torch.Tensor:
+                            basis: torch.Tensor | None = None, whitened: ResidualMetric | None = None) -> torch.Tensor:
     """The ``encoder-lm`` search of ``targets``: the encoder's start, ``fixed_point_steps``
     (:func:`fixed_point_trajectories`), then :func:`lm_trajectories` with ``iterations`` Jacobians
     for the items not yet settled. ``(n, fixed_point_steps + iterations + 1)``: column ``k <=
     fixed_point_steps`` the loss after ``k`` fixed-point steps, column ``fixed_point_steps + j``
-    after ``j`` Jacobians; ``exits.screen`` counts columns the same way."""
+    after ``j`` Jacobians; ``exits.screen`` counts columns the same way. With ``whitened`` (the
+    ``metric`` as a :class:`ResidualMetric`), the Jacobians' steps minimise the metric itself, down
+    to its floor, instead of the MSE."""
     z, steps, settled = fixed_point_trajectories(module, encoder, targets, fixed_point_steps, floor, exits, metric)
     trajectory = torch.cat([steps, steps[:, -1:].repeat(1, iterations)], 1)
     if (idx := (~settled).nonzero().squeeze(1)).numel():
         later = Exits(exits.accept, tuple(exits.screen[fixed_point_steps:]))
-        trajectory[idx, fixed_point_steps:] = lm_trajectories(module, targets[idx], z[idx], iterations, floor, later,
-                                                              metric=metric, differentiate=differentiate, basis=basis,
-                                                              reached=steps[idx, -1])
+        trajectory[idx, fixed_point_steps:] = lm_trajectories(
+            module, targets[idx], z[idx], iterations, floor if whitened is None else whitened.floor, later,
+            metric=metric, differentiate=differentiate, basis=basis, reached=steps[idx, -1], whitened=whitened)
     return trajectory
 
 
@@ -435,6 +443,20 @@ def _sketched_steps(module: nn.Module, latent_shape: Sequence[int], flat: torch.
         trying = trying[(score[rows] > accept) & (loss[rows] > 2 * floor)]
         if not len(trying):
             return
+
+
+def _whitened_problem(module: nn.Module, differentiate: Differentiate, targets: torch.Tensor, whitened: ResidualMetric
+                      ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Differentiate, torch.Tensor, Metric]:
+    """The least-squares problem of :func:`lm_trajectories` in ``whitened``'s units: the outputs,
+    the Jacobians and the targets mapped by its linear :meth:`~ResidualMetric.whiten` (so their
+    mean squared residual is the metric), and the metric of those residuals (their mean square)."""
+    def outputs(z: torch.Tensor) -> torch.Tensor:
+        return whitened.whiten(module(z))
+
+    def jacobians(z: torch.Tensor, *basis: torch.Tensor) -> torch.Tensor:
+        return whitened.whiten_columns(differentiate(z, *basis))
+
+    return outputs, jacobians, whitened.whiten(targets), mse
 
 
 def _lm_chunk(module: nn.Module, targets: torch.Tensor, z: torch.Tensor, iterations: int, floor: float,

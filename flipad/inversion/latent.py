@@ -26,6 +26,7 @@ __all__ = ["SEARCH_METHODS", "ReconstructionConfig", "reconstruction_losses", "r
 
 SCREEN_BATCH = 1024  # latents per forward pass when screening the starts
 SEARCH_METHODS = ("adam", "encoder-lm")
+OBJECTIVES = ("mse", "metric")  # what the encoder-lm search's Levenberg-Marquardt steps minimise
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,9 @@ class ReconstructionConfig:
 
     ``metric``: what an item's loss is, the lowest among the latents the search reached: ``jpeg``
     (the residual in JPEG's quantisation steps, so recompressed copies of the generator's outputs
-    stay close) or ``mse``.
+    stay close) or ``mse``. ``objective`` (``encoder-lm``): what the Levenberg-Marquardt steps
+    minimise, ``mse`` (the pixel MSE) or ``metric`` (the loss in ``metric`` itself, a quadratic
+    form of the residual: :meth:`~flipad.inversion.metrics.ResidualMetric.whiten`).
     """
 
     steps: int = 600
@@ -69,6 +72,7 @@ class ReconstructionConfig:
     lm_iterations: int = 10
     metric: str = "jpeg"
     sketch: int = 16
+    objective: str = "mse"
 
     def __post_init__(self):
         if self.method not in SEARCH_METHODS:
@@ -77,6 +81,8 @@ class ReconstructionConfig:
             raise ValueError(f"candidates ({self.candidates}) must be at least starts ({self.starts})")
         if self.metric not in METRICS:
             raise ValueError(f"unknown reconstruction metric {self.metric!r}; use one of {', '.join(METRICS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown search objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
 
     @classmethod
     def from_dict(cls, saved: dict) -> ReconstructionConfig:
@@ -125,7 +131,8 @@ def reconstruction_trajectories(
         batch = targets[start : start + config.batch_size].to(device)
         if config.method == "encoder-lm":
             out.append(encoder_lm_trajectories(module, encoder, batch, config.fixed_point_steps, config.lm_iterations,
-                                               floor, exits, metric, differentiate, basis).cpu())
+                                               floor, exits, metric, differentiate, basis,
+                                               metric if config.objective == "metric" else None).cpu())
         else:
             out.append(_search(module, latent_shape, batch, config, config.seed + start, metric).cpu()[:, None])
         report(len(batch))

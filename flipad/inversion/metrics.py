@@ -74,9 +74,16 @@ class ResidualMetric:
             self.floor = self.step**2 / 12
 
     def __call__(self, residual: torch.Tensor) -> torch.Tensor:
+        return (self.whiten(residual) ** 2).mean(1)
+
+    def whiten(self, residual: torch.Tensor) -> torch.Tensor:
+        """The linear map ``W`` of residuals ``(n, *output_shape)`` (or flattened) to ``(n, k)`` whose
+        mean square is the metric: the residuals themselves for ``mse``; for ``jpeg`` each block's
+        weighted DCT coefficients (scaled so the mean over them is the metric). A least-squares
+        search of ``W (G(z) - x)`` minimises the metric itself."""
         n = len(residual)
         if self.name == "mse":
-            return (residual.reshape(n, -1) ** 2).mean(1)
+            return residual.reshape(n, -1)
         x = residual.reshape(n, *self.output_shape) / self.step
         dtype, device = x.dtype, x.device
         channels, height, width = self.output_shape
@@ -86,5 +93,11 @@ class ResidualMetric:
         blocks = x.unflatten(2, (-1, BLOCK)).unflatten(4, (-1, BLOCK))  # n, c, by, u, bx, v
         dct = self._dct.to(device, dtype)
         coefficients = torch.einsum("iu,ncyuxv,jv->ncyxij", dct, blocks, dct)
-        weighted = coefficients * self._weights.to(device, dtype)[:, None, None]
-        return (weighted**2).flatten(1).sum(1) / (channels * height * width)
+        weighted = (coefficients * self._weights.to(device, dtype)[:, None, None]).flatten(1)
+        return weighted * math.sqrt(weighted.shape[1] / (channels * height * width))
+
+    def whiten_columns(self, jacobians: torch.Tensor) -> torch.Tensor:
+        """:meth:`whiten` of each column of ``(n, out_dim, k)`` Jacobians: ``(n, whitened_dim, k)``."""
+        n, out_dim, k = jacobians.shape
+        columns = self.whiten(jacobians.transpose(1, 2).reshape(n * k, out_dim))
+        return columns.view(n, k, -1).transpose(1, 2)
