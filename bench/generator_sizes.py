@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flipad.inversion.latent import OBJECTIVES
+
 from .common import rgb_dcgan, stage_seconds, timed
 from .report import Benchmark, markdown_table
 
@@ -116,7 +118,7 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--perturbed", type=int, default=50, help="of them, re-saved per perturbation")
     parser.add_argument("--encoder-steps", type=int, default=300)
     parser.add_argument("--items", type=int, default=20, help="own items per variant (as many other items in all)")
-    parser.add_argument("--objective", default="mse", choices=("mse", "metric"),
+    parser.add_argument("--objective", default="mse", choices=OBJECTIVES,
                         help="what the search's Levenberg-Marquardt steps minimise (reconstruction.objective)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
