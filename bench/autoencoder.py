@@ -13,8 +13,11 @@ equivalents (a vector-Jacobian or Jacobian-vector product counts as two), their 
 decoder-pass equivalents with an encoder pass at its cost measured in the same run (the issue's
 bar, one encoder pass and ten decoder passes, in that unit), and seconds, also over a decoder
 pass's seconds (what the counts leave out: smaller batches, the products' overhead). Then the
-same cost for an autoencoder of Stable Diffusion's configuration (83.65 M parameters, random
-weights built from the config) at ``--sd-size`` pixels (the issue's 256) on the CPU.
+same cost for an autoencoder of Stable Diffusion's configuration (83.65 M parameters, built from
+the config) at ``--sd-size`` pixels (the issue's 256) on the CPU: trained ``--sd-train-steps``
+batches of 4 photo patches at 64x64 (its convolutions and attention take any size), so that its
+encoder roughly inverts its decoder as a trained one's does (``--sd-train-steps 0``: random
+weights, whose encoder inverts nothing and sends every own item to the Gauss-Newton steps).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ from flows.photos import photo_patches
 
 from .common import SD_AUTOENCODER, SMALL_AUTOENCODER, saved_autoencoder
 from .report import Benchmark, markdown_table
+
+SD_TRAIN_STEPS = 400  # batches of 4 at 64x64 for the Stable-Diffusion-config autoencoder (about 17 minutes)
+SD_LR = 2e-4  # its learning rate (the small autoencoder's 1e-3 is for 1.25 M parameters)
 
 
 def _finetuned(folder: Path, owner: Path, real: np.ndarray, steps: int) -> Path:
@@ -93,13 +99,12 @@ def _cost(scores: list, seconds: float, module: AutoencoderGenerator, items: np.
             "time_equivalents": seconds / len(encoder) / decoder_s}
 
 
-def _sd_cost(size: int, items: int, search: AutoencoderSettings) -> dict:
-    """The settled verdict's cost (:func:`_cost`) for Stable Diffusion's VAE configuration
-    (random weights) at ``size`` pixels, half own items, half random photo patches."""
+def _sd_cost(folder: Path, size: int, items: int, search: AutoencoderSettings) -> dict:
+    """The settled verdict's cost (:func:`_cost`) for the Stable-Diffusion-config autoencoder saved in
+    ``folder``, at ``size`` pixels, half own items, half random photo patches."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
-    module = AutoencoderGenerator(AutoencoderKL(**{**SD_AUTOENCODER, "sample_size": size}))
+    module = AutoencoderGenerator(AutoencoderKL.from_pretrained(folder, sample_size=size))
     real = photo_patches(size, 3 * items, seed=5, scale=max(2 * size, 256))
     detector = AutoencoderDetector(module, n_validation=items, settings=replace(
         search, perturbations=("jpeg q90",), n_perturbed=max(items, 20)), progress=False)
@@ -123,6 +128,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--items", type=int, default=100, help="held-out items per source")
     parser.add_argument("--sd-size", type=int, default=256, help="image size of the Stable-Diffusion-config cost run")
     parser.add_argument("--sd-items", type=int, default=2, help="own and other items of that run")
+    parser.add_argument("--sd-train-steps", type=int, default=SD_TRAIN_STEPS,
+                        help="batches of 4 patches at 64x64 that train that autoencoder (0: random weights)")
     parser.add_argument("--cache", type=Path, default=Path(".flipad/bench"))
     parser.add_argument("--encoder-steps", type=int, default=AutoencoderSettings.encoder_steps,
                         help="the search's encoder steps (the default's; 0 with --gn-steps 2: the earlier search)")
@@ -198,7 +205,9 @@ def run(argv: list[str]) -> dict:
     aedr.score_lossless(clean)
     aedr.score(resaved)
     cost["aedr_s_per_item"] = (time.perf_counter() - start) / cost["stream"]
-    sd = _sd_cost(args.sd_size, args.sd_items, settings)
+    sd_folder = saved_autoencoder(args.cache / f"sd-{args.sd_train_steps}", {**SD_AUTOENCODER, "sample_size": 64},
+                                  train, args.sd_train_steps, batch=4, lr=SD_LR)
+    sd = _sd_cost(sd_folder, args.sd_size, args.sd_items, settings) | {"train_steps": args.sd_train_steps}
 
     print(f"small autoencoder ({args.train_steps} batches), fit {fit_s:.0f} s on {args.validation} own items "
           f"(+ re-saves); threshold residual {-detector.threshold():.3g}")
@@ -207,13 +216,18 @@ def run(argv: list[str]) -> dict:
     print(f"settled verdict on a half-own stream of {cost['stream']}: {_cost_line(cost)} (own "
           f"{cost['own_equivalents']:.1f}, other {cost['other_equivalents']:.1f}); AEDR "
           f"{cost['aedr_s_per_item'] * 1000:.0f} ms/item (2 encoder + 2 decoder passes)")
-    print(f"Stable Diffusion's VAE config ({sd['parameters_m']:.1f} M) at {sd['size']}px, random weights: "
+    print(f"Stable Diffusion's VAE config ({sd['parameters_m']:.1f} M) at {sd['size']}px, {_sd_weights(sd)}: "
           f"{_cost_line(sd)} (fit {sd['fit_s']:.0f} s)")
     return {"train_steps": args.train_steps, "finetune_steps": args.finetune_steps, "validation": args.validation,
             "items": n, "fit_s": fit_s, "settings": {"encoder_steps": settings.encoder_steps, "steps": settings.steps,
                                                     "cg_steps": settings.cg_steps, "switch": settings.switch,
                                                     "anderson": settings.anderson},
             "rows": rows, "cost": cost, "sd": sd}
+
+
+def _sd_weights(sd: dict) -> str:
+    steps = sd.get("train_steps", 0)  # records before the option have random weights
+    return f"trained {steps} batches of 4 at 64x64" if steps else "random weights"
 
 
 def _cost_line(cost: dict) -> str:
@@ -241,7 +255,7 @@ def render(figures: dict) -> str:
             + f"\n\nSettled verdict on a half-own stream of {cost['stream']} items: {_cost_line(cost)} (own items "
             f"{cost['own_equivalents']:.1f}, others {cost['other_equivalents']:.1f} decoder-pass equivalents); AEDR "
             f"{cost['aedr_s_per_item'] * 1000:.0f} ms per item (2 encoder + 2 decoder passes).\n\n"
-            f"Stable Diffusion's VAE configuration ({sd['parameters_m']:.1f} M parameters, random weights) at "
+            f"Stable Diffusion's VAE configuration ({sd['parameters_m']:.1f} M parameters, {_sd_weights(sd)}) at "
             f"{sd['size']}x{sd['size']} on the CPU, over {sd['items']} items: {_cost_line(sd)} (fit on "
             f"{sd['items'] // 2} own items {sd['fit_s']:.0f} s).")
 
@@ -257,4 +271,4 @@ def headline(figures: dict) -> list[str]:
 
 BENCHMARK = Benchmark("autoencoder", __doc__, run, render, headline,
                       quick=("--train-steps", "10", "--finetune-steps", "2", "--validation", "20", "--items", "6",
-                             "--sd-size", "32", "--sd-items", "2"))
+                             "--sd-size", "32", "--sd-items", "2", "--sd-train-steps", "2"))

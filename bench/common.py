@@ -233,9 +233,10 @@ SD_AUTOENCODER = {**SMALL_AUTOENCODER, "block_out_channels": [128, 256, 512, 512
 
 
 def saved_autoencoder(folder: Path, config: dict, real: np.ndarray | None, steps: int, seed: int = 0,
-                      batch: int = 8) -> Path:
-    """An ``AutoencoderKL`` of ``config`` trained ``steps`` batches on ``real`` (random weights when
-    ``steps`` is 0) and saved with ``save_pretrained`` in ``folder`` (kept: reused when present)."""
+                      batch: int = 8, lr: float = 1e-3) -> Path:
+    """An ``AutoencoderKL`` of ``config`` trained ``steps`` batches of ``batch`` images of ``real`` at
+    learning rate ``lr`` (random weights when ``steps`` is 0) and saved with ``save_pretrained`` in
+    ``folder`` (kept: reused when present)."""
     from diffusers import AutoencoderKL
 
     from flipad.detectors.autoencoder import train_autoencoder
@@ -245,6 +246,6 @@ def saved_autoencoder(folder: Path, config: dict, real: np.ndarray | None, steps
     torch.manual_seed(seed)
     vae = AutoencoderKL(**config)
     if steps:
-        train_autoencoder(vae, real, steps, batch, seed, parameters=None)
+        train_autoencoder(vae, real, steps, batch, seed, parameters=None, lr=lr)
     vae.save_pretrained(folder)
     return folder
