@@ -266,7 +266,9 @@ def headline(figures: dict) -> list[str]:
             f"{by['own jpeg q80']['attributed']:.3f}; real {by['real']['attributed']:.3f}, other-seed VAE "
             f"{by['other-seed autoencoder']['attributed']:.3f}, fine-tuned decoder "
             f"{by['fine-tuned decoder']['attributed']:.3f}; {figures['cost']['equivalents']:.1f} decoder-pass "
-            f"equivalents per item (bar {figures['cost']['bar']:.1f})"]
+            f"equivalents per item (bar {figures['cost']['bar']:.1f}); Stable Diffusion's configuration at "
+            f"{figures['sd']['size']} px, {_sd_weights(figures['sd'])}: {figures['sd']['equivalents']:.1f} "
+            f"(bar {figures['sd']['bar']:.1f})"]
 
 
 BENCHMARK = Benchmark("autoencoder", __doc__, run, render, headline,
