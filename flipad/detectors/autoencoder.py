@@ -47,6 +47,7 @@ from ..device import resolve_device
 from ..generators.adapter import weights_fingerprint
 from ..generators.loading import GeneratorLoadError, register_generator_scheme
 from ..inversion.amortised import Exits, anderson_step
+from ..inversion.corrector import LinearCorrector, fit_corrector
 from ..inversion.metrics import ResidualMetric
 from ..io.data import check_sample_shape, quantize, to_output_range
 from ..io.perturb import PERTURBATIONS, perturb
@@ -162,29 +163,38 @@ class DecoderSearch:
     """The ``autoencoder`` family's stage: per item, the residual after each step of a search on
     the decoder input, started from the encoder's posterior mean.
 
-    Step 0 is ``D(E(x))`` (one encoder and one decoder pass). The next ``encoder_steps`` use the
-    encoder as the decoder's approximate inverse: ``z += a (E(x) - E(D(z)))``, a fixed point where
-    the decoded item encodes as the item does, which an item this decoder made reaches at its own
-    latent (one encoder and one decoder pass; ``a`` starts at 1 and halves where a step does not
-    lower the loss; with ``anderson``, an item's steps after its first are Anderson-accelerated).
-    With ``switch``, an item instead leaves the encoder steps at its first one
-    that does not lower the loss and takes the Gauss-Newton steps from the next step on, so it
-    finishes early. Each of the last ``steps`` is a Gauss-Newton step for the pixel residual,
-    ``(J^T J + lam I) d = -J^T r`` solved by ``cg_steps`` conjugate
-    gradients with J products from reverse-mode passes (``J v`` as the derivative of a vector-Jacobian
-    product), so its cost does not grow with the latent size; a step is kept only where the loss
-    falls (Levenberg-Marquardt damping). Losses are reported in ``metric``. ``exits`` stop an item
-    once its verdict is settled, each screen applying to the items at its column of :meth:`run`'s
-    trajectories (so an item that switched early meets the Gauss-Newton steps' screens, not those
-    of the encoder steps it skipped). Of the last run, per item: ``encoder_passes_``, and
-    ``passes_`` in decoder-pass equivalents (a forward 1, a vector-Jacobian product 2, a
-    Jacobian-vector product 2).
+    Step 0 is ``D(E(x))`` (one encoder and one decoder pass). Three phases of steps follow, each
+    item taking them in order (a phase of no steps is skipped):
+
+    - ``corrector_steps`` steps ``z += a C(x - D(z))`` with ``C`` a fitted
+      :class:`~flipad.inversion.corrector.LinearCorrector` (one decoder pass and ``C``'s small
+      share of one; no encoder pass);
+    - ``encoder_steps`` steps using the encoder as the decoder's approximate inverse: ``z += a
+      (E(x) - E(D(z)))``, a fixed point where the decoded item encodes as the item does, which an
+      item this decoder made reaches at its own latent (one encoder and one decoder pass);
+    - ``steps`` Gauss-Newton steps for the pixel residual, ``(J^T J + lam I) d = -J^T r`` solved by
+      ``cg_steps`` conjugate gradients with J products from reverse-mode passes (``J v`` as the
+      derivative of a vector-Jacobian product), so their cost does not grow with the latent size;
+      a step is kept only where the loss falls (Levenberg-Marquardt damping).
+
+    In the two fixed-point phases ``a`` starts at 1 and halves where a step does not lower the
+    loss; with ``anderson``, an item's steps after its first in a phase are Anderson-accelerated;
+    with ``switch``, an item instead leaves such a phase at its first step that does not lower the
+    loss and takes the next phase's steps (none: it is done), so it finishes early. Losses are
+    reported in ``metric``. ``exits`` stop an item once its verdict is settled, each screen applying
+    to the items at its column of :meth:`run`'s trajectories (so an item that switched early meets
+    the next phase's screens, not those of the steps it skipped). Of the last run, per item:
+    ``encoder_passes_``, and ``passes_`` in decoder-pass equivalents (a forward 1, a
+    vector-Jacobian product 2, a Jacobian-vector product 2).
     """
 
     name = "decoder-search"
 
     def __init__(self, module: AutoencoderGenerator, steps: int, cg_steps: int, exits: Exits = Exits(),
-                 encoder_steps: int = 0, switch: bool = False, anderson: bool = False):
+                 encoder_steps: int = 0, switch: bool = False, anderson: bool = False,
+                 corrector: LinearCorrector | None = None, corrector_steps: int = 0):
+        if corrector_steps and corrector is None:
+            raise ValueError("corrector_steps need a fitted corrector")
         self.module = module
         self.steps = steps
         self.cg_steps = cg_steps
@@ -192,32 +202,42 @@ class DecoderSearch:
         self.encoder_steps = encoder_steps
         self.switch = switch
         self.anderson = anderson
+        self.corrector = corrector if corrector_steps else None
+        self.corrector_steps = corrector_steps
         self.metric = ResidualMetric("jpeg", module.image_shape, OUTPUT_RANGE)
 
     @property
     def device(self) -> str:
         return next(self.module.parameters()).device.type
 
+    @property
+    def phases(self) -> tuple[int, int, int]:
+        """Steps per phase: corrector, encoder, Gauss-Newton."""
+        return self.corrector_steps, self.encoder_steps, self.steps
+
     def with_exits(self, exits: Exits) -> DecoderSearch:
         """The same search, stopping each item where ``exits`` settle its verdict."""
-        return DecoderSearch(self.module, self.steps, self.cg_steps, exits, self.encoder_steps, self.switch, self.anderson)
+        return DecoderSearch(self.module, self.steps, self.cg_steps, exits, self.encoder_steps, self.switch,
+                             self.anderson, self.corrector, self.corrector_steps)
 
     def fingerprint(self) -> str:
         parts = {"generator": weights_fingerprint(self.module), "device": self.device, "steps": self.steps,
                  "cg_steps": self.cg_steps, "exits": asdict(self.exits), "encoder_steps": self.encoder_steps,
                  "switch": self.switch, "anderson": self.anderson, "columns": SCREEN_COLUMNS}
+        if self.corrector is not None:
+            weight = self.corrector.weight.double().numpy().tobytes()
+            parts |= {"corrector_steps": self.corrector_steps, "corrector": hashlib.sha256(weight).hexdigest()}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def run(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Per item, the loss after each step ``(n, encoder_steps + steps + 1)``: column ``k <=
-        encoder_steps`` after ``k`` encoder steps, column ``encoder_steps + j`` after ``j``
-        Gauss-Newton steps. An item that left the encoder steps after its ``k``-th (the failed one,
-        its loss unchanged) has NaN in columns ``k + 1 .. encoder_steps``: it never was there, so
-        those columns' screens do not apply to it. Once an item exits, its later entries repeat the
-        loss it stopped at."""
+        """Per item, the loss after each step ``(n, 1 + corrector_steps + encoder_steps + steps)``:
+        column 0 at the start, then one column per step of each phase in order. An item that left
+        a phase after its ``k``-th step there (the failed one, its loss unchanged) has NaN in that
+        phase's later columns: it never was there, so those columns' screens do not apply to it.
+        Once an item exits, its later entries repeat the loss it stopped at."""
         check_sample_shape(samples, self.module.image_shape)
         targets = to_output_range(samples, *OUTPUT_RANGE)
-        out = torch.empty(len(targets), self.encoder_steps + self.steps + 1, dtype=torch.float64)
+        out = torch.empty(len(targets), sum(self.phases) + 1, dtype=torch.float64)
         passes = torch.zeros(len(targets), 2)
         for part in self.module.batches(len(targets)):
             out[part], passes[part] = self._search(targets[part].to(next(self.module.parameters()).device))
@@ -228,7 +248,9 @@ class DecoderSearch:
         return self.metric((outputs - targets).double()).cpu()
 
     def _search(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        module, n, columns = self.module, len(x), self.encoder_steps + self.steps + 1
+        module, n, lengths = self.module, len(x), torch.tensor(self.phases)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])  # the column before each phase
+        columns = int(lengths.sum()) + 1
         with torch.no_grad():
             encoded = module.encode(x)
             z = encoded.clone()
@@ -238,41 +260,56 @@ class DecoderSearch:
         trajectory[:, 0] = loss
         at = torch.zeros(n, dtype=torch.long)  # per item, the column of its current loss
         passes = torch.ones(n, 2)  # per item: encoder passes, decoder-pass equivalents
-        rate = torch.ones(n)  # the encoder steps' size
-        history = torch.zeros(2, *z.shape, dtype=z.dtype, device=z.device)  # per item: the last step's z and E(x) - E(D(z))
+        rate = torch.ones(n)  # the fixed-point steps' size
+        history = torch.zeros(2, *z.shape, dtype=z.dtype, device=z.device)  # per item: the last step's z and pull
         has_history = torch.zeros(n, dtype=torch.bool)
         damping = torch.full((n,), 1e-3)
-        encoder_left = torch.full((n,), self.encoder_steps)  # per item: encoder steps, then Gauss-Newton steps
-        newton_left = torch.full((n,), self.steps)
+        phase = torch.zeros(n, dtype=torch.long)  # per item: 0 corrector, 1 encoder, 2 Gauss-Newton, 3 done
+        left = lengths[0].repeat(n)  # per item: the steps left in its phase
         active = torch.ones(n, dtype=torch.bool)
         screen = torch.tensor([*self.exits.screen, *[math.inf] * columns][:columns], dtype=torch.float64)
-        for _ in range(columns - 1):
-            active &= (loss > self.exits.accept) & (loss <= screen[at]) & (encoder_left + newton_left > 0)
-            by_encoder = (active & (encoder_left > 0)).nonzero().flatten()
-            by_newton = (active & (encoder_left == 0)).nonzero().flatten()
-            if len(by_encoder):
-                moved, out, cost, pulled = self._encoder_step(z[by_encoder], decoded[by_encoder], encoded[by_encoder],
-                                                              rate[by_encoder], history[:, by_encoder],
-                                                              has_history[by_encoder])
-                history[0, by_encoder], history[1, by_encoder] = z[by_encoder], pulled
-                has_history[by_encoder] = self.anderson
-                better = self._take(by_encoder, moved, out, cost, x, z, decoded, loss, passes)
-                rate[by_encoder] = torch.where(better, rate[by_encoder], rate[by_encoder] / 2)
-                encoder_left[by_encoder] -= 1
-                at[by_encoder] += 1
+        for _ in range(columns):
+            self._advance(phase, left, lengths, rate, has_history)
+            active &= (loss > self.exits.accept) & (loss <= screen[at]) & (phase < len(lengths))
+            if not active.any():
+                break
+            taking = [(active & (phase == p)).nonzero().flatten() for p in range(len(lengths))]
+            for p, idx in enumerate(taking[:2]):
+                if not len(idx):
+                    continue
+                moved, out, cost, pulled = self._fixed_point_step(p, z[idx], decoded[idx], x[idx], encoded[idx],
+                                                                  rate[idx], history[:, idx], has_history[idx])
+                history[0, idx], history[1, idx] = z[idx], pulled
+                has_history[idx] = self.anderson
+                better = self._take(idx, moved, out, cost, x, z, decoded, loss, passes)
+                rate[idx] = torch.where(better, rate[idx], rate[idx] / 2)
                 if self.switch:
-                    encoder_left[by_encoder[~better]] = 0
-            if len(by_newton):
-                better = self._take(by_newton, *self._gauss_newton(z[by_newton], decoded[by_newton], x[by_newton],
-                                                                   damping[by_newton]), x, z, decoded, loss, passes)
-                damping[by_newton] = torch.where(better, damping[by_newton] / 3, damping[by_newton] * 5)
-                newton_left[by_newton] -= 1
-                at[by_newton] = at[by_newton].clamp_min(self.encoder_steps) + 1
+                    left[idx[~better]] = 1  # this step is its last in the phase
+            if len(taking[2]):
+                idx = taking[2]
+                better = self._take(idx, *self._gauss_newton(z[idx], decoded[idx], x[idx], damping[idx]),
+                                    x, z, decoded, loss, passes)
+                damping[idx] = torch.where(better, damping[idx] / 3, damping[idx] * 5)
             stepped = active.nonzero().flatten()
+            left[stepped] -= 1
+            at[stepped] = torch.maximum(at[stepped], offsets[phase[stepped]]) + 1
             trajectory[stepped, at[stepped]] = loss[stepped]
         later = torch.arange(columns) > at[:, None]
         trajectory[later] = loss[:, None].expand(n, columns)[later]
         return trajectory, passes
+
+    @staticmethod
+    def _advance(phase: torch.Tensor, left: torch.Tensor, lengths: torch.Tensor, rate: torch.Tensor,
+                 has_history: torch.Tensor) -> None:
+        """Move the items with no steps left in their phase to the next phase that has steps (in place)."""
+        while True:
+            moving = (left <= 0) & (phase < len(lengths))
+            if not moving.any():
+                return
+            phase[moving] += 1
+            going = moving & (phase < len(lengths))
+            left[going] = lengths[phase[going]]
+            rate[moving], has_history[moving] = 1.0, False
 
     def _take(self, idx: torch.Tensor, z_new: torch.Tensor, out_new: torch.Tensor, cost: tuple[float, float],
               x: torch.Tensor, z: torch.Tensor, decoded: torch.Tensor, loss: torch.Tensor,
@@ -287,18 +324,22 @@ class DecoderSearch:
         return better
 
     @torch.no_grad()
-    def _encoder_step(self, z: torch.Tensor, decoded: torch.Tensor, encoded: torch.Tensor, rate: torch.Tensor,
-                      history: torch.Tensor, has_history: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float], torch.Tensor]:
-        """The fixed-point step ``z + rate f`` with ``f = E(x) - E(D(z))`` per item, its decoding,
-        its cost (one encoder pass, one decoder pass) and ``f``. With ``anderson``, an item with a
-        previous step (``history``: its ``z`` and ``f``) takes the Anderson-accelerated step of
-        memory 1 instead: ``z - g dz + rate (f - g df)``, ``g`` the least-squares fit of ``f`` by
-        ``df`` (the secant through the two points), at no extra pass."""
-        pulled = encoded - self.module.encode(decoded)
+    def _fixed_point_step(self, phase: int, z: torch.Tensor, decoded: torch.Tensor, x: torch.Tensor,
+                          encoded: torch.Tensor, rate: torch.Tensor, history: torch.Tensor, has_history: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float], torch.Tensor]:
+        """The step ``z + rate f`` per item, with ``f = C(x - D(z))`` (``phase`` 0) or ``f = E(x) -
+        E(D(z))`` (``phase`` 1); its decoding, its cost (encoder passes, decoder-pass equivalents)
+        and ``f``. With ``anderson``, an item with a previous step in the phase (``history``: its
+        ``z`` and ``f``) takes the Anderson-accelerated step of memory 1 instead: ``z - g dz + rate
+        (f - g df)``, ``g`` the least-squares fit of ``f`` by ``df`` (the secant through the two
+        points), at no extra pass."""
+        if phase == 0:
+            pulled, cost = self.corrector(x - decoded), (0.0, 1.0 + self.corrector.share)
+        else:
+            pulled, cost = encoded - self.module.encode(decoded), (1.0, 1.0)
         base, towards = anderson_step(z, pulled, (history[0], history[1]), has_history)
         moved = base + rate.to(z).view(-1, *([1] * (z.dim() - 1))) * towards
-        return moved, self.module(moved), (1.0, 1.0), pulled
+        return moved, self.module(moved), cost, pulled
 
     def _gauss_newton(self, z: torch.Tensor, decoded: torch.Tensor, x: torch.Tensor,
                       damping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
@@ -362,24 +403,27 @@ class AedrSettings:
 class AutoencoderSettings(AedrSettings):
     """The ``autoencoder`` family's options (``--set autoencoder.KEY=VALUE``)."""
 
-    # the encoder steps are cheap but stall on a few own items; switching those to a Gauss-Newton
-    # step at their first failed encoder step closes that tail (docs/design.md, "Encoder steps")
-    encoder_steps: int = field(default=8, metadata={
-        "help": "steps z += E(x) - E(D(z)) after D(E(x)) (an encoder and a decoder pass each), each stopped early "
-                "once the verdict is settled"})
+    # steps by a linear corrector fitted at onboarding cost a decoder pass each and no encoder pass
+    # and settle most own items, pristine and re-saved; the few whose start is poor stall there and
+    # are closed by the Gauss-Newton steps, which the screens spare other sources (docs/design.md,
+    # "A linear corrector")
+    corrector_steps: int = field(default=10, metadata={
+        "help": "steps z += C(x - D(z)) after D(E(x)), C a linear map from pixel residuals to latent steps fitted at "
+                "onboarding (a decoder pass each, no encoder pass), each stopped early once the verdict is settled"})
+    encoder_steps: int = field(default=0, metadata={
+        "help": "steps z += E(x) - E(D(z)) after the corrector steps (an encoder and a decoder pass each)"})
     steps: int = field(default=2, metadata={
-        "help": "Gauss-Newton steps on the decoder input after the encoder steps (4 * cg_steps + 4 passes each)"})
+        "help": "Gauss-Newton steps on the decoder input after those (4 * cg_steps + 4 decoder-pass equivalents each)"})
     cg_steps: int = field(default=4, metadata={"help": "conjugate-gradient iterations per Gauss-Newton step"})
-    switch: bool = field(default=True, metadata={
-        "help": "an item leaves the encoder steps at its first one that does not lower its residual and takes the "
-                "Gauss-Newton steps from the next (off: every item takes every encoder step, halving its size where "
-                "one fails)"})
+    switch: bool = field(default=False, metadata={
+        "help": "an item leaves the corrector or encoder steps at its first one that does not lower its residual and "
+                "takes the next steps (off: it halves the step's size and goes on)"})
     anderson: bool = field(default=True, metadata={
-        "help": "each encoder step after an item's first is Anderson-accelerated (memory 1: the secant through its "
-                "last two steps), at no extra pass"})
+        "help": "each corrector or encoder step after an item's first is Anderson-accelerated (memory 1: the secant "
+                "through its last two steps), at no extra pass"})
 
     def _lower_bounds(self) -> tuple[tuple[str, int], ...]:
-        return (*super()._lower_bounds(), ("encoder_steps", 0), ("steps", 0), ("cg_steps", 1))
+        return (*super()._lower_bounds(), ("corrector_steps", 0), ("encoder_steps", 0), ("steps", 0), ("cg_steps", 1))
 
 
 class _AutoencoderFamily(Detector):
@@ -524,14 +568,14 @@ class _AutoencoderFamily(Detector):
         check_generator(path, config["generator_sha256"], weights_fingerprint(det._module))
         det._prepare()
         det._calibrate(tensors["validation_scores"], {name: tensors[f"condition.{name}"] for name in config["perturbations"]})
-        det._restore(config)
+        det._restore(config, tensors)
         return det
 
     def _prepare(self) -> None:
         self._module.to(resolve_device(self.device)).eval()
 
-    def _restore(self, config: dict[str, Any]) -> None:
-        """Learned state beyond the thresholds, from a saved config."""
+    def _restore(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Learned state beyond the thresholds, from a saved config and tensors."""
 
 
 def train_autoencoder(vae: nn.Module, real: np.ndarray, steps: int, batch: int, seed: int,
@@ -573,8 +617,8 @@ class AutoencoderDetector(_AutoencoderFamily):
 
     kind = "autoencoder"
     Settings = AutoencoderSettings
-    # the search was Gauss-Newton steps alone, then plain encoder steps
-    SAVED_BEFORE = {"encoder_steps": 0, "switch": False, "anderson": False}
+    # the search was Gauss-Newton steps alone, then encoder steps before those, then corrector steps
+    SAVED_BEFORE = {"corrector_steps": 0, "encoder_steps": 0, "switch": False, "anderson": False}
     description = "decoder-input search from the encoder's posterior mean (diffusers AutoencoderKL decoders)"
     diagnostics = {"decoder_loss": "the residual the decoder search reached (in JPEG's quantisation steps)",
                    "decoder_passes": "decoder-pass equivalents the decoder search spent on the item",
@@ -583,7 +627,24 @@ class AutoencoderDetector(_AutoencoderFamily):
     def _search(self) -> DecoderSearch:
         return DecoderSearch(self._module, self.settings.steps, self.settings.cg_steps,
                              encoder_steps=self.settings.encoder_steps, switch=self.settings.switch,
-                             anderson=self.settings.anderson)
+                             anderson=self.settings.anderson, corrector=getattr(self, "corrector_", None),
+                             corrector_steps=self.settings.corrector_steps)
+
+    def _fit_corrector(self, items: np.ndarray) -> None:
+        """The search's linear corrector, fitted around the encodings of the held-out own ``items``
+        under the re-saves the thresholds cover (:func:`~flipad.inversion.corrector.fit_corrector`);
+        none without corrector steps."""
+        self.corrector_ = None
+        if not self.settings.corrector_steps:
+            return
+        module = self._module
+        device = next(module.parameters()).device
+        with torch.no_grad():
+            latents = torch.cat([module.encode(to_output_range(items[part], *OUTPUT_RANGE).to(device))
+                                 for part in module.batches(len(items))])
+        with stage("fit the decoder search's linear corrector", unit="items"):
+            self.corrector_ = fit_corrector(module, latents, OUTPUT_RANGE, self.settings.perturbations, module.batches,
+                                            seed=Seeds(self.seed).train, progress=report)
 
     def fit(self, generated: np.ndarray | None = None, real: np.ndarray | None = None,
             negatives: Sequence[np.ndarray] | np.ndarray | None = None, validation: np.ndarray | None = None,
@@ -598,6 +659,7 @@ class AutoencoderDetector(_AutoencoderFamily):
         as searching it to its end would."""
         self._prepare()
         validation = self._validation(generated, real, validation)
+        self._fit_corrector(validation)
         search = self._search()
         pristine = stages.run(search, validation, "own (validation)")
         conditions, _, _ = search_resaves(
@@ -657,10 +719,16 @@ class AutoencoderDetector(_AutoencoderFamily):
         return {**super()._config(), "exits": {**asdict(self.exits_), "columns": SCREEN_COLUMNS},
                 "screens_cut_held_out": self.screens_cut_held_out_}
 
-    def _restore(self, config: dict[str, Any]) -> None:
-        """The early exits; a detector saved with the switch before its screens were set by phase
-        keeps its accept level and loses its screens (set on another layout, they could cut an
-        own item; they only saved time)."""
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        corrector = {} if self.corrector_ is None else self.corrector_.state()
+        return {**super()._tensors(), **{f"corrector.{name}": t for name, t in corrector.items()}}
+
+    def _restore(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """The corrector and the early exits; a detector saved with the switch before its screens
+        were set by phase keeps its accept level and loses its screens (set on another layout, they
+        could cut an own item; they only saved time)."""
+        corrector = {name.removeprefix("corrector."): t for name, t in tensors.items() if name.startswith("corrector.")}
+        self.corrector_ = LinearCorrector.from_state(corrector) if corrector else None
         exits = config["exits"]
         kept = exits.get("columns") == SCREEN_COLUMNS or not self.settings.switch
         self.exits_ = Exits(exits["accept"], tuple(exits["screen"]) if kept else ())
