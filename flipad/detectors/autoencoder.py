@@ -8,10 +8,12 @@ generator from a latent of shape ``(C, H/f, W/f)`` to pixels. This module is the
   the output range the pipelines apply, as one generator whose fingerprint is the decoder's
   weights (two models sharing a decoder are one generator);
 - the ``autoencoder`` kind, the default for such generators: each item is encoded once (the
-  posterior mean), decoded, and refined by a few matrix-free Gauss-Newton steps on the decoder
-  input (:class:`DecoderSearch`; products with J and J^T by reverse-mode passes, conjugate
-  gradients, J never formed), optionally after cheaper steps that use the encoder as the
-  decoder's approximate inverse (``z += E(x) - E(D(z))``). The score is the residual in JPEG's
+  posterior mean), decoded, and refined on the decoder input (:class:`DecoderSearch`) by steps
+  ``z += C(x - D(z))`` with ``C`` a linear map from pixel residuals to latent steps fitted at
+  onboarding (:mod:`flipad.inversion.corrector`; no encoder pass), then a few matrix-free
+  Gauss-Newton steps (products with J and J^T by reverse-mode passes, conjugate gradients, J never
+  formed), optionally with steps that use the encoder as the decoder's approximate inverse
+  (``z += E(x) - E(D(z))``) between the two. The score is the residual in JPEG's
   quantisation steps (:mod:`flipad.inversion.metrics`), calibrated on the owner's held-out decoded
   items, pristine and re-saved, with early exits that settle an item once its verdict cannot change;
 - the ``aedr`` kind: the training-free double-reconstruction ratio of AEDR (Wang et al., AAAI 2026),
