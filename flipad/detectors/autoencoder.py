@@ -407,8 +407,7 @@ class AutoencoderSettings(AedrSettings):
 
     # steps by a linear corrector fitted at onboarding cost a decoder pass each and no encoder pass
     # and settle most own items, pristine and re-saved; the few whose start is poor stall there and
-    # are closed by the Gauss-Newton steps, which the screens spare other sources (docs/design.md,
-    # "A linear corrector")
+    # are closed by the Gauss-Newton steps (docs/design.md, "A linear corrector")
     corrector_steps: int = field(default=10, metadata={
         "help": "steps z += C(x - D(z)) after D(E(x)), C a linear map from pixel residuals to latent steps fitted at "
                 "onboarding (a decoder pass each, no encoder pass), each stopped early once the verdict is settled"})
