@@ -14,7 +14,7 @@ corrector".
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,7 @@ def fit_corrector(decoder: nn.Module, latents: torch.Tensor, output_range: tuple
     weight = torch.linalg.solve(normal, moved_to).T.reshape(latents.shape[1], channels, kernel, kernel)
     corrector = LinearCorrector(weight.float().cpu(), stride, 0.0)
     share = _flops(lambda: corrector(sample.cpu())) / _flops(lambda: decoder(latents[:1]))
-    return LinearCorrector(corrector.weight, stride, share)
+    return replace(corrector, share=share)
 
 
 def _stride(image_side: int, latent_side: int) -> int:
