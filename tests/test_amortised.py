@@ -48,13 +48,16 @@ def test_own_8bit_samples_invert_to_the_quantisation_floor(trained_generator, en
         start = encoder(own)
         start_loss = ((trained_generator(start) - own) ** 2).flatten(1).mean(1)
     loss = levenberg_marquardt(trained_generator, own, start.clone(), 10, floor, differentiate=differentiate)
-    # an 8-bit copy of G(z) is within half a step of G(z): the exact inversion ends at ~floor
-    assert np.quantile(loss.numpy(), 0.995) <= 3 * floor, loss / floor
+    # an 8-bit copy of G(z) is within half a step of G(z) (at most 3 floors): the exact inversion ends
+    # at ~floor. One item in 60 may stall in another basin: the fixture GAN differs bit for bit between
+    # CPUs, and on CI's one item ended at 3.5 floors (every item at <= 2 floors here).
+    assert np.median(loss.numpy()) <= 2 * floor and (loss > 3 * floor).sum() <= 1, loss / floor
     assert (loss <= start_loss).all()  # LM only accepts improving steps
     real = to_output_range(fashion_test[:30], *RANGE)
     with torch.no_grad():
         real_loss = levenberg_marquardt(trained_generator, real, encoder(real), 10, floor, differentiate=differentiate)
     assert real_loss.min() > 30 * floor  # what the generator cannot make stays far above it
+    assert loss.max() < real_loss.min()  # and above every own item, stalled or not
 
 
 def test_encoder_training_is_deterministic_for_a_seed():
