@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from flipad.inversion.latent import OBJECTIVES
+from flipad.inversion.latent import OBJECTIVES, ReconstructionConfig
 
 from .common import rgb_dcgan, stage_seconds, timed
 from .report import Benchmark, markdown_table
@@ -69,7 +69,8 @@ def measure(size: int, width: int, args: argparse.Namespace) -> dict:
     own_gan = rgb_dcgan(size, width, steps, 0, real)
     other_gan = rgb_dcgan(size, width, steps, 1, real)
     settings = DetectorSettings(n_validation=args.validation, progress=True, families={
-        "reconstruction": ReconstructionSettings(encoder_steps=args.encoder_steps, n_perturbed=args.perturbed,
+        "reconstruction": ReconstructionSettings(encoder_steps=args.encoder_steps, encoder_tflop=args.encoder_tflop,
+                                                 n_perturbed=args.perturbed,
                                                  objective=args.objective)})
     log = io.StringIO()
     handler = logging.StreamHandler(log)
@@ -117,6 +118,8 @@ def run(argv: list[str]) -> dict:
     parser.add_argument("--validation", type=int, default=150, help="own items that set the thresholds")
     parser.add_argument("--perturbed", type=int, default=50, help="of them, re-saved per perturbation")
     parser.add_argument("--encoder-steps", type=int, default=300)
+    parser.add_argument("--encoder-tflop", type=float, default=ReconstructionConfig.encoder_tflop,
+                        help="the encoder's training budget (reconstruction.encoder_tflop; 0: --encoder-steps)")
     parser.add_argument("--items", type=int, default=20, help="own items per variant (as many other items in all)")
     parser.add_argument("--objective", default="mse", choices=OBJECTIVES,
                         help="what the search's Levenberg-Marquardt steps minimise (reconstruction.objective)")
