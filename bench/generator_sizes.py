@@ -5,7 +5,7 @@ RGB; ``--widths`` per size) trained ``--train-steps`` (``TRAIN_STEPS`` per size)
 patches from seed 0 (the owner's) and seed 1 (a look-alike), cached under .flipad/bench. The
 owner's is onboarded through the Python API with the default detector
 (``ReconstructionLossDetector.from_settings`` and ``fit``) at reduced sizes (``--validation``,
-``--perturbed``, ``--encoder-steps``); the seconds of each of its progress stages are recorded.
+``--perturbed``, ``--encoder-steps`` within ``--encoder-tflop``); the seconds of each of its progress stages are recorded.
 Then a stream, half own items (PNG, JPEG q80 with 4:2:0 chroma, lossy WebP q80) and half other
 sources (the look-alike, real photo patches from held-out photos),
 is scored with the settled verdict (each item's search stops once its verdict is settled).
