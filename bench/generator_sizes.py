@@ -5,7 +5,8 @@ RGB; ``--widths`` per size) trained ``--train-steps`` (``TRAIN_STEPS`` per size)
 patches from seed 0 (the owner's) and seed 1 (a look-alike), cached under .flipad/bench. The
 owner's is onboarded through the Python API with the default detector
 (``ReconstructionLossDetector.from_settings`` and ``fit``) at reduced sizes (``--validation``,
-``--perturbed``, ``--encoder-steps`` within ``--encoder-tflop``); the seconds of each of its progress stages are recorded.
+``--perturbed``, ``--encoder-steps`` within ``--encoder-tflop``); the seconds of each of its
+progress stages are recorded.
 Then a stream, half own items (PNG, JPEG q80 with 4:2:0 chroma, lossy WebP q80) and half other
 sources (the look-alike, real photo patches from held-out photos),
 is scored with the settled verdict (each item's search stops once its verdict is settled).
@@ -70,8 +71,7 @@ def measure(size: int, width: int, args: argparse.Namespace) -> dict:
     other_gan = rgb_dcgan(size, width, steps, 1, real)
     settings = DetectorSettings(n_validation=args.validation, progress=True, families={
         "reconstruction": ReconstructionSettings(encoder_steps=args.encoder_steps, encoder_tflop=args.encoder_tflop,
-                                                 n_perturbed=args.perturbed,
-                                                 objective=args.objective)})
+                                                 n_perturbed=args.perturbed, objective=args.objective)})
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     progress = logging.getLogger("flipad.progress")
